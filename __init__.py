@@ -1,9 +1,9 @@
 """anefx: compile a stock Hugging Face Qwen model into an ANE-ready Core ML package.
 
-    low = anefx.lower("preset:qwen3-tiny", seq_len=64, dtype=torch.float16)
-    low.report.render()          # constraint report of the lowered graph
-    logits = low.run(input_ids)  # runs the lowered fx graph in torch
-    anefx.emit(low, "out.mlpackage")
+low = anefx.lower("preset:qwen3-tiny", seq_len=64, dtype=torch.float16)
+low.report.render()          # constraint report of the lowered graph
+logits = low.run(input_ids)  # runs the lowered fx graph in torch
+anefx.emit(low, "out.mlpackage")
 """
 
 from anefx.errors import AnefxGraphError, AnefxInputError

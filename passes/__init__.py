@@ -1,1 +1,1 @@
-"""anefx.passes."""
+"""anefx.passes: one graph rewrite per module, each ``GraphModule -> PassResult``."""

@@ -1,0 +1,81 @@
+"""The ANE rule table: the one place where the hardware limits are written down.
+
+Sources for every number are in ane-facts.md (shared reference). The rank pass, the LM-head
+split and the checker all read the constants and the RULES list below; nothing restates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RULES_VERSION = "2026.11-1"
+
+MAX_RANK = 4
+# Rank-4 tensors are read as (N, C, H, W); lower ranks are left-padded with 1s.
+DIM_LIMITS = {"N": 65536, "C": 65536, "H": 16384, "W": 16384}
+# A 1x1 conv's output channels are bounded like a spatial axis (executorch#7907 hit it at 32000):
+# this is the width an LM-head slice may have.
+MAX_CONV_OUT_CHANNELS = DIM_LIMITS["W"]
+# The last axis is padded to 64 bytes; shorter trailing dims waste ANE memory.
+MIN_TRAILING_DIM = 64
+WEIGHTS_WARN_BYTES = 1 << 30
+WEIGHTS_ERROR_BYTES = 2 << 30
+COMPUTE_DTYPE = "float16"
+INDEX_DTYPES = ("int32", "int16", "int8", "uint8", "int64", "bool")
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    severity: str  # "error" | "warning"
+    summary: str
+
+
+RULES = [
+    Rule("rank", "error", f"tensor rank above {MAX_RANK}"),
+    Rule("dim_nc", "error", f"N or C above {DIM_LIMITS['N']} (rank-4 reading N, C, H, W)"),
+    Rule("dim_hw", "error", f"H or W above {DIM_LIMITS['W']}"),
+    Rule("conv_width", "error", f"conv with more than {MAX_CONV_OUT_CHANNELS} output channels"),
+    Rule("fp16", "error", f"floating tensor not {COMPUTE_DTYPE} (the ANE computes in fp16)"),
+    Rule("linear", "error", "dense layer as linear/matmul-with-weight, not a 1x1 conv"),
+    Rule("rms_pow_rsqrt", "error", "pow/rsqrt normalisation (fp16 overflow; use layer_norm)"),
+    Rule("scatter", "error", "scatter / index_put leaves the ANE"),
+    Rule("control_flow", "error", "control flow (cond/while) leaves the ANE"),
+    Rule("dynamic_shape", "error", "dynamic shape leaves the ANE"),
+    Rule(
+        "in_graph_mask", "error", "causal mask built in the graph (band_part/triu) leaves the ANE"
+    ),
+    Rule("gather", "warning", "gather (embedding lookup) runs on the CPU"),
+    Rule(
+        "trailing_dim", "warning", f"trailing dimension below {MIN_TRAILING_DIM} (64-byte padding)"
+    ),
+    Rule(
+        "weights_size",
+        "warning",
+        f"weights above {WEIGHTS_WARN_BYTES >> 30} GB per package (error above "
+        f"{WEIGHTS_ERROR_BYTES >> 30} GB)",
+    ),
+]
+RULES_BY_ID = {r.id: r for r in RULES}
+
+# Canonical op kinds the rules speak about. The fx and the Core ML readers map their own op
+# names onto these (lowering/checker.py), so each rule is written once for both.
+OFF_ANE_KINDS = {
+    "scatter": "scatter",
+    "control_flow": "control_flow",
+    "linear": "linear",
+    "pow": "rms_pow_rsqrt",
+    "rsqrt": "rms_pow_rsqrt",
+    "band_part": "in_graph_mask",
+    "gather": "gather",
+}
+
+
+def lm_head_slices(width: int) -> int:
+    """How many conv slices a head of WIDTH output channels needs."""
+    return -(-width // MAX_CONV_OUT_CHANNELS)
+
+
+def rank4(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape read as (N, C, H, W): left-padded with 1s (rank > 4 is returned as is)."""
+    return (1,) * (MAX_RANK - len(shape)) + tuple(shape)

@@ -1,0 +1,160 @@
+"""Seeded random weights and checkpoints in the Hugging Face on-disk layout.
+
+Tests and demos need real-looking checkpoints without downloads. Values depend only on the
+seed, the tensor's name and its shape, so the same model comes out whatever the dtype, the
+tying or the order in which tensors are visited.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+_CHUNK = 1 << 22  # elements generated at once: bounds the float32 scratch to 16 MB
+
+
+def _stream_seed(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _fill_normal_(tensor: torch.Tensor, seed: int, name: str, mean: float, std: float) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(_stream_seed(seed, name))
+    flat = tensor.view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        stop = min(start + _CHUNK, flat.numel())
+        scratch = torch.empty(stop - start, dtype=torch.float32).normal_(generator=gen)
+        flat[start:stop].copy_(scratch.mul_(std).add_(mean))
+
+
+def random_init_(
+    model: nn.Module, seed: int = 0, std: float = 0.02, norm_std: float = 0.1
+) -> nn.Module:
+    """Overwrite every parameter with seeded random values, in place; returns `model`.
+
+    Matrices and embeddings ~ N(0, std); norm weights ~ 1 + norm_std * N(0, 1), so a test that
+    ignored them would notice; biases ~ std * N(0, 1). Tied parameters are filled once.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_meta:
+                raise ValueError(f"parameter '{name}' is on the meta device; materialise it first")
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            if leaf == "weight" and "Norm" in type(owner).__name__:
+                _fill_normal_(param, seed, name, 1.0, norm_std)
+            else:
+                # Biases use the same scale as matrices: small, but non-zero so they are tested.
+                _fill_normal_(param, seed, name, 0.0, std)
+    return model
+
+
+def random_model(
+    config: dict[str, Any] | PreTrainedConfig, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> PreTrainedModel:
+    """The stock transformers causal LM for `config`, on CPU, with `random_init_` weights.
+
+    Weights match what `load_model` returns for a checkpoint written with the same seed.
+    """
+    from anefx.models.load import build_config, build_meta_model, materialize_, reset_rotary_
+
+    if isinstance(config, PreTrainedConfig):
+        cfg = copy.deepcopy(config)
+        cfg._attn_implementation = "eager"
+    else:
+        cfg = build_config(dict(config))
+    model = build_meta_model(cfg, dtype)
+    materialize_(model)
+    random_init_(model, seed)
+    reset_rotary_(model)
+    model.config.dtype = dtype
+    return model.eval()
+
+
+def _split(sizes: list[int], shards: int | None, max_shard_bytes: int | None) -> list[int]:
+    """Shard index per tensor, keeping state-dict order and every shard non-empty."""
+    if max_shard_bytes is not None:
+        index, used, out = 0, 0, []
+        for size in sizes:
+            if used and used + size > max_shard_bytes:
+                index, used = index + 1, 0
+            out.append(index)
+            used += size
+        return out
+    assert shards is not None
+    total = sum(sizes) or 1
+    index, done, out = 0, 0, []
+    for i, size in enumerate(sizes):
+        unopened = shards - 1 - index
+        must_open = unopened >= len(sizes) - i
+        past_target = done + size / 2 > total * (index + 1) / shards
+        if out and out[-1] == index and unopened > 0 and (must_open or past_target):
+            index += 1
+        out.append(index)
+        done += size
+    return out
+
+
+def write_random_checkpoint(
+    folder: str | os.PathLike[str],
+    config: dict[str, Any] | PreTrainedConfig,
+    dtype: torch.dtype = torch.bfloat16,
+    shards: int = 1,
+    seed: int = 0,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write config.json and seeded random safetensors weights in the HF layout; returns folder.
+
+    One `model.safetensors` when a single shard results, else `model-0000k-of-0000n.safetensors`
+    plus `model.safetensors.index.json`. `max_shard_bytes`, if given, overrides `shards`. Tied
+    embeddings store no lm_head.weight, as HF does. Peak memory is about one copy of the
+    weights in `dtype`. Use an empty folder: files from an earlier write are not removed.
+    """
+    from anefx.models.load import checkpoint_names
+
+    if max_shard_bytes is None and shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    model = random_model(config, dtype=dtype, seed=seed)
+    state = model.state_dict()
+    names = checkpoint_names(model)
+    if max_shard_bytes is None and shards > len(names):
+        raise ValueError(f"cannot split {len(names)} tensors into {shards} shards")
+    sizes = [state[n].numel() * state[n].element_size() for n in names]
+    assignment = _split(sizes, shards, max_shard_bytes)
+    count = assignment[-1] + 1
+
+    def file_name(index: int) -> str:
+        if count == 1:
+            return "model.safetensors"
+        return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+    weight_map: dict[str, str] = {}
+    for index in range(count):
+        group = [n for n, a in zip(names, assignment, strict=True) if a == index]
+        save_file(
+            {n: state[n].contiguous() for n in group},
+            folder / file_name(index),
+            metadata={"format": "pt"},
+        )
+        weight_map.update(dict.fromkeys(group, file_name(index)))
+    if count > 1:
+        index_doc = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
+
+    model.config.architectures = [type(model).__name__]
+    # The full config (use_diff=False) keeps fields equal to class defaults, e.g. head_dim=128,
+    # so the file reads the same to any transformers version.
+    model.config.to_json_file(folder / "config.json", use_diff=False)
+    return folder

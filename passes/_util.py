@@ -1,0 +1,81 @@
+"""Small graph helpers shared by the passes (not a pass)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+__all__ = ["PassResult", "emit", "is_op", "const_value", "add_const", "val", "shape_of", "aten"]
+
+aten = torch.ops.aten
+_counter = itertools.count()
+
+
+def is_op(node: object, *targets) -> bool:
+    """True when NODE is a call_function of one of TARGETS (OpOverloads or packets)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    t = node.target
+    for target in targets:
+        if t is target or getattr(t, "overloadpacket", None) is target:
+            return True
+    return False
+
+
+def val(node: object):
+    """The propagated example value (a meta tensor) of a node, or None."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def shape_of(node: object) -> tuple[int, ...] | None:
+    v = val(node)
+    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def emit(
+    graph: fx.Graph, target, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None
+) -> fx.Node:
+    """Create a call_function node that inherits LIKE's source module (for the report)."""
+    node = graph.call_function(target, args, kwargs or {})
+    if like is not None:
+        for key in ("anefx_module", "nn_module_stack"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    return node
+
+
+def const_value(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The tensor behind a get_attr node, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def add_const(
+    gm: fx.GraphModule, tensor: torch.Tensor, hint: str, like: fx.Node | None = None
+) -> fx.Node:
+    """Register TENSOR as a new attribute and return a get_attr node for it."""
+    base = "".join(c if c.isalnum() else "_" for c in hint)
+    name = f"_anefx_{base}_{next(_counter)}"
+    while hasattr(gm, name):
+        name = f"_anefx_{base}_{next(_counter)}"
+    gm.register_buffer(name, tensor.detach(), persistent=False)
+    node = gm.graph.get_attr(name)
+    node.meta["val"] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    if like is not None:
+        for key in ("anefx_module", "nn_module_stack"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    return node
+
+
+def tensor_args(node: fx.Node) -> Iterable[fx.Node]:
+    """All node inputs, flattening lists."""
+    return node.all_input_nodes

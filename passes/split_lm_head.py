@@ -1,0 +1,94 @@
+"""Split a conv wider than the ANE limit (the LM head) into slices that fit.
+
+    before: x(1,C,1,S) -> conv(W(V,C,1,1)) (1,V,1,S) -> permute -> view -> logits(1,S,V)
+    after:  x -> conv(W[0:w]) (1,w,1,S), conv(W[w:2w]), ..., conv(W[(k-1)w:V])
+            graph outputs: the k slices, channels-first; k = ceil(V / limit) from the rule table
+A wide conv that does not feed the output is split the same way and concatenated on channels.
+Tied heads slice the embedding's storage (views), so no weight is copied in memory.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from anefx.lowering.rules import MAX_CONV_OUT_CHANNELS, lm_head_slices
+from anefx.passes._util import PassResult, add_const, aten, const_value, emit, is_op, shape_of
+
+OUTPUTS_META = "anefx_outputs"
+
+
+def _to_output(conv: fx.Node) -> bool:
+    """CONV reaches the graph output through layout-only nodes and is used nowhere else."""
+    node = conv
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return False
+        (user,) = users
+        if user.op == "output":
+            return True
+        if not is_op(user, aten.permute, aten.reshape, aten.transpose):
+            return False
+        node = user
+
+
+def split_lm_head(gm: fx.GraphModule) -> PassResult:
+    """Split every conv with more output channels than MAX_CONV_OUT_CHANNELS."""
+    g = gm.graph
+    modified = False
+    for node in list(g.nodes):
+        if not is_op(node, aten.conv2d):
+            continue
+        w = const_value(gm, node.args[1])
+        if w is None or w.shape[0] <= MAX_CONV_OUT_CHANNELS:
+            continue
+        width = w.shape[0]
+        k = lm_head_slices(width)
+        step = -(-width // k)
+        bias = node.args[2] if len(node.args) > 2 else None
+        bt = const_value(gm, bias) if bias is not None else None
+        parts = []
+        with g.inserting_before(node):
+            for start in range(0, width, step):
+                end = min(start + step, width)
+                ws = add_const(gm, w[start:end], f"{node.args[1].target}_{start}", like=node)
+                bs = add_const(gm, bt[start:end], "bias", like=node) if bt is not None else None
+                parts.append(
+                    (start, end, emit(g, aten.conv2d.default, (node.args[0], ws, bs), like=node))
+                )
+        if _to_output(node):
+            out = g.output_node()
+            g.erase_node(out)
+            g.output(tuple(p for _, _, p in parts))
+            s = shape_of(node)
+            gm.meta[OUTPUTS_META] = [
+                {
+                    "name": f"logits_{i}",
+                    "start": a,
+                    "end": b,
+                    "shape": [s[0], b - a, s[2], s[3]],
+                    "description": f"logits for vocabulary ids {a}..{b - 1}, (1, {b - a}, 1, S)",
+                }
+                for i, (a, b, _) in enumerate(parts)
+            ]
+        else:
+            with g.inserting_after(parts[-1][2]):
+                cat = emit(g, aten.cat.default, ([p for _, _, p in parts], 1), like=node)
+            node.replace_all_uses_with(cat)
+        modified = True
+    if modified:
+        g.eliminate_dead_code()
+        gm.recompile()
+    return PassResult(gm, modified)
+
+
+def postcondition(gm: fx.GraphModule) -> list[str]:
+    """No conv has more than MAX_CONV_OUT_CHANNELS output channels."""
+    out = []
+    for n in gm.graph.nodes:
+        s = shape_of(n)
+        if is_op(n, aten.conv2d) and s and s[1] > MAX_CONV_OUT_CHANNELS:
+            out.append(
+                f"{n.name}: conv with {s[1]} output channels (limit {MAX_CONV_OUT_CHANNELS})"
+            )
+    return out
