@@ -11,15 +11,20 @@ from anefx.errors import AnefxGraphError, AnefxInputError
 __all__ = ["lower", "emit", "AnefxInputError", "AnefxGraphError"]
 
 
-def lower(model: str, seq_len: int = 64, dtype=None, meta: bool = False, seed: int = 0):
-    """Load MODEL (a checkpoint folder or ``preset:NAME``), capture and lower it."""
+def lower(
+    model, seq_len: int = 64, dtype=None, meta: bool = False, seed: int = 0, raw_report=False
+):
+    """Load MODEL (a checkpoint folder, ``preset:NAME`` or a transformers model), capture it
+    and lower it; DTYPE float16 (default) or float32. Returns an ``anefx.lowering.api.Lowered``.
+    """
     from anefx.lowering.api import lower as _lower
 
-    return _lower(model, seq_len=seq_len, dtype=dtype, meta=meta, seed=seed)
+    return _lower(model, seq_len=seq_len, dtype=dtype, meta=meta, seed=seed, raw_report=raw_report)
 
 
-def emit(lowered, path: str, force: bool = False):
-    """Write the lowered model as a Core ML package at PATH (atomically)."""
+def emit(lowered, path: str, force: bool = False) -> dict:
+    """Write the lowered model as a Core ML package at PATH (atomically), with report.json
+    beside it; returns the report as a dict."""
     from anefx.targets.coreml import emit as _emit
 
     return _emit(lowered, path, force=force)

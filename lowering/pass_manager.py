@@ -56,7 +56,9 @@ def _tag_new_nodes(gm: fx.GraphModule, before: set[fx.Node], name: str) -> None:
     for node in gm.graph.nodes:
         if node in before:
             continue
-        node.meta["anefx_pass"] = name
+        # a pass that re-emits an existing op keeps that op's origin (None = the capture)
+        if "anefx_pass" not in node.meta:
+            node.meta["anefx_pass"] = name
         if "anefx_module" not in node.meta:
             # a pass that forgot to say where a node came from: borrow from its inputs
             for arg in node.all_input_nodes:

@@ -23,6 +23,11 @@ class _MetaProp(fx.Interpreter):
         node = self._current
         return _to_meta(node.meta["val"])
 
+    def call_function(self, target, args, kwargs):
+        if "device" in kwargs:  # a copy "to cpu" stays on meta here
+            kwargs = {**kwargs, "device": torch.device("meta")}
+        return super().call_function(target, args, kwargs)
+
     def get_attr(self, target, args, kwargs):
         return _to_meta(super().get_attr(target, args, kwargs))
 

@@ -88,12 +88,15 @@ class _Sweep:
         self._consts: dict = {}
 
     # -- emission helpers ---------------------------------------------------------------
-    def call(self, target, args, kwargs=None) -> fx.Node:
+    def call(self, target, args, kwargs=None, fresh: bool = False) -> fx.Node:
+        """Emit a node; FRESH marks a layout change this pass adds (not a re-emitted op)."""
         node = self.g.call_function(target, args, kwargs or {})
         if self.like is not None:
-            for key in ("anefx_module", "nn_module_stack", "anefx_pass"):
+            for key in ("anefx_module", "nn_module_stack"):
                 if key in self.like.meta:
                     node.meta[key] = self.like.meta[key]
+            if not fresh:
+                node.meta["anefx_pass"] = self.like.meta.get("anefx_pass")
         return node
 
     def const(self, tensor: torch.Tensor, hint: str) -> fx.Node:
@@ -102,6 +105,8 @@ class _Sweep:
             name += "_"
         self.gm.register_buffer(name, tensor.contiguous(), persistent=False)
         node = self.g.get_attr(name)
+        if self.like is not None and "anefx_module" in self.like.meta:
+            node.meta["anefx_module"] = self.like.meta["anefx_module"]
         self._consts[name] = node
         return node
 
@@ -122,13 +127,13 @@ class _Sweep:
             if tensor is not None:
                 tensor = tensor.permute(perm)
             else:
-                node = self.call(aten.permute.default, (node, perm))
+                node = self.call(aten.permute.default, (node, perm), fresh=True)
                 self.changed = True
         if tuple(pshape) != tuple(shape):
             if tensor is not None:
                 tensor = tensor.reshape(pshape)
             else:
-                node = self.call(aten.reshape.default, (node, list(pshape)))
+                node = self.call(aten.reshape.default, (node, list(pshape)), fresh=True)
                 self.changed = True
         if tensor is not None and (perm != identity or tuple(pshape) != tuple(lay.pshape)):
             node = self.const(tensor, "relayout")
@@ -269,7 +274,7 @@ class _Sweep:
         pshape, dims = res
         new = lay.node
         if pshape != lay.pshape:
-            new = self.call(aten.reshape.default, (lay.node, list(pshape)))
+            new = self.call(aten.reshape.default, (lay.node, list(pshape)), fresh=True)
         self.changed |= node.op == "call_function"
         return Layout(new, pshape, dims, out)
 
@@ -283,7 +288,7 @@ class _Sweep:
         ta = a.dims[2] == 3  # a is physically (.., K, M)
         tb = b.dims[3] == 2  # b is physically (.., N, K)
         out_t = b.dims[3] == 2  # N keeps the physical axis it has in b
-        tr = lambda n: self.call(aten.transpose.int, (n, -2, -1))  # noqa: E731
+        tr = lambda n: self.call(aten.transpose.int, (n, -2, -1), fresh=True)  # noqa: E731
         if not out_t:
             pa = tr(a.node) if ta else a.node
             pb = tr(b.node) if tb else b.node
@@ -337,12 +342,12 @@ class _Sweep:
             self.like = node
             if node.op == "placeholder":
                 new = self.g.placeholder(node.name)
-                new.meta = dict(node.meta)
+                new.meta = {"anefx_pass": None, **node.meta}
                 shape = shape_of(node)
                 self.env[node] = Layout.identity(new, shape) if shape is not None else new
             elif node.op == "get_attr":
                 new = self.g.get_attr(node.target)
-                new.meta = dict(node.meta)
+                new.meta = {"anefx_pass": None, **node.meta}
                 self.env[node] = Layout.identity(new, shape_of(node))
             elif node.op == "output":
                 outs = fx.node.map_aggregate(

@@ -1,0 +1,170 @@
+"""The ``anefx`` command line: check, convert, presets.
+
+Exit codes: 0 when the checked graph or package has no ANE errors, 1 when it has (or a pass
+broke an invariant), 2 for bad input, with one clear message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+
+from anefx.errors import AnefxGraphError, AnefxInputError
+
+DEFAULT_MODEL = "preset:qwen3-0.6b"
+
+
+def _quiet() -> None:
+    # torch/transformers/coremltools chatter would bury the report
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+
+
+class _Progress:
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _random_notice(model: str) -> None:
+    if model.startswith("preset:"):
+        print(
+            f"note: {model} has RANDOM weights (seeded): the graph and package have the real "
+            "shapes, but the outputs mean nothing. Pass a checkpoint folder for real weights.",
+            file=sys.stderr,
+        )
+
+
+def cmd_presets(args) -> int:
+    from anefx.models.presets import describe_presets
+
+    rows = describe_presets()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    head = (
+        f"{'preset':<14}{'layers':>7}{'hidden':>7}{'heads':>6}{'kv':>4}{'hdim':>5}"
+        f"{'inter':>7}{'vocab':>8}{'tied':>6}{'params':>9}{'fp16 GB':>9}"
+    )
+    print(head)
+    for r in rows:
+        print(
+            f"{r['name']:<14}{r['layers']:>7}{r['hidden']:>7}{r['heads']:>6}{r['kv_heads']:>4}"
+            f"{r['head_dim']:>5}{r['intermediate']:>7}{r['vocab']:>8}{str(r['tied']):>6}"
+            f"{r['params'] / 1e9:>8.2f}B{r['fp16_bytes'] / 1e9:>9.2f}"
+        )
+    return 0
+
+
+def cmd_check(args) -> int:
+    import anefx
+
+    progress = _Progress(not args.json)
+    _random_notice(args.model)
+    progress(f"loading and capturing {args.model} (seq {args.seq})")
+    low = anefx.lower(
+        args.model, seq_len=args.seq, dtype=_dtype(args.dtype), meta=args.meta, raw_report=args.raw
+    )
+    progress(f"lowered in {low.log.seconds:.2f}s of passes")
+    report = low.captured_report if args.raw else low.report
+    print(report.to_json() if args.json else report.render())
+    return 1 if report.errors else 0
+
+
+def cmd_convert(args) -> int:
+    import anefx
+    from anefx.targets.coreml import emit
+
+    progress = _Progress()
+    _random_notice(args.model)
+    progress(f"loading {args.model}")
+    low = anefx.lower(args.model, seq_len=args.seq, dtype=_dtype(args.dtype))
+    progress(
+        f"captured and lowered ({low.seconds.get('export', 0):.1f}s export, "
+        f"{low.log.seconds:.2f}s passes): {len(low.report.errors)} error(s), "
+        f"{len(low.report.warnings)} warning(s)"
+    )
+    result = emit(low, args.output, force=args.force, progress=progress)
+    emitted = result["emitted_reports"]
+    progress(f"wrote {args.output} and report.json beside it")
+    for rep in emitted:
+        print(rep.to_json() if args.json else rep.render())
+    return 1 if any(r.errors for r in emitted) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="anefx",
+        description="Compile a stock Hugging Face Qwen model into an ANE-ready Core ML package.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument(
+            "model",
+            nargs="?",
+            default=DEFAULT_MODEL,
+            help="checkpoint folder or preset:NAME (default %(default)s)",
+        )
+        sp.add_argument("--seq", type=int, default=64, help="sequence length (default 64)")
+        sp.add_argument(
+            "--dtype",
+            choices=["float16", "float32"],
+            default="float16",
+            help="compute dtype of the lowered graph (default float16)",
+        )
+        sp.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    c = sub.add_parser("check", help="report ANE rule violations of the lowered graph")
+    model_args(c)
+    c.add_argument("--raw", action="store_true", help="report the captured graph instead")
+    c.add_argument("--meta", action="store_true", help="structure only: no weight memory")
+    c.set_defaults(func=cmd_check)
+
+    v = sub.add_parser("convert", help="capture, lower, check and emit a Core ML package")
+    model_args(v)
+    v.add_argument("-o", "--output", required=True, help="OUT.mlpackage")
+    v.add_argument("--force", action="store_true", help="emit even if the graph has errors")
+    v.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("presets", help="list the built-in presets and their shapes")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.func(args)
+    except AnefxInputError as exc:
+        print(f"anefx: error: {exc}", file=sys.stderr)
+        return 2
+    except AnefxGraphError as exc:
+        print(f"anefx: graph error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("anefx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

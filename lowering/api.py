@@ -1,0 +1,138 @@
+"""``anefx.lower``: load, capture, lower and check a model; run the lowered graph in torch."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from anefx.errors import AnefxInputError
+from anefx.lowering import rules
+from anefx.lowering.checker import Report, check_graph
+from anefx.lowering.pass_manager import PassLog, run_pipeline
+from anefx.lowering.pipeline import build_pipeline
+from anefx.lowering.shape_prop import propagate_shapes
+from anefx.models.capture import capture, causal_mask
+
+SUPPORTED_DTYPES = (torch.float16, torch.float32)
+
+
+@dataclass
+class Lowered:
+    """A lowered model: the fx graph, its ANE report, and a way to run it."""
+
+    graph_module: fx.GraphModule
+    report: Report
+    captured_report: Report | None
+    source: str
+    random_weights: bool
+    seq_len: int
+    dtype: torch.dtype
+    meta: bool
+    config: object
+    log: PassLog
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.graph_module.meta.get("anefx_outputs") or []
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (1, S, vocab) for a (1, S) id tensor; S up to the captured length.
+
+        Shorter inputs are padded at the end: the causal mask keeps the padding out of the
+        real positions, and only their logits are returned.
+        """
+        if self.meta:
+            raise AnefxInputError("a model lowered with --meta has no weights to run")
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise AnefxInputError(f"input_ids must have shape (1, S), got {tuple(ids.shape)}")
+        n = ids.shape[1]
+        if n > self.seq_len:
+            raise AnefxInputError(f"{n} tokens exceed the captured length {self.seq_len}")
+        pad = self.seq_len - n
+        ids = torch.nn.functional.pad(ids.to(torch.int32), (0, pad))
+        if position_ids is None:
+            position_ids = torch.arange(self.seq_len, dtype=torch.int32)[None]
+        if mask is None:
+            mask = causal_mask(self.seq_len, self.dtype)
+        with torch.no_grad():
+            out = self.graph_module(ids, position_ids.to(torch.int32), mask.to(self.dtype))
+        if isinstance(out, (tuple, list)):
+            out = torch.cat(list(out), dim=1)  # slices of (1, w, 1, S) on the channel axis
+            out = out.squeeze(2).transpose(1, 2)
+        return out[:, :n]
+
+
+def lower(
+    model,
+    seq_len: int = 64,
+    dtype: torch.dtype | None = torch.float16,
+    meta: bool = False,
+    seed: int = 0,
+    raw_report: bool = False,
+) -> Lowered:
+    """Load MODEL (folder, ``preset:NAME`` or a transformers model), capture, lower, check."""
+    from anefx.models.load import load_model
+
+    dtype = dtype or torch.float16
+    if dtype not in SUPPORTED_DTYPES:
+        raise AnefxInputError(f"dtype must be float16 or float32, got {dtype}")
+    if not isinstance(seq_len, int) or seq_len < 1 or seq_len > rules.DIM_LIMITS["W"]:
+        raise AnefxInputError(f"--seq must be between 1 and {rules.DIM_LIMITS['W']}: {seq_len}")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if isinstance(model, torch.nn.Module):
+        hf = model.eval()
+        if next(model.parameters()).dtype != dtype:
+            # parameters only: rotary buffers stay fp32, as transformers keeps them
+            hf = copy.deepcopy(model)
+            for p in hf.parameters():
+                p.data = p.data.to(dtype)
+        source, random_weights, config = type(model).__name__, False, model.config
+        meta = next(model.parameters()).is_meta
+    else:
+        loaded = load_model(model, dtype=dtype, meta=meta, seed=seed)
+        hf, source, random_weights, config = (
+            loaded.model,
+            loaded.source,
+            loaded.random_weights,
+            loaded.config,
+        )
+    seconds["load"] = time.perf_counter() - t0
+    cap = capture(hf, seq_len=seq_len, meta=meta)
+    seconds.update(cap.seconds)
+    gm = cap.graph_module
+    t0 = time.perf_counter()
+    propagate_shapes(gm)
+    stats = {"model": source, "seq_len": seq_len, "dtype": str(dtype).replace("torch.", "")}
+    captured_report = check_graph(gm, "captured", stats) if raw_report else None
+    gm, log = run_pipeline(gm, build_pipeline(dtype=dtype, table_len=seq_len))
+    seconds["passes"] = log.seconds
+    outs = gm.meta.get("anefx_outputs") or []
+    report = check_graph(gm, "lowered", {**stats, "lm_head_slices": len(outs) or 1})
+    seconds["check"] = time.perf_counter() - t0 - log.seconds
+    return Lowered(
+        graph_module=gm,
+        report=report,
+        captured_report=captured_report,
+        source=source,
+        random_weights=random_weights,
+        seq_len=seq_len,
+        dtype=dtype,
+        meta=meta,
+        config=config,
+        log=log,
+        seconds=seconds,
+    )

@@ -1,0 +1,449 @@
+"""The constraint checker: the rule table applied to an fx graph or to an emitted Core ML program.
+
+Both readers turn their ops into :class:`OpInfo` records with a canonical ``kind`` (``linear``,
+``gather``, ``conv``, ...), so each rule in lowering/rules.py is evaluated by one function here
+whatever the source. The result is a :class:`Report`: data first, rendered as a table or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+
+from anefx.lowering import rules
+from anefx.lowering.ops import LAYER_NORM
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class OpInfo:
+    """One op as the rules see it."""
+
+    name: str
+    op: str  # the op's own name (aten.linear.default, conv, ...)
+    kind: str  # canonical kind shared by fx and MIL
+    shapes: list[tuple[int, ...]]
+    dtypes: list[str]
+    module: str | None = None
+    pass_: str | None = None
+    const: bool = False
+    nbytes: int = 0
+    dynamic: bool = False
+    storage: int | None = None  # identity of the weight storage, so tied weights count once
+
+
+@dataclass
+class Violation:
+    rule: str
+    severity: str
+    op: str
+    node: str
+    shape: list[int] | None
+    dtype: str | None
+    module: str | None
+    pass_: str | None
+    message: str
+
+
+@dataclass
+class Report:
+    """Violations of one graph or program, with counts and a little context."""
+
+    stage: str  # "captured" | "lowered" | "emitted:<function>"
+    violations: list[Violation] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Violation]:
+        return [v for v in self.violations if v.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Violation]:
+        return [v for v in self.violations if v.severity == "warning"]
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(v.rule for v in self.violations)
+        return {r.id: c[r.id] for r in rules.RULES if c[r.id]}
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "rules_version": rules.RULES_VERSION,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "counts": self.counts(),
+            "stats": self.stats,
+            "violations": [
+                {("pass" if k == "pass_" else k): v for k, v in asdict(x).items()}
+                for x in self.violations
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, default=str)
+
+    def render(self, limit_per_rule: int = 8) -> str:
+        """A human-readable table: counts per rule, then the violations (a few per rule)."""
+        lines = [f"ANE constraint report ({self.stage})"]
+        for key in ("model", "seq_len", "dtype", "nodes", "ops", "weight_bytes", "lm_head_slices"):
+            if key in self.stats:
+                val = self.stats[key]
+                if key == "weight_bytes":
+                    val = f"{val / 1e9:.3f} GB"
+                lines.append(f"  {key:<15} {val}")
+        lines.append("")
+        if not self.violations:
+            lines.append("  no violations: every op fits the ANE rules")
+        else:
+            lines.append(f"  {'rule':<15} {'severity':<8} {'count':>6}  meaning")
+            for rid, n in self.counts().items():
+                r = rules.RULES_BY_ID[rid]
+                lines.append(f"  {rid:<15} {r.severity:<8} {n:>6}  {r.summary}")
+            lines.append("")
+            head = f"  {'severity':<8} {'rule':<14} {'op':<26} {'shape':<22} {'module':<36} pass"
+            lines.append(head)
+            shown = Counter()
+            for v in sorted(self.violations, key=lambda v: (v.severity != "error", v.rule)):
+                shown[v.rule] += 1
+                if shown[v.rule] > limit_per_rule:
+                    continue
+                shape = "x".join(map(str, v.shape)) if v.shape else "-"
+                lines.append(
+                    f"  {v.severity:<8} {v.rule:<14} {v.op[:26]:<26} {shape[:22]:<22} "
+                    f"{(v.module or '-')[:36]:<36} {v.pass_ or 'capture'}"
+                )
+            for rid, n in shown.items():
+                if n > limit_per_rule:
+                    lines.append(f"  ... {n - limit_per_rule} more {rid} (see --json)")
+        lines.append("")
+        lines.append(f"  {len(self.errors)} error(s), {len(self.warnings)} warning(s)")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# rule evaluation (shared)
+
+_FLOAT = {"float16", "float32", "float64", "bfloat16"}
+
+
+def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Report:
+    """Apply every rule of the table to OPS."""
+    report = Report(stage, stats=dict(stats or {}))
+    add = report.violations.append
+
+    def violation(rule_id: str, op: OpInfo, shape, dtype, message: str) -> None:
+        add(
+            Violation(
+                rule=rule_id,
+                severity=rules.RULES_BY_ID[rule_id].severity,
+                op=op.op,
+                node=op.name,
+                shape=list(shape) if shape is not None else None,
+                dtype=dtype,
+                module=op.module,
+                pass_=op.pass_,
+                message=message,
+            )
+        )
+
+    weight_bytes = 0
+    seen_storage: set[int] = set()
+    for op in ops:
+        if op.const:
+            if op.storage is None or op.storage not in seen_storage:
+                weight_bytes += op.nbytes
+                if op.storage is not None:
+                    seen_storage.add(op.storage)
+        if op.kind in rules.OFF_ANE_KINDS:
+            rid = rules.OFF_ANE_KINDS[op.kind]
+            violation(
+                rid,
+                op,
+                op.shapes[0] if op.shapes else None,
+                op.dtypes[0] if op.dtypes else None,
+                f"{op.op}: {rules.RULES_BY_ID[rid].summary}",
+            )
+        if op.dynamic:
+            violation("dynamic_shape", op, None, None, f"{op.op} has a symbolic shape")
+        for shape, dtype in zip(op.shapes, op.dtypes, strict=False):
+            if dtype in _FLOAT and dtype != rules.COMPUTE_DTYPE:
+                violation("fp16", op, shape, dtype, f"{dtype} tensor")
+            if len(shape) > rules.MAX_RANK:
+                violation("rank", op, shape, dtype, f"rank {len(shape)} > {rules.MAX_RANK}")
+                continue
+            if op.const:
+                continue  # weights are read by ops, not laid out as ANE activations
+            n, c, h, w = rules.rank4(shape)
+            if n > rules.DIM_LIMITS["N"] or c > rules.DIM_LIMITS["C"]:
+                violation("dim_nc", op, shape, dtype, f"N={n}, C={c}")
+            if h > rules.DIM_LIMITS["H"] or w > rules.DIM_LIMITS["W"]:
+                violation("dim_hw", op, shape, dtype, f"H={h}, W={w}")
+            if shape and shape[-1] < rules.MIN_TRAILING_DIM and op.kind not in ("input",):
+                violation("trailing_dim", op, shape, dtype, f"last axis {shape[-1]}")
+        if op.kind == "conv" and op.shapes and len(op.shapes[0]) == 4:
+            cout = op.shapes[0][1]
+            if cout > rules.MAX_CONV_OUT_CHANNELS:
+                violation("conv_width", op, op.shapes[0], op.dtypes[0], f"{cout} output channels")
+    if weight_bytes > rules.WEIGHTS_WARN_BYTES:
+        sev = "error" if weight_bytes > rules.WEIGHTS_ERROR_BYTES else "warning"
+        report.violations.append(
+            Violation(
+                "weights_size",
+                sev,
+                "package",
+                "-",
+                None,
+                None,
+                None,
+                None,
+                f"{weight_bytes / 2**30:.2f} GiB of weights in one package",
+            )
+        )
+    report.stats.setdefault("weight_bytes", weight_bytes)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# fx reader
+
+_FX_KINDS = {
+    "linear": "linear",
+    "pow": "pow",
+    "rsqrt": "rsqrt",
+    "embedding": "gather",
+    "index_select": "gather",
+    "gather": "gather",
+    "scatter": "scatter",
+    "scatter_add": "scatter",
+    "scatter_reduce": "scatter",
+    "index_put": "scatter",
+    "index_put_": "scatter",
+    "slice_scatter": "scatter",
+    "select_scatter": "scatter",
+    "cond": "control_flow",
+    "while_loop": "control_flow",
+    "triu": "band_part",
+    "tril": "band_part",
+    "conv2d": "conv",
+    "convolution": "conv",
+}
+
+
+def _fx_kind(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "get_attr":
+        return "const"
+    if node.target is LAYER_NORM:
+        return "layer_norm"
+    packet = getattr(node.target, "overloadpacket", None)
+    name = getattr(packet, "__name__", None) or getattr(node.target, "__name__", str(node.target))
+    return _FX_KINDS.get(name, name)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def fx_ops(gm: fx.GraphModule) -> list[OpInfo]:
+    """The graph's nodes as OpInfo records (needs meta['val'] from shape propagation)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        v = node.meta.get("val")
+        vals = v if isinstance(v, (tuple, list)) else [v]
+        tensors = [t for t in vals if isinstance(t, torch.Tensor)]
+        dynamic = any(not isinstance(s, int) for t in tensors for s in t.shape)
+        shapes = [tuple(int(s) if isinstance(s, int) else -1 for s in t.shape) for t in tensors]
+        dtypes = [_dtype_name(t.dtype) for t in tensors]
+        info = OpInfo(
+            name=node.name,
+            op=str(node.target) if node.op == "call_function" else node.op,
+            kind=_fx_kind(node),
+            shapes=shapes,
+            dtypes=dtypes,
+            module=node.meta.get("anefx_module"),
+            pass_=node.meta.get("anefx_pass"),
+            dynamic=dynamic,
+        )
+        if node.op == "get_attr":
+            if not node.users:
+                continue
+            t = gm
+            for part in node.target.split("."):
+                t = getattr(t, part)
+            if isinstance(t, torch.Tensor):
+                info.const = True
+                info.nbytes = t.numel() * t.element_size()
+                info.storage = _storage_id(t)
+                info.op = "weight" if info.nbytes > 4096 else "const"
+        out.append(info)
+    return out
+
+
+def _storage_id(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr() or id(t.untyped_storage())
+    except Exception:  # meta tensors have no data pointer
+        return None
+
+
+def check_graph(gm: fx.GraphModule, stage: str, stats: dict | None = None) -> Report:
+    """Check an fx graph (after shape propagation)."""
+    ops = fx_ops(gm)
+    base = {
+        "nodes": len(ops),
+        "ops": sum(1 for o in ops if o.kind not in ("input", "const")),
+    }
+    base.update(stats or {})
+    return check_ops(ops, stage, base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Core ML reader: walks a spec protobuf (targets/coreml.py loads it; only targets/ imports
+# coremltools)
+
+_MIL_KINDS = {
+    "linear": "linear",
+    "pow": "pow",
+    "rsqrt": "rsqrt",
+    "gather": "gather",
+    "gather_nd": "gather",
+    "gather_along_axis": "gather",
+    "scatter": "scatter",
+    "scatter_nd": "scatter",
+    "scatter_along_axis": "scatter",
+    "cond": "control_flow",
+    "while_loop": "control_flow",
+    "band_part": "band_part",
+    "conv": "conv",
+    "const": "const",
+    "constexpr_lut_to_dense": "const",
+    "constexpr_blockwise_shift_scale": "const",
+}
+
+_MIL_DTYPES = {
+    1: "bool",
+    10: "float16",
+    11: "float32",
+    12: "float64",
+    13: "bfloat16",
+    21: "int8",
+    22: "int16",
+    23: "int32",
+    24: "int64",
+    31: "uint8",
+    32: "uint16",
+    33: "uint32",
+}
+_MIL_ITEMSIZE = {
+    "float16": 2,
+    "float32": 4,
+    "bfloat16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "int32": 4,
+    "bool": 1,
+    "float64": 8,
+    "int64": 8,
+}
+
+# Emitted op names carry their provenance as "<module>__<pass>__<node>" with the module's dots
+# written as "_" (Core ML keeps only [A-Za-z0-9_] in names); the package metadata key
+# MODULES_KEY maps each written module back to its dotted path.
+NAME_SEP = "__"
+MODULES_KEY = "anefx.modules"
+
+
+def encode_module(module: str | None) -> str:
+    return (module or "").replace(".", "_")
+
+
+def split_op_name(name: str, modules: dict[str, str]) -> tuple[str | None, str | None, str]:
+    """(module, pass, node) of an emitted op name; unknown parts are None."""
+    parts = name.split(NAME_SEP)
+    if len(parts) < 2:
+        return None, None, name
+    module = modules.get(parts[0], parts[0] or None)
+    if len(parts) >= 3:
+        pass_ = None if parts[1] == "capture" else parts[1]
+        return module, pass_, NAME_SEP.join(parts[2:])
+    return module, None, parts[1]
+
+
+def _tensor_shape(ttype) -> tuple[tuple[int, ...], str, bool]:
+    dims, dynamic = [], False
+    for d in ttype.dimensions:
+        if d.WhichOneof("dimension") == "constant":
+            dims.append(int(d.constant.size))
+        else:
+            dims.append(-1)
+            dynamic = True
+    return tuple(dims), _MIL_DTYPES.get(ttype.dataType, str(ttype.dataType)), dynamic
+
+
+def mil_ops(spec, function: str = "main") -> list[OpInfo]:
+    """The ops of one function of an mlprogram spec as OpInfo records."""
+    fn = spec.mlProgram.functions[function]
+    block = fn.block_specializations[fn.opset]
+    meta = spec.description.metadata.userDefined
+    modules = json.loads(meta[MODULES_KEY]) if MODULES_KEY in meta else {}
+    out = []
+    for inp in fn.inputs:
+        t = inp.type
+        if t.WhichOneof("type") != "tensorType":
+            continue  # states are reported by the caller
+        shape, dtype, dyn = _tensor_shape(t.tensorType)
+        out.append(OpInfo(inp.name, "input", "input", [shape], [dtype], dynamic=dyn))
+    for op in block.operations:
+        shapes, dtypes, dyn = [], [], False
+        for o in op.outputs:
+            if o.type.WhichOneof("type") != "tensorType":
+                continue
+            s, d, dd = _tensor_shape(o.type.tensorType)
+            shapes.append(s)
+            dtypes.append(d)
+            dyn |= dd
+        name = op.outputs[0].name if op.outputs else op.type
+        module, pass_, _ = split_op_name(name, modules)
+        info = OpInfo(
+            name,
+            op.type,
+            _MIL_KINDS.get(op.type, op.type),
+            shapes,
+            dtypes,
+            module=module,
+            pass_=pass_,
+            dynamic=dyn,
+        )
+        if info.kind == "const" and shapes:
+            info.const = True
+            size = _MIL_ITEMSIZE.get(dtypes[0], 2)
+            if op.type == "constexpr_lut_to_dense":
+                size = 0.5  # palettized: indices are far smaller than the dense tensor
+            info.nbytes = int(math.prod(shapes[0]) * size)
+        out.append(info)
+    return out
+
+
+def check_spec(spec) -> list[Report]:
+    """Check every function of an mlprogram spec; one report per function."""
+    reports = []
+    for name in spec.mlProgram.functions:
+        ops = mil_ops(spec, name)
+        stats = {
+            "function": name,
+            "ops": sum(1 for o in ops if o.kind not in ("input", "const")),
+            "op_types": dict(Counter(o.op for o in ops if o.kind not in ("input", "const"))),
+        }
+        reports.append(check_ops(ops, f"emitted:{name}", stats))
+    return reports

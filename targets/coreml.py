@@ -1,0 +1,372 @@
+"""Core ML emission: the lowered fx graph -> an mlprogram (fp16, iOS18) written atomically.
+
+This is the only module that imports coremltools. It translates the lowered graph op by op with
+the MIL builder (the graph holds only ops the ANE runs, so the translation is one-to-one and
+needs no converter heuristics), names every MIL op "<module>|<pass>|<node>" so the checker can
+point back to the source, saves the package to a temporary folder beside the target, checks the
+saved program, and only then moves it into place together with ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from anefx.errors import AnefxGraphError, AnefxInputError
+from anefx.lowering.checker import MODULES_KEY, NAME_SEP, Report, check_spec, encode_module
+from anefx.lowering.ops import LAYER_NORM
+
+aten = torch.ops.aten
+
+_NP = {
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.int32: np.int32,
+    torch.int64: np.int32,  # Core ML has no int64 tensors; ids and positions fit int32
+    torch.bool: np.bool_,
+}
+
+
+def _ct():
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass progress bars
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import coremltools as ct
+
+    return ct
+
+
+def _name(node: fx.Node) -> str:
+    module = encode_module(node.meta.get("anefx_module"))
+    pass_ = node.meta.get("anefx_pass") or "capture"
+    return f"{module}{NAME_SEP}{pass_}{NAME_SEP}{node.name}"
+
+
+class _Emitter:
+    def __init__(self, gm: fx.GraphModule, input_specs: dict):
+        ct = _ct()
+        from coremltools.converters.mil import Builder as mb
+        from coremltools.converters.mil.mil import types
+
+        self.ct, self.mb, self.types = ct, mb, types
+        self.gm = gm
+        self.input_specs = input_specs
+        self.env: dict[fx.Node, object] = {}
+
+    def const(self, t: torch.Tensor, name: str):
+        arr = t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.float().numpy()
+        if arr.dtype == np.float32 or arr.dtype == np.float64:
+            arr = arr.astype(np.float16)
+        if arr.dtype == np.int64:
+            arr = arr.astype(np.int32)
+        return self.mb.const(val=arr, name=name)
+
+    def scalar(self, x, like_dtype=None):
+        if isinstance(x, bool):
+            return x
+        if isinstance(x, float) or like_dtype in (torch.float16, torch.float32):
+            return np.float16(x)
+        return np.int32(x)
+
+    def arg(self, a, dtype=None):
+        if isinstance(a, fx.Node):
+            return self.env[a]
+        return self.scalar(a, dtype)
+
+    def build(self):
+        mb, types = self.mb, self.types
+        from coremltools.converters.mil.mil import Function, Program
+
+        tmap = {
+            torch.float16: types.fp16,
+            torch.float32: types.fp16,
+            torch.int32: types.int32,
+            torch.int64: types.int32,
+        }
+        placeholders = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                v = node.meta["val"]
+                placeholders[node.name] = mb.placeholder(shape=list(v.shape), dtype=tmap[v.dtype])
+        func = Function(placeholders, opset_version=self.ct.target.iOS18)
+        with func:
+            outputs = self._body(func.inputs)
+            func.set_outputs(outputs)
+        prog = Program()
+        prog.add_function("main", func)
+        return prog
+
+    def _body(self, placeholders):
+        out_meta = self.gm.meta.get("anefx_outputs")
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.env[node] = placeholders[node.name]
+            elif node.op == "get_attr":
+                t = self.gm
+                for part in node.target.split("."):
+                    t = getattr(t, part)
+                self.env[node] = self.const(t, _name(node))
+            elif node.op == "call_function":
+                self.env[node] = self.op(node)
+            elif node.op == "output":
+                outs = node.args[0]
+                outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+                names = (
+                    [o["name"] for o in out_meta]
+                    if out_meta
+                    else (
+                        ["logits"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+                    )
+                )
+                results = []
+                for o, name in zip(outs, names, strict=True):
+                    var = self.env[o]
+                    if o.op == "call_function" and len(o.users) == 1:
+                        var.name = name  # name the producing op's result; no extra op
+                    else:
+                        var = self.mb.identity(x=var, name=name)
+                    results.append(var)
+                return results
+        raise AnefxGraphError("lowered graph has no output")
+
+    def op(self, node: fx.Node):
+        mb = self.mb
+        name = _name(node)
+        t = node.target
+        a = node.args
+        v = node.meta.get("val")
+        dtype = v.dtype if isinstance(v, torch.Tensor) else None
+        if t in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+            return mb.reshape(x=self.arg(a[0]), shape=list(v.shape), name=name)
+        if t is aten.permute.default:
+            return mb.transpose(x=self.arg(a[0]), perm=list(a[1]), name=name)
+        if t is aten.transpose.int:
+            if all(u.target is aten.matmul.default for u in node.users):
+                return None  # folded into matmul's transpose_x / transpose_y
+            rank = node.args[0].meta["val"].dim()
+            perm = list(range(rank))
+            i, j = a[1] % rank, a[2] % rank
+            perm[i], perm[j] = perm[j], perm[i]
+            return mb.transpose(x=self.arg(a[0]), perm=perm, name=name)
+        if t is aten.matmul.default:
+            xs, flags = [], []
+            for operand in a:
+                if (
+                    isinstance(operand, fx.Node)
+                    and operand.target is aten.transpose.int
+                    and self.env.get(operand) is None
+                ):
+                    xs.append(self.arg(operand.args[0]))
+                    flags.append(True)
+                else:
+                    xs.append(self.arg(operand))
+                    flags.append(False)
+            return mb.matmul(
+                x=xs[0], y=xs[1], transpose_x=flags[0], transpose_y=flags[1], name=name
+            )
+        if t is aten.conv2d.default:
+            kwargs = {
+                "x": self.arg(a[0]),
+                "weight": self.arg(a[1]),
+                "strides": [1, 1],
+                "pad_type": "valid",
+                "dilations": [1, 1],
+                "groups": 1,
+                "name": name,
+            }
+            if len(a) > 2 and a[2] is not None:
+                kwargs["bias"] = self.arg(a[2])
+            return mb.conv(**kwargs)
+        if t is LAYER_NORM:
+            x, w, axis, eps = a
+            kwargs = {
+                "x": self.arg(x),
+                "axes": [axis % v.dim()],
+                "epsilon": np.float16(eps),
+                "name": name,
+            }
+            if w is not None:
+                kwargs["gamma"] = self.arg(w)
+            return mb.layer_norm(**kwargs)
+        if t is aten.cat.default:
+            axis = (a[1] if len(a) > 1 else 0) % v.dim()
+            return mb.concat(values=[self.arg(x) for x in a[0]], axis=axis, name=name)
+        if t is aten.slice.Tensor:
+            src = a[0].meta["val"]
+            dim = a[1] % src.dim()
+            start = a[2] if len(a) > 2 and a[2] is not None else 0
+            end = a[3] if len(a) > 3 and a[3] is not None else src.shape[dim]
+            step = a[4] if len(a) > 4 else 1
+            size = src.shape[dim]
+            start, end = (
+                max(0, min(start + size if start < 0 else start, size)),
+                max(0, min(end + size if end < 0 else end, size)),
+            )
+            begin = [0] * src.dim()
+            stop = list(src.shape)
+            stride = [1] * src.dim()
+            begin[dim], stop[dim], stride[dim] = start, end, step
+            return mb.slice_by_index(
+                x=self.arg(a[0]), begin=begin, end=stop, stride=stride, name=name
+            )
+        if t is aten.neg.default:
+            return mb.mul(x=self.arg(a[0]), y=np.float16(-1.0), name=name)
+        binary = {
+            aten.add.Tensor: mb.add,
+            aten.mul.Tensor: mb.mul,
+            aten.sub.Tensor: mb.sub,
+            aten.div.Tensor: mb.real_div,
+            aten.eq.Tensor: mb.equal,
+        }
+        if t in binary:
+            ops_dtype = next((x.meta["val"].dtype for x in a if isinstance(x, fx.Node)), dtype)
+            return binary[t](x=self.arg(a[0], ops_dtype), y=self.arg(a[1], ops_dtype), name=name)
+        if t is aten.softmax.int or t is aten._softmax.default:
+            return mb.softmax(x=self.arg(a[0]), axis=a[1] % v.dim(), name=name)
+        if t is aten.silu.default:
+            return mb.silu(x=self.arg(a[0]), name=name)
+        if t is aten._to_copy.default:
+            target = {
+                torch.float16: "fp16",
+                torch.float32: "fp16",
+                torch.int32: "int32",
+                torch.bool: "bool",
+            }[node.kwargs["dtype"]]
+            return mb.cast(x=self.arg(a[0]), dtype=target, name=name)
+        if t is aten.embedding.default:
+            return mb.gather(x=self.arg(a[0]), indices=self.arg(a[1]), axis=0, name=name)
+        if t is aten.expand.default:
+            src = a[0].meta["val"].shape
+            reps = [int(o // i) if i == 1 else 1 for i, o in zip(src, v.shape, strict=True)]
+            return mb.tile(x=self.arg(a[0]), reps=reps, name=name)
+        raise AnefxGraphError(
+            f"cannot emit node {node.name} ({t}) from {node.meta.get('anefx_module', '?')}: "
+            "no Core ML translation for this op"
+        )
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not path.name.endswith(".mlpackage"):
+        raise AnefxInputError(f"output path {path} must end in .mlpackage")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise AnefxInputError(f"cannot create output folder {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise AnefxInputError(f"output folder {parent} is not writable")
+
+
+def read_spec(path: str | Path):
+    """The spec protobuf of a saved package (works on Linux)."""
+    return _ct().models.MLModel(str(path), skip_model_load=True).get_spec()
+
+
+def check_package(path: str | Path) -> list[Report]:
+    """Run the rule table on every function of a saved package."""
+    return check_spec(read_spec(path))
+
+
+def emit(lowered, path: str | Path, force: bool = False, progress=None) -> dict:
+    """Write LOWERED as a Core ML package at PATH; return the combined report (also saved)."""
+    path = Path(path)
+    say = progress or (lambda msg: None)
+    _check_writable(path)
+    low_report = lowered.report
+    if low_report.errors and not force:
+        raise AnefxGraphError(
+            f"refusing to emit: the lowered graph has {len(low_report.errors)} ANE error(s) "
+            f"(first: {low_report.errors[0].rule} at {low_report.errors[0].node}); "
+            "use --force to emit anyway"
+        )
+    if low_report.errors:
+        say(f"--force: emitting despite {len(low_report.errors)} error(s)")
+    ct = _ct()
+    t0 = time.perf_counter()
+    say("building the Core ML program")
+    prog = _Emitter(lowered.graph_module, {}).build()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = ct.convert(
+                prog,
+                convert_to="mlprogram",
+                minimum_deployment_target=ct.target.iOS18,
+                compute_precision=ct.precision.FLOAT16,
+                skip_model_load=True,
+            )
+        _describe(model, lowered)
+        say("saving the package")
+        staged = tmp / path.name
+        model.save(str(staged))
+        seconds_convert = time.perf_counter() - t0
+        say("checking the emitted program")
+        emitted = check_package(staged)
+        report = {
+            "model": lowered.source,
+            "random_weights": lowered.random_weights,
+            "seq_len": lowered.seq_len,
+            "forced": bool(low_report.errors),
+            "seconds": {**lowered.seconds, "emit": seconds_convert},
+            "lowered": low_report.to_dict(),
+            "emitted": [r.to_dict() for r in emitted],
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        _move_into_place(staged, path)
+        os.replace(tmp / "report.json", path.parent / "report.json")
+        report["emitted_reports"] = emitted
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(staged: Path, path: Path) -> None:
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _describe(model, lowered) -> None:
+    from anefx.models.capture import INPUT_DESCRIPTIONS
+
+    for name, text in INPUT_DESCRIPTIONS.items():
+        if name in model.input_description:
+            model.input_description[name] = text
+    for o in lowered.graph_module.meta.get("anefx_outputs") or [
+        {"name": "logits", "description": "logits"}
+    ]:
+        if o["name"] in model.output_description:
+            model.output_description[o["name"]] = o["description"]
+    model.short_description = (
+        f"anefx lowering of {lowered.source} (seq {lowered.seq_len}, fp16, ANE layout)"
+    )
+    model.author = "anefx"
+    model.user_defined_metadata["anefx.source"] = str(lowered.source)
+    model.user_defined_metadata["anefx.random_weights"] = str(lowered.random_weights)
+    model.user_defined_metadata["anefx.seq_len"] = str(lowered.seq_len)
+    modules = {
+        encode_module(m): m
+        for n in lowered.graph_module.graph.nodes
+        if (m := n.meta.get("anefx_module"))
+    }
+    model.user_defined_metadata[MODULES_KEY] = json.dumps(modules, separators=(",", ":"))
