@@ -312,9 +312,11 @@ class _Sweep:
         if ok:
             return lay
         target = {i: i for i in range(4) if lay.shape[i] != 1 or i >= 2}
-        # keep the current order of the two matrix axes when they are already last
-        if {lay.dims[2], lay.dims[3]} == {2, 3}:
-            target[2], target[3] = lay.dims[2], lay.dims[3]
+        # keep the physical order of the two matrix axes: then only size-1 axes move and the
+        # relayout is a reshape, with matmul's transpose flag doing the rest
+        d2, d3 = lay.dims[2], lay.dims[3]
+        if d2 is not None and d3 is not None and d2 > d3:
+            target[2], target[3] = 3, 2
         target = {i: t for i, t in target.items() if lay.shape[i] != 1 or lay.dims[i] is not None}
         pshape = [1, 1, 1, 1]
         for i, t in target.items():

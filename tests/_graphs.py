@@ -248,6 +248,7 @@ class ModelSpec:
     seed: int = 0
     # added to every embedding row: hidden states then have a large non-zero mean
     shift: float = 0.0
+    dtype: torch.dtype = torch.float32
 
     def config(self) -> dict:
         cfg = get_preset("qwen3-tiny")
@@ -268,7 +269,7 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
-    model = random_model(spec.config(), torch.float32, spec.seed)
+    model = random_model(spec.config(), spec.dtype, spec.seed)
     if spec.shift:
         with torch.no_grad():
             model.get_input_embeddings().weight.add_(spec.shift)
@@ -308,18 +309,18 @@ def _snapshotting(step: Step, into: dict[str, fx.GraphModule]) -> Step:
 
 @functools.lru_cache(maxsize=24)
 def lowered(spec: ModelSpec) -> Lowered:
-    """Capture SPEC's model and run the fp32 pipeline, keeping every step's input graph."""
+    """Capture SPEC's model and run the pipeline, keeping every step's input graph."""
     model = build_model(spec)
     gm = capture(model, spec.seq).graph_module
     propagate_shapes(gm)
-    steps = build_pipeline(torch.float32)
+    steps = build_pipeline(spec.dtype)
     out = Lowered(spec, model, steps)
     wrapped = [_snapshotting(s, out.inputs) for s in steps]
     try:
         out.final, _ = run_pipeline(copy.deepcopy(gm), wrapped)
     except AnefxGraphError as exc:
         out.error = str(exc)
-        failed = next(i for i, s in enumerate(steps) if s.name not in out.inputs) - 1
+        failed = max(i for i, s in enumerate(steps) if s.name in out.inputs)
         out.final, _ = run_pipeline(
             fresh(out.inputs[steps[failed].name]), wrapped[failed:], verify=False
         )
@@ -343,7 +344,7 @@ def model_inputs(
     s = spec.seq
     ids = torch.randint(0, spec.vocab, (1, s), generator=g, dtype=torch.int32)
     pos = torch.randint(0, max_position or s, (1, s), generator=g, dtype=torch.int32)
-    return ids, pos, causal_mask(s, torch.float32)
+    return ids, pos, causal_mask(s, spec.dtype)
 
 
 def as_logits(out) -> torch.Tensor:

@@ -1,0 +1,469 @@
+"""Benchmark: anefx vs the stock torch.export -> ct.convert path on the same random weights.
+
+    .venv/bin/python benchmarks/convert.py --preset qwen3-0.6b [--seq 64] [--out DIR]
+
+Both paths start from the same transformers model (``load_model("preset:NAME", fp16, seed)``)
+and end with a saved .mlpackage; the shared load is excluded from both times. By default each
+path runs in its own child process (this script re-invoked with ``--only PATH``) so that each
+gets its own peak RSS; the children load the preset from the same seed, and a weight
+fingerprint proves the weights are identical. ``--in-process`` instead loads the model once and
+passes the same object to both paths (then only the process-wide peak RSS is meaningful).
+
+Printed: a human-readable summary, then as the LAST line one JSON object with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+PATHS = ("naive", "anefx")  # naive first in --in-process mode: it cannot touch the weights
+
+# ANEMLL and the earlier naive measurement on this kind of machine (Qwen3-0.6B shape, 64-token
+# prefill), from ../shared/reference/prior-art.md; printed for comparison, never recomputed.
+REFERENCE = {
+    "anemll_prefill_ops_per_layer": 85,
+    "anemll_prefill_transposes_per_layer": 9,
+    "anemll_prefill_reshapes_per_layer": 9,
+    "anemll_decode_ops_per_layer": 79,
+    "anemll_conversion_s": 175,
+    "anemll_peak_rss_gb": 6.7,
+    "prior_naive_s": {"export": 11.0, "convert": 27.0, "save": 1.3},
+    "prior_naive_peak_rss_gb": 3.3,
+}
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)(?:\.|$)")
+
+
+def _quiet() -> None:
+    # coremltools' progress bars and torch/transformers warnings would bury the summary
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+
+
+def peak_rss_gb() -> float:
+    """Peak RSS of this process so far (ru_maxrss is in KB on Linux), in GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def dir_mb(path: Path) -> float:
+    """Size of a package folder in MB."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def weight_fingerprint(model) -> str:
+    """A cheap hash of every parameter (name, shape, first 4096 values) to prove equal weights."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().flatten()[:4096].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load(preset: str, seed: int):
+    """The stock transformers model with seeded random fp16 weights, and its load time."""
+    import torch
+
+    from anefx.models.load import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(f"preset:{preset}", dtype=torch.float16, seed=seed)
+    return loaded.model, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# program analysis
+
+
+def layer_stats(ops: list, n_layers: int) -> dict:
+    """Per-decoder-layer op counts of a program's non-const ops, attributed by .module."""
+    per_layer = [Counter() for _ in range(n_layers)]
+    unattributed = 0
+    for o in ops:
+        m = _LAYER.match(o.module or "")
+        if m and int(m[1]) < n_layers:
+            per_layer[int(m[1])][o.op] += 1
+        else:
+            unattributed += 1  # embedding, final norm, LM head, rotary tables, or unknown
+    totals = [sum(c.values()) for c in per_layer]
+    med = statistics.median(totals)
+    # a representative layer for the op breakdown: the first one closest to the median count
+    rep = min(range(n_layers), key=lambda i: abs(totals[i] - med))
+    return {
+        "ops_per_layer": med,
+        "ops_per_layer_max": max(totals),
+        "ops_layer0": totals[0],
+        "transposes_per_layer": statistics.median(c["transpose"] for c in per_layer),
+        "reshapes_per_layer": statistics.median(c["reshape"] for c in per_layer),
+        "copies_per_layer": statistics.median(c["transpose"] + c["reshape"] for c in per_layer),
+        "outside_layers": unattributed,
+        "layer_op_types": dict(per_layer[rep].most_common()),
+        "layer_op_types_index": rep,
+    }
+
+
+def analyse(package: Path, n_layers: int, name_to_module: dict[str, str] | None = None) -> dict:
+    """Read a saved package back: op counts per layer, copies, and the rule check."""
+    from anefx.lowering.checker import check_spec, mil_ops
+    from anefx.targets.coreml import read_spec
+
+    spec = read_spec(package)
+    ops = [o for o in mil_ops(spec) if o.kind not in ("input", "const")]
+    if name_to_module is not None:
+        for o in ops:
+            o.module = o.module or _module_of(o.name, name_to_module)
+    kinds = Counter(o.op for o in ops)
+    errors: Counter = Counter()
+    warns: Counter = Counter()
+    for report in check_spec(spec):
+        errors.update(v.rule for v in report.errors)
+        warns.update(v.rule for v in report.warnings)
+    return {
+        "ops": len(ops),
+        "ops_per_layer_avg": round(len(ops) / n_layers, 2),
+        "transposes_per_layer_avg": round(kinds["transpose"] / n_layers, 2),
+        "reshapes_per_layer_avg": round(kinds["reshape"] / n_layers, 2),
+        "op_types": dict(kinds.most_common()),
+        "errors": dict(errors),
+        "warnings": dict(warns),
+        "package_mb": round(dir_mb(package), 1),
+        **layer_stats(ops, n_layers),
+    }
+
+
+def _module_of(mil_name: str, name_to_module: dict[str, str]) -> str | None:
+    """Best-effort module of a MIL op the torch frontend named after an fx node.
+
+    The frontend names ops "<node>" or "<node>_<suffix>" (e.g. mul_3_cast_fp16); the longest
+    fx node name that is such a prefix wins. Helper ops it invents (embedding casts) may match a
+    wrong node, so the naive per-layer numbers are estimates; the averages below are exact.
+    """
+    parts = mil_name.split("_")
+    for k in range(len(parts), 0, -1):
+        mod = name_to_module.get("_".join(parts[:k]))
+        if mod:
+            return mod
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the two paths
+
+
+def run_anefx(model, seq: int, out: Path) -> dict:
+    """anefx.lower + anefx.emit; time everything after the load."""
+    import torch
+
+    import anefx
+
+    package = out / "anefx.mlpackage"
+    t0 = time.perf_counter()
+    low = anefx.lower(model, seq, dtype=torch.float16)
+    t1 = time.perf_counter()
+    # force: warnings never block emit, and a lowered error must show up in the numbers below
+    # rather than abort the benchmark
+    report = anefx.emit(low, package, force=True)
+    t2 = time.perf_counter()
+    s = low.seconds
+    emit_s = report["seconds"]["emit"]  # build the MIL program + ct.convert + save
+    stages = {
+        "export": s["export"],
+        "decompose": s["decompose"],
+        # unlifting the exported program into a GraphModule (inside capture, after its timers)
+        "unlift": (t1 - t0) - sum(s.values()),
+        "passes": s["passes"],
+        "check": s["check"],  # shape propagation + the rule check of the lowered graph
+        "emit": emit_s,
+        "emit_check": (t2 - t1) - emit_s,  # read the saved package back and check it
+    }
+    pass_times = _pass_times(low.log)
+    return {
+        "total_s": (t2 - t0) - s["load"],
+        "stage_s": stages,
+        "passes_s": s["passes"] + s["check"],
+        "pass_s": pass_times,
+        "peak_rss_gb": peak_rss_gb(),
+        "analysis": analyse(package, model.config.num_hidden_layers),
+    }
+
+
+def _pass_times(log) -> dict[str, float]:
+    """Seconds per pass from the pass log (each includes the manager's verify after it)."""
+    out: dict[str, float] = {}
+    for rec in log.records:
+        out[rec.name] = out.get(rec.name, 0.0) + rec.seconds
+    return out
+
+
+def _stock_cleanup(ep) -> dict[str, int]:
+    """Remove what ct.convert cannot take from a stock export: alias and _assert* nodes.
+
+    alias is a no-op view (its uses get its input); _assert_tensor_metadata and friends are
+    runtime checks with no result. Nothing else of the stock graph is touched.
+    """
+    removed: Counter = Counter()
+    graph = ep.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        packet = getattr(node.target, "overloadpacket", None)
+        name = getattr(packet, "__name__", None) or getattr(node.target, "__name__", "")
+        if name == "alias":
+            node.replace_all_uses_with(node.args[0])
+        elif not name.startswith("_assert"):
+            continue
+        graph.erase_node(node)
+        removed[name] += 1
+    graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+    return dict(removed)
+
+
+def run_naive(model, seq: int, out: Path) -> dict:
+    """The stock way: torch.export -> run_decompositions -> ct.convert -> save."""
+    import coremltools as ct
+    import torch
+
+    from anefx.models.capture import PrefillWrapper, example_inputs, module_path
+
+    package = out / "naive.mlpackage"
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ep = torch.export.export(
+            PrefillWrapper(model), example_inputs(seq, torch.float16), strict=False
+        )
+    stages["export"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    ep = ep.run_decompositions({})
+    stages["decompose"] = time.perf_counter() - t
+    t = time.perf_counter()
+    removed = _stock_cleanup(ep)
+    stages["cleanup"] = time.perf_counter() - t
+    # fx node -> source module, to attribute the converted ops to layers afterwards (untimed)
+    name_to_module = {n.name: m for n in ep.graph.nodes if (m := module_path(n))}
+    t = time.perf_counter()
+    mlmodel = ct.convert(
+        ep,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16,
+        skip_model_load=True,
+    )
+    stages["convert"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mlmodel.save(str(package))
+    stages["save"] = time.perf_counter() - t
+    total = time.perf_counter() - t0
+    rss = peak_rss_gb()
+    del mlmodel, ep  # the analysis re-reads the package from disk, like the anefx path
+    return {
+        "total_s": total,
+        "stage_s": stages,
+        "removed_nodes": removed,
+        "peak_rss_gb": rss,
+        "analysis": analyse(package, model.config.num_hidden_layers, name_to_module),
+    }
+
+
+RUNNERS = {"anefx": run_anefx, "naive": run_naive}
+
+
+def run_path(path: str, preset: str, seq: int, seed: int, out: Path, model=None) -> dict:
+    """Run one path (loading the preset unless MODEL is given); numbers as a dict."""
+    load_s = 0.0
+    if model is None:
+        model, load_s = load(preset, seed)
+    result = RUNNERS[path](model, seq, out)
+    result["load_s"] = load_s
+    result["fingerprint"] = weight_fingerprint(model)
+    return result
+
+
+def run_child(path: str, args: argparse.Namespace) -> dict:
+    """Run one path in a fresh interpreter so its peak RSS is its own."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--preset",
+        args.preset,
+        "--seq",
+        str(args.seq),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(args.out),
+        "--only",
+        path,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{path} path failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def summarise(args: argparse.Namespace, a: dict, n: dict, mode: str) -> dict:
+    """The final JSON record from the two paths' results."""
+    aa, na = a["analysis"], n["analysis"]
+    r2 = lambda d: {k: round(v, 2) for k, v in d.items()}
+    return {
+        "preset": args.preset,
+        "seq": args.seq,
+        "seed": args.seed,
+        "mode": mode,
+        "same_weights": a["fingerprint"] == n["fingerprint"],
+        "anefx_s": round(a["total_s"], 2),
+        "naive_s": round(n["total_s"], 2),
+        "ratio": round(a["total_s"] / n["total_s"], 3),
+        "passes_s": round(a["passes_s"], 2),
+        "load_s": round(a["load_s"] or n["load_s"], 2),
+        "peak_rss_gb": round(a["peak_rss_gb"], 2),
+        "naive_peak_rss_gb": round(n["peak_rss_gb"], 2),
+        "ops_per_layer": aa["ops_per_layer"],
+        "ops_per_layer_max": aa["ops_per_layer_max"],
+        "ops_layer0": aa["ops_layer0"],
+        "copies_per_layer": aa["copies_per_layer"],
+        "transposes_per_layer": aa["transposes_per_layer"],
+        "reshapes_per_layer": aa["reshapes_per_layer"],
+        "layer_op_types": aa["layer_op_types"],
+        "anefx_ops": aa["ops"],
+        "anefx_ops_outside_layers": aa["outside_layers"],
+        "naive_ops": na["ops"],
+        "naive_ops_per_layer_avg": na["ops_per_layer_avg"],
+        "naive_transposes_per_layer_avg": na["transposes_per_layer_avg"],
+        "naive_reshapes_per_layer_avg": na["reshapes_per_layer_avg"],
+        "naive_ops_per_layer_est": na["ops_per_layer"],
+        "naive_layer_op_types_est": na["layer_op_types"],
+        "naive_removed_nodes": n["removed_nodes"],
+        "anefx_stage_s": r2(a["stage_s"]),
+        "naive_stage_s": r2(n["stage_s"]),
+        "anefx_pass_s": r2(a["pass_s"]),
+        "anefx_errors": aa["errors"],
+        "anefx_warnings": aa["warnings"],
+        "naive_errors": na["errors"],
+        "naive_warnings": na["warnings"],
+        "package_mb": aa["package_mb"],
+        "naive_package_mb": na["package_mb"],
+        "reference": REFERENCE,
+    }
+
+
+def render(rec: dict) -> str:
+    """A human-readable summary of the JSON record."""
+    ref = REFERENCE
+    ratio = rec["ratio"]
+    lines = [
+        f"anefx vs stock conversion: {rec['preset']}, seq {rec['seq']}, fp16 random weights "
+        f"(seed {rec['seed']}, same weights: {rec['same_weights']}, {rec['mode']})",
+        f"  shared load (excluded)   {rec['load_s']:7.2f} s",
+        "",
+        f"  anefx   {rec['anefx_s']:7.2f} s   peak RSS {rec['peak_rss_gb']:.2f} GB   "
+        f"package {rec['package_mb']:.1f} MB",
+    ]
+    lines += [f"    {k:<12} {v:7.2f} s" for k, v in rec["anefx_stage_s"].items()]
+    lines += [
+        f"    passes + checker = {rec['passes_s']:.2f} s",
+        f"  naive   {rec['naive_s']:7.2f} s   peak RSS {rec['naive_peak_rss_gb']:.2f} GB   "
+        f"package {rec['naive_package_mb']:.1f} MB",
+    ]
+    lines += [f"    {k:<12} {v:7.2f} s" for k, v in rec["naive_stage_s"].items()]
+    prior = ref["prior_naive_s"]
+    lines += [
+        f"    (prior measurement: export {prior['export']} s + convert {prior['convert']} s "
+        f"+ save {prior['save']} s, {ref['prior_naive_peak_rss_gb']} GB; "
+        f"removed here: {rec['naive_removed_nodes']})",
+        f"  anefx / naive time = {ratio:.2f} ({'slower' if ratio > 1 else 'faster'})",
+        "",
+        "  per decoder layer            anefx        naive        ANEMLL prefill (64 tok)",
+        f"    ops                    {rec['ops_per_layer']:>8}   "
+        f"{rec['naive_ops_per_layer_avg']:>10}   {ref['anemll_prefill_ops_per_layer']:>8}",
+        f"    transposes             {rec['transposes_per_layer']:>8}   "
+        f"{rec['naive_transposes_per_layer_avg']:>10}   "
+        f"{ref['anemll_prefill_transposes_per_layer']:>8}",
+        f"    reshapes               {rec['reshapes_per_layer']:>8}   "
+        f"{rec['naive_reshapes_per_layer_avg']:>10}   "
+        f"{ref['anemll_prefill_reshapes_per_layer']:>8}",
+        f"    (anefx: median over layers; max {rec['ops_per_layer_max']}, layer 0 "
+        f"{rec['ops_layer0']}, {rec['anefx_ops_outside_layers']} ops outside the layers; "
+        "naive: all ops / layers)",
+        f"    anefx layer ops: {_fmt_counts(rec['layer_op_types'])}",
+        f"    naive layer ops (estimated): {_fmt_counts(rec['naive_layer_op_types_est'])}",
+        "",
+        f"  ANE rule errors   anefx: {_fmt_counts(rec['anefx_errors']) or 'none'}",
+        f"                    naive: {_fmt_counts(rec['naive_errors']) or 'none'}",
+        f"  ANE warnings      anefx: {_fmt_counts(rec['anefx_warnings']) or 'none'}",
+        f"                    naive: {_fmt_counts(rec['naive_warnings']) or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt_counts(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="qwen3-0.6b", help="model preset (random weights)")
+    p.add_argument("--seq", type=int, default=64, help="prefill length (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--out", type=Path, help="folder for the two packages")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="load once and run both paths on the same model object in this process",
+    )
+    # internal: a child process runs one path and prints its numbers as one JSON line
+    p.add_argument("--only", choices=PATHS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = Path("build") / "bench" / f"{args.preset}-seq{args.seq}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _quiet()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only:
+        print(json.dumps(run_path(args.only, args.preset, args.seq, args.seed, args.out)))
+        return 0
+    if args.in_process:
+        model, load_s = load(args.preset, args.seed)
+        res = {p: run_path(p, args.preset, args.seq, args.seed, args.out, model) for p in PATHS}
+        res["naive"]["load_s"] = load_s
+        mode = "one process: anefx peak RSS is the process-wide peak"
+    else:
+        # one path at a time: on two cores concurrent runs would distort both timings
+        res = {p: run_child(p, args) for p in PATHS}
+        mode = "one child process per path"
+    rec = summarise(args, res["anefx"], res["naive"], mode)
+    print(render(rec))
+    print(json.dumps(rec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
