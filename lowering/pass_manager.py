@@ -19,6 +19,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from anefx.errors import AnefxGraphError
 from anefx.lowering.shape_prop import propagate_shapes
+from anefx.passes._util import deferred_recompile
 
 PassFn = Callable[[fx.GraphModule], PassResult]
 Check = Callable[[fx.GraphModule], list[str]]
@@ -73,6 +74,13 @@ def run_pipeline(
     """Run STEPS in order on GM; return the final module and a per-pass log."""
     log = PassLog()
     done: list[Step] = []
+    with deferred_recompile():
+        gm = _run_steps(gm, steps, verify, log, done)
+    gm.recompile()
+    return gm, log
+
+
+def _run_steps(gm, steps, verify, log, done) -> fx.GraphModule:
     for step in steps:
         t0 = time.perf_counter()
         before = set(gm.graph.nodes)
@@ -96,7 +104,7 @@ def run_pipeline(
                 step.name, result.modified, time.perf_counter() - t0, n_before, len(gm.graph.nodes)
             )
         )
-    return gm, log
+    return gm
 
 
 def _verify(gm: fx.GraphModule, step: Step, done: list[Step]) -> None:
@@ -104,7 +112,6 @@ def _verify(gm: fx.GraphModule, step: Step, done: list[Step]) -> None:
     problems: list[str] = []
     try:
         gm.graph.lint()
-        gm.recompile()
         propagate_shapes(gm)
     except Exception as exc:
         problems.append(str(exc))

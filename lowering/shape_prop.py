@@ -18,6 +18,24 @@ def _to_meta(x):
     return x
 
 
+# (op, argument shapes/dtypes/scalars) -> result. Decoder layers repeat, so after the first
+# layer almost every node is a cache hit; this is what makes propagating after every pass cheap.
+_MEMO: dict = {}
+_MEMO_LIMIT = 200_000
+
+
+def _key(x):
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.dtype, tuple(x.stride()))
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, *(_key(i) for i in x))
+    if isinstance(x, dict):
+        return ("D", *((k, _key(v)) for k, v in sorted(x.items())))
+    if isinstance(x, (int, float, bool, str, type(None), torch.dtype, torch.device)):
+        return (type(x).__name__, x)
+    raise TypeError  # unhashable argument kind: do not memoise
+
+
 class _MetaProp(fx.Interpreter):
     def placeholder(self, target, args, kwargs):
         node = self._current
@@ -26,7 +44,17 @@ class _MetaProp(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if "device" in kwargs:  # a copy "to cpu" stays on meta here
             kwargs = {**kwargs, "device": torch.device("meta")}
-        return super().call_function(target, args, kwargs)
+        try:
+            key = (target, _key(args), _key(kwargs))
+        except TypeError:
+            return super().call_function(target, args, kwargs)
+        hit = _MEMO.get(key)
+        if hit is None:
+            hit = super().call_function(target, args, kwargs)
+            if len(_MEMO) > _MEMO_LIMIT:
+                _MEMO.clear()
+            _MEMO[key] = hit
+        return hit
 
     def get_attr(self, target, args, kwargs):
         return _to_meta(super().get_attr(target, args, kwargs))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from anefx.passes._util import PassResult, aten, const_value, is_op, val
+from anefx.passes._util import PassResult, aten, const_value, is_op, recompile, val
 
 
 class CastToComputeDtype:
@@ -66,7 +66,7 @@ class CastToComputeDtype:
                 node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dtype"}
                 modified = True
         if modified:
-            gm.recompile()
+            recompile(gm)
         return PassResult(gm, modified)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from anefx.passes._util import PassResult, add_const, aten, emit, is_op, shape_of, val
+from anefx.passes._util import PassResult, add_const, aten, emit, is_op, recompile, shape_of, val
 
 _MARK = "anefx_position_select"
 
@@ -95,7 +95,7 @@ class FoldPositionTables:
                     n.meta[_MARK] = True
                 f.replace_all_uses_with(sel, delete_user_cb=lambda u: u not in members)
         gm.graph.eliminate_dead_code()
-        gm.recompile()
+        recompile(gm)
         return PassResult(gm, True)
 
     @staticmethod

@@ -15,7 +15,7 @@ import math
 import torch.fx as fx
 
 from anefx.lowering.rules import MAX_RANK
-from anefx.passes._util import PassResult, aten, emit, is_op, shape_of
+from anefx.passes._util import PassResult, aten, emit, is_op, recompile, shape_of
 
 
 def _match_repeat(node: fx.Node):
@@ -92,7 +92,7 @@ def limit_rank(gm: fx.GraphModule) -> PassResult:
             modified = True
     if modified:
         g.eliminate_dead_code()
-        gm.recompile()
+        recompile(gm)
     return PassResult(gm, modified)
 
 

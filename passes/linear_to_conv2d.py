@@ -13,7 +13,16 @@ import math
 
 import torch.fx as fx
 
-from anefx.passes._util import PassResult, add_const, aten, const_value, emit, is_op, shape_of
+from anefx.passes._util import (
+    PassResult,
+    add_const,
+    aten,
+    const_value,
+    emit,
+    is_op,
+    recompile,
+    shape_of,
+)
 
 
 def linear_to_conv2d(gm: fx.GraphModule) -> PassResult:
@@ -48,7 +57,7 @@ def linear_to_conv2d(gm: fx.GraphModule) -> PassResult:
         modified = True
     if modified:
         g.eliminate_dead_code()
-        gm.recompile()
+        recompile(gm)
     return PassResult(gm, modified)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from anefx.passes._util import PassResult, aten, emit, is_op, shape_of, val
+from anefx.passes._util import PassResult, aten, emit, is_op, recompile, shape_of, val
 
 _ASSERTS = (
     aten._assert_tensor_metadata,
@@ -147,7 +147,7 @@ def remove_noop_nodes(gm: fx.GraphModule) -> PassResult:
     modified |= _cse(gm)
     modified |= _dce(gm)
     if modified:
-        gm.recompile()
+        recompile(gm)
     return PassResult(gm, modified)
 
 

@@ -14,7 +14,17 @@ import torch
 import torch.fx as fx
 
 from anefx.lowering.ops import LAYER_NORM
-from anefx.passes._util import PassResult, add_const, aten, const_value, emit, is_op, shape_of, val
+from anefx.passes._util import (
+    PassResult,
+    add_const,
+    aten,
+    const_value,
+    emit,
+    is_op,
+    recompile,
+    shape_of,
+    val,
+)
 
 
 def _strip_cast(node):
@@ -94,7 +104,7 @@ def rms_norm_to_layer_norm(gm: fx.GraphModule) -> PassResult:
         modified = True
     if modified:
         g.eliminate_dead_code()
-        gm.recompile()
+        recompile(gm)
     return PassResult(gm, modified)
 
 

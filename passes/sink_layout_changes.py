@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from anefx.lowering.ops import LAYER_NORM
-from anefx.passes._util import PassResult, aten, const_value, is_op, shape_of
+from anefx.passes._util import PassResult, aten, const_value, is_op, recompile, shape_of
 
 _ELEMENTWISE = (
     aten.add,
@@ -486,7 +486,7 @@ def sink_layout_changes(gm: fx.GraphModule) -> PassResult:
     if not sweep.changed or after >= before and _same_ops(gm.graph, graph):
         return PassResult(gm, False)
     gm.graph = graph
-    gm.recompile()
+    recompile(gm)
     return PassResult(gm, True)
 
 

@@ -12,7 +12,16 @@ from __future__ import annotations
 import torch.fx as fx
 
 from anefx.lowering.rules import MAX_CONV_OUT_CHANNELS, lm_head_slices
-from anefx.passes._util import PassResult, add_const, aten, const_value, emit, is_op, shape_of
+from anefx.passes._util import (
+    PassResult,
+    add_const,
+    aten,
+    const_value,
+    emit,
+    is_op,
+    recompile,
+    shape_of,
+)
 
 OUTPUTS_META = "anefx_outputs"
 
@@ -78,7 +87,7 @@ def split_lm_head(gm: fx.GraphModule) -> PassResult:
         modified = True
     if modified:
         g.eliminate_dead_code()
-        gm.recompile()
+        recompile(gm)
     return PassResult(gm, modified)
 
 
