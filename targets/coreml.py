@@ -305,6 +305,9 @@ def emit(lowered, path: str | Path, force: bool = False, progress=None) -> dict:
                 minimum_deployment_target=ct.target.iOS18,
                 compute_precision=ct.precision.FLOAT16,
                 skip_model_load=True,
+                # the program is already final: coremltools' graph passes would only add
+                # int16 index casts around the gather and cost time on every weight
+                pass_pipeline=ct.PassPipeline.EMPTY,
             )
         _describe(model, lowered)
         say("saving the package")
