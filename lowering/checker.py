@@ -115,9 +115,10 @@ class Report:
                 if shown[v.rule] > limit_per_rule:
                     continue
                 shape = "x".join(map(str, v.shape)) if v.shape else "-"
+                origin = v.pass_ or ("capture" if v.node != "-" else "-")
                 lines.append(
                     f"  {v.severity:<8} {v.rule:<14} {v.op[:26]:<26} {shape[:22]:<22} "
-                    f"{(v.module or '-')[:36]:<36} {v.pass_ or 'capture'}"
+                    f"{(v.module or '-')[:36]:<36} {origin}"
                 )
             for rid, n in shown.items():
                 if n > limit_per_rule:

@@ -3,8 +3,8 @@
     before: y(1,S,Co) = linear(x(1,S,Ci), W(Co,Ci), b?)
     after:  y = view(permute(conv2d(permute(view(x,(1,1,S,Ci)),(0,3,1,2)), W(Co,Ci,1,1), b?),
                              (0,2,3,1)), (1,S,Co))
-The permutes written here are the layout *changes*; sink_layout_changes (the next pass) carries
-the (B, C, 1, S) layout through the decoder so that almost all of them cancel.
+The permutes written here cancel in sink_layout_changes, which carries (B, C, 1, S) through the
+decoder: a layer keeps 0 transposes and 8 reshapes (head split/merge, grouped-query batch).
 """
 
 from __future__ import annotations

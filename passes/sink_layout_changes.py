@@ -1,20 +1,10 @@
 """Carry the (B, C, 1, S) layout through the decoder instead of permuting around every conv.
 
-    before: conv(1,Co,1,S) -> permute(0,2,3,1) -> view(1,S,H,D) -> norm(-1) -> transpose(1,2)
-            -> ... -> view(1,S,C) -> view(1,1,S,C) -> permute(0,3,1,2) -> conv
-    after:  conv(1,Co,1,S) -> view(1,H,D,S) -> norm(axis 2) -> ... -> view(1,C,1,S) -> conv
-Every value is kept as a physical tensor plus a map from its logical axes to physical axes.
-Transposes and permutes only change the map; elementwise ops, norms, slices, concats and
-softmax run on the physical tensor with remapped axes; a view splits or merges physically
-adjacent axes; matmul picks its transpose flags and output orientation from its operands; only
-conv demands a layout. A copy is emitted only where a value's layout cannot serve its user.
-
-Left per decoder layer (Qwen3 with GQA): 0 transposes and 6 reshapes. q, k and v each need a
-reshape from (1, H*D, 1, S) to heads (1, H, D, S) and k, q one more into the grouped-head
-batch (Hkv, n, D, S) that lets matmul broadcast over the kv repeat; v's two reshapes are
-adjacent and merge into one, as do the two that bring the attention output back to
-(1, H*D, 1, S) for o_proj. Per model: the embedding (a gather, (1, S, C)) is transposed once
-into the layout, the rotary tables once, and the logits leave it once at the output.
+    before: conv(1,Co,1,S) -> permute -> reshape(1,S,H,D) -> norm(-1) -> transpose(1,2) -> ...
+    after:  conv(1,Co,1,S) -> reshape(1,H,D,S) -> norm(axis 2) -> ... -> reshape(1,C,1,S) -> conv
+Left per decoder layer: 0 transposes, 8 reshapes (q, k, v to heads; q, k into the grouped-head
+batch matmul broadcasts over; scores to (1,H,S,S) for the mask and back; output to (1,H*D,1,S)).
+Why each is needed: docs/pipeline.md, section 7.
 """
 
 from __future__ import annotations
@@ -113,8 +103,9 @@ class _Sweep:
     def relayout(self, lay: Layout, target: dict[int, int], pshape: tuple[int, ...]) -> fx.Node:
         """Physical tensor for LAY with logical axis i at physical axis target[i]."""
         moved = [lay.dims[i] for i in sorted(target, key=lambda i: target[i])]
+        # size-1 axes first: the last axis stays a real one (the ANE pads it to 64 bytes)
         rest = [a for a in range(len(lay.pshape)) if a not in moved]
-        perm = moved + rest
+        perm = rest + moved
         node, shape = lay.node, lay.pshape
         tensor = const_value(self.gm, node) if node.op == "get_attr" else None
         nonunit = [a for a in range(len(shape)) if shape[a] != 1]
