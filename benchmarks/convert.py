@@ -322,6 +322,21 @@ def run_child(path: str, args: argparse.Namespace) -> dict:
 # report
 
 
+def git_revision() -> str | None:
+    """The repository's commit (+ "-dirty"): the code changes often, numbers need a version."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() or None
+
+
 def summarise(args: argparse.Namespace, a: dict, n: dict, mode: str) -> dict:
     """The final JSON record from the two paths' results."""
     aa, na = a["analysis"], n["analysis"]
@@ -331,6 +346,7 @@ def summarise(args: argparse.Namespace, a: dict, n: dict, mode: str) -> dict:
         "seq": args.seq,
         "seed": args.seed,
         "mode": mode,
+        "revision": git_revision(),
         "same_weights": a["fingerprint"] == n["fingerprint"],
         "anefx_s": round(a["total_s"], 2),
         "naive_s": round(n["total_s"], 2),
@@ -375,7 +391,7 @@ def render(rec: dict) -> str:
     lines = [
         f"anefx vs stock conversion: {rec['preset']}, seq {rec['seq']}, fp16 random weights "
         f"(seed {rec['seed']}, same weights: {rec['same_weights']}, {rec['mode']})",
-        f"  shared load (excluded)   {rec['load_s']:7.2f} s",
+        f"  revision {rec['revision']}; shared load (excluded) {rec['load_s']:.2f} s",
         "",
         f"  anefx   {rec['anefx_s']:7.2f} s   peak RSS {rec['peak_rss_gb']:.2f} GB   "
         f"package {rec['package_mb']:.1f} MB",

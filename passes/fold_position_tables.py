@@ -79,13 +79,13 @@ class FoldPositionTables:
                 torch.arange(table_len, dtype=val(pos).dtype, device=tables[0].device)[:, None],
                 "positions",
             )
-            hit = emit(g, aten.eq.Tensor, (col, pos), like=first_user)
+            hit = emit(g, aten.eq.Tensor, (col, pos), like=frontier[0])
             onehot = {}
             for f, table in zip(frontier, tables, strict=True):
                 dtype = val(f).dtype
                 if dtype not in onehot:
                     onehot[dtype] = emit(
-                        g, aten._to_copy.default, (hit,), {"dtype": dtype}, like=first_user
+                        g, aten._to_copy.default, (hit,), {"dtype": dtype}, like=frontier[0]
                     )
                 t = add_const(gm, table.t().contiguous(), f"{f.name}_table", like=f)
                 sel_t = emit(g, aten.matmul.default, (t, onehot[dtype]), like=f)
