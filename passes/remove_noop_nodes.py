@@ -138,9 +138,12 @@ def remove_noop_nodes(gm: fx.GraphModule) -> PassResult:
                 continue
             if src is node.args[0] and is_op(node, aten.reshape):
                 continue
-            with g.inserting_before(node):
-                new = emit(g, aten.reshape.default, (src, list(shape)), like=node)
-            new.meta["val"] = node.meta.get("val")
+            if shape_of(src) == shape and val(src).dtype == val(node).dtype:
+                new = src  # the chain comes back to its input's shape: nothing to do
+            else:
+                with g.inserting_before(node):
+                    new = emit(g, aten.reshape.default, (src, list(shape)), like=node)
+                new.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(new)
             g.erase_node(node)
             modified = True

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from anefx.lowering.ops import LAYER_NORM
+from anefx.models.capture import CAUSAL_MASK, INPUT_IDS, POSITION_IDS
 from anefx.passes._util import PassResult, aten, const_value, is_op, recompile, shape_of
 
 _ELEMENTWISE = (
@@ -48,6 +49,12 @@ _ELEMENTWISE = (
 )
 _VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze)
 _REDUCTIONS = (aten.mean, aten.sum, aten.amax, aten.amin)
+# Which axes of the captured inputs run along the token sequence.
+SEQUENCE_AXES = {
+    INPUT_IDS: frozenset({1}),
+    POSITION_IDS: frozenset({1}),
+    CAUSAL_MASK: frozenset({2}),
+}
 
 
 @dataclass(frozen=True)
@@ -62,10 +69,12 @@ class Layout:
     pshape: tuple[int, ...]
     dims: tuple[int | None, ...]
     shape: tuple[int, ...]
+    # logical axes that carry the token sequence: the (B, C, 1, S) layout wants them last
+    seq: frozenset = frozenset()
 
     @staticmethod
-    def identity(node: fx.Node, shape: tuple[int, ...]) -> Layout:
-        return Layout(node, tuple(shape), tuple(range(len(shape))), tuple(shape))
+    def identity(node: fx.Node, shape: tuple[int, ...], seq=frozenset()) -> Layout:
+        return Layout(node, tuple(shape), tuple(range(len(shape))), tuple(shape), frozenset(seq))
 
 
 class _Sweep:
@@ -189,7 +198,11 @@ class _Sweep:
                 return self.fallback(node)
             mapped.append(m)
         new = self.call(node.target, tuple(mapped), dict(node.kwargs))
-        return Layout(new, ref.pshape, ref.dims, out)
+        seq = set()
+        for a in lays:
+            off = len(out) - len(a.shape)
+            seq |= {i + off for i in a.seq if a.shape[i] != 1}
+        return Layout(new, ref.pshape, ref.dims, out, frozenset(seq))
 
     def axis_op(self, node: fx.Node, axis_pos: int):
         lay = self._lookup(node.args[0])
@@ -207,7 +220,7 @@ class _Sweep:
         new = self.call(node.target, tuple(args), dict(node.kwargs))
         pshape = list(lay.pshape)
         pshape[phys] = out[axis]
-        return Layout(new, tuple(pshape), lay.dims, out)
+        return Layout(new, tuple(pshape), lay.dims, out, lay.seq)
 
     def reduction(self, node: fx.Node):
         lay = self._lookup(node.args[0])
@@ -219,7 +232,7 @@ class _Sweep:
             return self.fallback(node)
         new = self.call(node.target, (lay.node, axes, True, *node.args[3:]), dict(node.kwargs))
         pshape = tuple(1 if i in axes else s for i, s in enumerate(lay.pshape))
-        return Layout(new, pshape, lay.dims, shape_of(node))
+        return Layout(new, pshape, lay.dims, shape_of(node), lay.seq)
 
     def cat(self, node: fx.Node):
         parts = [self._lookup(a) for a in node.args[0]]
@@ -242,7 +255,7 @@ class _Sweep:
         new = self.call(node.target, (mapped, axis))
         pshape = list(ref.pshape)
         pshape[axis] = out[dim]
-        return Layout(new, tuple(pshape), ref.dims, out)
+        return Layout(new, tuple(pshape), ref.dims, out, frozenset().union(*(p.seq for p in parts)))
 
     def permute(self, node: fx.Node):
         lay = self._lookup(node.args[0])
@@ -254,7 +267,8 @@ class _Sweep:
         else:
             perm = [p % r for p in node.args[1]]
         self.changed = True
-        return Layout(lay.node, lay.pshape, tuple(lay.dims[p] for p in perm), shape_of(node))
+        seq = frozenset(i for i, p in enumerate(perm) if p in lay.seq)
+        return Layout(lay.node, lay.pshape, tuple(lay.dims[p] for p in perm), shape_of(node), seq)
 
     def view(self, node: fx.Node):
         lay = self._lookup(node.args[0])
@@ -262,12 +276,13 @@ class _Sweep:
         res = _reshape_layout(lay, out)
         if res is None:
             return self.fallback(node)
-        pshape, dims = res
+        pshape, dims, groups = res
         new = lay.node
         if pshape != lay.pshape:
             new = self.call(aten.reshape.default, (lay.node, list(pshape)), fresh=True)
         self.changed |= node.op == "call_function"
-        return Layout(new, pshape, dims, out)
+        seq = frozenset(o for ga, gb in groups if any(d in lay.seq for d in ga) for o in gb)
+        return Layout(new, pshape, dims, out, seq)
 
     def matmul(self, node: fx.Node):
         a, b = (self._lookup(x) for x in node.args)
@@ -278,7 +293,9 @@ class _Sweep:
         # which of the last two physical axes holds M (of a) and N (of b)
         ta = a.dims[2] == 3  # a is physically (.., K, M)
         tb = b.dims[3] == 2  # b is physically (.., N, K)
-        out_t = b.dims[3] == 2  # N keeps the physical axis it has in b
+        # a sequence axis goes last, as in (B, C, 1, S): the result is stored transposed when
+        # its rows (M) run along the sequence and its columns (N) do not
+        out_t = 2 in a.seq and 3 not in b.seq
         tr = lambda n: self.call(aten.transpose.int, (n, -2, -1), fresh=True)  # noqa: E731
         if not out_t:
             pa = tr(a.node) if ta else a.node
@@ -290,9 +307,10 @@ class _Sweep:
             new = self.call(aten.matmul.default, (bt, at))
         out = shape_of(node)
         batch = tuple(max(x, y) for x, y in zip(a.pshape[:2], b.pshape[:2], strict=True))
+        seq = ((a.seq | b.seq) & {0, 1}) | ({2} & a.seq) | ({3} & b.seq)
         if out_t:
-            return Layout(new, (*batch, out[3], out[2]), (0, 1, 3, 2), out)
-        return Layout(new, (*batch, out[2], out[3]), (0, 1, 2, 3), out)
+            return Layout(new, (*batch, out[3], out[2]), (0, 1, 3, 2), out, frozenset(seq))
+        return Layout(new, (*batch, out[2], out[3]), (0, 1, 2, 3), out, frozenset(seq))
 
     def _batch_aligned(self, lay: Layout) -> Layout:
         ok = (
@@ -314,7 +332,7 @@ class _Sweep:
             pshape[t] = lay.shape[i]
         dims = tuple(target.get(i) for i in range(4))
         node = self.relayout(lay, target, tuple(pshape))
-        return Layout(node, tuple(pshape), dims, lay.shape)
+        return Layout(node, tuple(pshape), dims, lay.shape, lay.seq)
 
     def conv(self, node: fx.Node):
         lay = self._lookup(node.args[0])
@@ -327,7 +345,7 @@ class _Sweep:
             for a in node.args[1:]
         ]
         new = self.call(node.target, (x, *rest), dict(node.kwargs))
-        return Layout.identity(new, shape_of(node))
+        return Layout.identity(new, shape_of(node), lay.seq - {1})
 
     # -- driver -------------------------------------------------------------------------
     def run(self) -> fx.Graph:
@@ -337,7 +355,8 @@ class _Sweep:
                 new = self.g.placeholder(node.name)
                 new.meta = {"anefx_pass": None, **node.meta}
                 shape = shape_of(node)
-                self.env[node] = Layout.identity(new, shape) if shape is not None else new
+                seq = SEQUENCE_AXES.get(node.name, frozenset())
+                self.env[node] = Layout.identity(new, shape, seq) if shape is not None else new
             elif node.op == "get_attr":
                 new = self.g.get_attr(node.target)
                 new.meta = {"anefx_pass": None, **node.meta}
@@ -388,11 +407,15 @@ class _Sweep:
     def enter(self, node: fx.Node) -> Layout:
         """A row lookup (1, S, C) enters the channels-first layout (1, C, 1, S) right away."""
         lay = self.fallback(node)
+        ids = self._lookup(node.args[1 if is_op(node, aten.embedding) else 2])
+        seq = ids.seq if isinstance(ids, Layout) else frozenset()
+        lay = Layout(lay.node, lay.pshape, lay.dims, lay.shape, seq)
         if len(lay.shape) != 3 or lay.shape[0] != 1:
             return lay
         _, s, c = lay.shape
         pshape = (1, c, 1, s)
-        return Layout(self.relayout(lay, {1: 3, 2: 1}, pshape), pshape, (None, 3, 1), lay.shape)
+        node = self.relayout(lay, {1: 3, 2: 1}, pshape)
+        return Layout(node, pshape, (None, 3, 1), lay.shape, seq)
 
 
 def _reshape_layout(lay: Layout, out: tuple[int, ...]):
@@ -440,7 +463,7 @@ def _reshape_layout(lay: Layout, out: tuple[int, ...]):
     for (_, _, o), slot in zip(seq, slots, strict=True):
         pshape[slot] = out[o]
         dims[o] = slot
-    return tuple(pshape), tuple(dims)
+    return tuple(pshape), tuple(dims), groups
 
 
 def _place(seq, rank: int) -> list[int]:
@@ -474,7 +497,8 @@ def sink_layout_changes(gm: fx.GraphModule) -> PassResult:
     before = _copies(gm.graph)
     graph.eliminate_dead_code()
     after = _copies(graph)
-    if not sweep.changed or after >= before and _same_ops(gm.graph, graph):
+    # keep the re-emission only if it removes layout copies (a second run finds none)
+    if not sweep.changed or after >= before:
         return PassResult(gm, False)
     gm.graph = graph
     recompile(gm)
@@ -483,10 +507,6 @@ def sink_layout_changes(gm: fx.GraphModule) -> PassResult:
 
 def _copies(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if is_op(n, aten.permute, aten.transpose, aten.reshape))
-
-
-def _same_ops(g1: fx.Graph, g2: fx.Graph) -> bool:
-    return [str(n.target) for n in g1.nodes] == [str(n.target) for n in g2.nodes]
 
 
 def postcondition(gm: fx.GraphModule) -> list[str]:
