@@ -53,6 +53,73 @@ class PrefillWrapper(torch.nn.Module):
         return out.logits
 
 
+class OneHotKVCache:
+    """A transformers-compatible cache whose update is written with ANE ops only.
+
+    Rows of the cache are addressed by a one-hot matrix ``write`` (context, S) built from the
+    position ids: ``cache' = cache * (1 - rowsum(write)) + write @ k``. No scatter, no dynamic
+    index, exact in fp16 (every product is with 0 or 1). A position >= context writes nothing.
+    """
+
+    is_compileable = False
+
+    def __init__(self, owner: StatefulWrapper, write: torch.Tensor):
+        self.owner, self.write = owner, write
+        self.keep = 1 - write.sum(-1, keepdim=True)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = []
+        for kind, new in (("k", key_states), ("v", value_states)):
+            buf = getattr(self.owner, cache_name(kind, layer_idx))
+            merged = buf * self.keep + self.write @ new
+            buf.copy_(merged)  # export turns this into a state output
+            out.append(merged)
+        return tuple(out)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def cache_name(kind: str, layer: int) -> str:
+    """State names: ``k_cache_<layer>`` and ``v_cache_<layer>``, each (1, Hkv, context, D)."""
+    return f"{kind}_cache_{layer}"
+
+
+class StatefulWrapper(torch.nn.Module):
+    """The stateful signature: ids (1,S), position ids (1,S), mask (1,1,S,context); a K and a V
+    cache per layer held as buffers the graph writes (Core ML state)."""
+
+    def __init__(self, model: torch.nn.Module, context: int):
+        super().__init__()
+        self.m = model
+        self.context = context
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        param = next(model.parameters())
+        shape = (1, cfg.num_key_value_heads, context, head_dim)
+        for layer in range(cfg.num_hidden_layers):
+            for kind in ("k", "v"):
+                self.register_buffer(
+                    cache_name(kind, layer),
+                    torch.zeros(shape, dtype=param.dtype, device=param.device),
+                )
+        slots = torch.arange(context, dtype=torch.int32, device=param.device)[:, None]
+        self.register_buffer("slots", slots, persistent=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, causal_mask: torch.Tensor
+    ) -> torch.Tensor:
+        write = (self.slots == position_ids[0]).to(causal_mask.dtype)  # (context, S)
+        out = self.m(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=causal_mask,
+            past_key_values=OneHotKVCache(self, write),
+            use_cache=True,
+        )
+        return out.logits
+
+
 # The wrapper holds the model as attribute "m"; module paths in reports drop this prefix.
 _WRAPPER_PREFIX = "m."
 
@@ -67,6 +134,7 @@ class Captured:
     meta: bool
     input_names: list[str]
     seconds: dict[str, float] = field(default_factory=dict)
+    context: int | None = None
 
 
 def causal_mask(seq_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -76,12 +144,26 @@ def causal_mask(seq_len: int, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return m[None, None]
 
 
-def example_inputs(seq_len: int, dtype: torch.dtype, device: str = "cpu") -> tuple:
-    """Inputs with the captured shapes: ids, positions 0..S-1, causal mask."""
+def context_mask(positions: torch.Tensor, context: int, dtype=torch.float32) -> torch.Tensor:
+    """The (1, 1, S, context) additive mask for queries at POSITIONS (1, S): each sees the
+    slots at or before its own position."""
+    neg = torch.finfo(torch.float16).min
+    slots = torch.arange(context)[None, :]
+    allowed = slots <= positions.reshape(-1, 1).long()
+    return torch.where(allowed, 0.0, neg).to(dtype)[None, None]
+
+
+def example_inputs(
+    seq_len: int, dtype: torch.dtype, device: str = "cpu", context: int | None = None
+) -> tuple:
+    """Inputs with the captured shapes: ids, positions 0..S-1, causal mask (S or context wide)."""
     ids = torch.zeros(1, seq_len, dtype=torch.int32, device=device)
     pos = torch.arange(seq_len, dtype=torch.int32, device=device)[None]
-    mask = causal_mask(seq_len, dtype).to(device)
-    return ids, pos, mask
+    if context is None:
+        mask = causal_mask(seq_len, dtype)
+    else:
+        mask = context_mask(pos, context, dtype)
+    return ids, pos, mask.to(device)
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -97,17 +179,26 @@ def module_path(node: fx.Node) -> str | None:
     return path or None
 
 
-def capture(model: torch.nn.Module, seq_len: int = 64, meta: bool = False) -> Captured:
-    """Export MODEL at a fixed sequence length into an unlifted ATen GraphModule."""
+def capture(
+    model: torch.nn.Module, seq_len: int = 64, meta: bool = False, context: int | None = None
+) -> Captured:
+    """Export MODEL at a fixed sequence length into an unlifted ATen GraphModule.
+
+    With CONTEXT, the graph also reads and writes a KV cache of that many positions: the cache
+    tensors become extra inputs and outputs (``gm.meta["anefx_states"]``).
+    """
     if seq_len < 1:
         raise AnefxInputError(f"--seq must be a positive integer, got {seq_len}")
+    if context is not None and not seq_len <= context:
+        raise AnefxInputError(f"--context {context} must be at least the batch {seq_len}")
     dtype = next(model.parameters()).dtype
     device = "meta" if meta else "cpu"
-    args = example_inputs(seq_len, dtype, device)
+    args = example_inputs(seq_len, dtype, device, context)
+    wrapper = PrefillWrapper(model) if context is None else StatefulWrapper(model, context)
     seconds = {}
     t0 = time.perf_counter()
     with torch.no_grad():
-        ep = torch.export.export(PrefillWrapper(model), args, strict=False)
+        ep = torch.export.export(wrapper, args, strict=False)
     seconds["export"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ep = ep.run_decompositions({})
@@ -120,6 +211,7 @@ def capture(model: torch.nn.Module, seq_len: int = 64, meta: bool = False) -> Ca
         meta=meta,
         input_names=[INPUT_IDS, POSITION_IDS, CAUSAL_MASK],
         seconds=seconds,
+        context=context,
     )
 
 
@@ -131,14 +223,21 @@ def attr_name(target: str) -> str:
 
 def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     """Turn weight placeholders into get_attr constants; keep user inputs as placeholders."""
-    from torch.export.graph_signature import InputKind
+    from torch.export.graph_signature import InputKind, OutputKind
 
     sig = ep.graph_signature
     state = dict(ep.state_dict)
     state.update(ep.constants)
-    lifted = {}
+    mutated = {
+        spec.target: spec.arg.name
+        for spec in sig.output_specs
+        if spec.kind == OutputKind.BUFFER_MUTATION
+    }
+    lifted, states = {}, {}
     for spec in sig.input_specs:
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+        if spec.kind == InputKind.BUFFER and spec.target in mutated:
+            states[spec.arg.name] = spec.target  # a KV cache: stays an input (Core ML state)
+        elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             lifted[spec.arg.name] = spec.target
 
     root = torch.nn.Module()
@@ -157,7 +256,17 @@ def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
             new.meta["anefx_param"] = target[len(_WRAPPER_PREFIX) :]
             env[node] = new
         elif node.op == "output":
-            graph.output(fx.map_arg(node.args[0], lambda n: env[n]))
+            user = [
+                env[a]
+                for a, spec in zip(node.args[0], sig.output_specs, strict=True)
+                if spec.kind == OutputKind.USER_OUTPUT
+            ]
+            by_name = {n.name: env[n] for n in node.args[0] if isinstance(n, fx.Node)}
+            graph.output(tuple(user) + tuple(by_name[mutated[t]] for t in states.values()))
+        elif node.op == "placeholder" and node.name in states:
+            new = graph.placeholder(states[node.name])
+            new.meta = dict(node.meta)
+            env[node] = new
         else:
             new = graph.node_copy(node, lambda n: env[n])
             if node.op == "placeholder":
@@ -174,5 +283,15 @@ def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     out = gm.graph.output_node()
     if isinstance(out.args[0], (tuple, list)) and len(out.args[0]) == 1:
         out.args = (out.args[0][0],)
+    if states:
+        # signature: the user inputs first, then the states in layer order
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        last = [n for n in phs if n.target not in states.values()][-1]
+        for n in reversed([n for n in phs if n.target in states.values()]):
+            last.append(n)
+        gm.meta["anefx_states"] = [
+            {"name": t, "shape": list(state[t].shape), "dtype": str(state[t].dtype)}
+            for t in states.values()
+        ]
     gm.recompile()
     return gm
