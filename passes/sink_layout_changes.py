@@ -286,8 +286,11 @@ class _Sweep:
 
     def matmul(self, node: fx.Node):
         a, b = (self._lookup(x) for x in node.args)
-        if len(a.shape) != 4 or len(b.shape) != 4:
+        if not (isinstance(a, Layout) and isinstance(b, Layout)) or len(shape_of(node)) != 4:
             return self.fallback(node)
+        if min(len(a.shape), len(b.shape)) < 2:
+            return self.fallback(node)
+        a, b = _lift4(a), _lift4(b)  # a shared (context, S) operand broadcasts over the heads
         a = self._batch_aligned(a)
         b = self._batch_aligned(b)
         # which of the last two physical axes holds M (of a) and N (of b)
@@ -416,6 +419,15 @@ class _Sweep:
         pshape = (1, c, 1, s)
         node = self.relayout(lay, {1: 3, 2: 1}, pshape)
         return Layout(node, pshape, (None, 3, 1), lay.shape, seq)
+
+
+def _lift4(lay: Layout) -> Layout:
+    """LAY with its logical rank padded to 4 by leading size-1 axes (no data moves)."""
+    pad = 4 - len(lay.shape)
+    if pad <= 0:
+        return lay
+    seq = frozenset(i + pad for i in lay.seq)
+    return Layout(lay.node, lay.pshape, (None,) * pad + lay.dims, (1,) * pad + lay.shape, seq)
 
 
 def _reshape_layout(lay: Layout, out: tuple[int, ...]):
