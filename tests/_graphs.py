@@ -39,6 +39,12 @@ def export_graph(module: torch.nn.Module, *args: torch.Tensor) -> fx.GraphModule
     return gm
 
 
+@functools.lru_cache(maxsize=64)
+def exported(build, *params) -> fx.GraphModule:
+    """export_graph(*build(*params)), once per BUILD and PARAMS: treat the result as read-only."""
+    return export_graph(*build(*params))
+
+
 def fresh(gm: fx.GraphModule) -> fx.GraphModule:
     """An independent copy of GM (weights included) with shapes recomputed."""
     out = copy.deepcopy(gm)
@@ -307,7 +313,7 @@ def _snapshotting(step: Step, into: dict[str, fx.GraphModule]) -> Step:
     return Step(step.name, run_step, step.postcondition, step.reason)
 
 
-@functools.lru_cache(maxsize=24)
+@functools.lru_cache(maxsize=48)
 def lowered(spec: ModelSpec) -> Lowered:
     """Capture SPEC's model and run the pipeline, keeping every step's input graph."""
     model = build_model(spec)
