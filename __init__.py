@@ -12,14 +12,28 @@ __all__ = ["lower", "emit", "AnefxInputError", "AnefxGraphError"]
 
 
 def lower(
-    model, seq_len: int = 64, dtype=None, meta: bool = False, seed: int = 0, raw_report=False
+    model,
+    seq_len: int = 64,
+    dtype=None,
+    meta: bool = False,
+    seed: int = 0,
+    raw_report: bool = False,
+    context: int | None = None,
 ):
     """Load MODEL (a checkpoint folder, ``preset:NAME`` or a transformers model), capture it
     and lower it; DTYPE float16 (default) or float32. Returns an ``anefx.lowering.api.Lowered``.
     """
     from anefx.lowering.api import lower as _lower
 
-    return _lower(model, seq_len=seq_len, dtype=dtype, meta=meta, seed=seed, raw_report=raw_report)
+    return _lower(
+        model,
+        seq_len=seq_len,
+        dtype=dtype,
+        meta=meta,
+        seed=seed,
+        raw_report=raw_report,
+        context=context,
+    )
 
 
 def emit(lowered, path: str, force: bool = False) -> dict:

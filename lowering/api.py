@@ -35,6 +35,12 @@ class Lowered:
     config: object
     log: PassLog
     seconds: dict[str, float] = field(default_factory=dict)
+    context: int | None = None
+
+    @property
+    def states(self) -> list[dict]:
+        """The KV-cache states (name, shape, dtype), empty for a stateless graph."""
+        return self.graph_module.meta.get("anefx_states") or []
 
     @property
     def outputs(self) -> list[dict]:
@@ -53,6 +59,8 @@ class Lowered:
         """
         if self.meta:
             raise AnefxInputError("a model lowered with --meta has no weights to run")
+        if self.states:
+            raise AnefxInputError("a stateful graph runs through anefx.generation.Session")
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids[None]
@@ -82,8 +90,13 @@ def lower(
     meta: bool = False,
     seed: int = 0,
     raw_report: bool = False,
+    context: int | None = None,
 ) -> Lowered:
-    """Load MODEL (folder, ``preset:NAME`` or a transformers model), capture, lower, check."""
+    """Load MODEL (folder, ``preset:NAME`` or a transformers model), capture, lower, check.
+
+    With CONTEXT the graph holds a KV cache of that many positions as state (inputs and
+    outputs listed in ``graph_module.meta["anefx_states"]``); the rotary tables cover it.
+    """
     from anefx.models.load import load_model
 
     dtype = dtype or torch.float16
@@ -111,17 +124,21 @@ def lower(
             loaded.config,
         )
     seconds["load"] = time.perf_counter() - t0
-    cap = capture(hf, seq_len=seq_len, meta=meta)
+    cap = capture(hf, seq_len=seq_len, meta=meta, context=context)
     seconds.update(cap.seconds)
     gm = cap.graph_module
     t0 = time.perf_counter()
     propagate_shapes(gm)
     stats = {"model": source, "seq_len": seq_len, "dtype": str(dtype).replace("torch.", "")}
     captured_report = check_graph(gm, "captured", stats) if raw_report else None
-    gm, log = run_pipeline(gm, build_pipeline(dtype=dtype, table_len=seq_len))
+    gm, log = run_pipeline(gm, build_pipeline(dtype=dtype, table_len=context or seq_len))
     seconds["passes"] = log.seconds
     outs = gm.meta.get("anefx_outputs") or []
-    report = check_graph(gm, "lowered", {**stats, "lm_head_slices": len(outs) or 1})
+    stats["lm_head_slices"] = len(outs) or 1
+    if gm.meta.get("anefx_states"):
+        stats["states"] = gm.meta["anefx_states"]
+        stats["context"] = context
+    report = check_graph(gm, "lowered", stats)
     seconds["check"] = time.perf_counter() - t0 - log.seconds
     return Lowered(
         graph_module=gm,
@@ -135,4 +152,5 @@ def lower(
         config=config,
         log=log,
         seconds=seconds,
+        context=context,
     )

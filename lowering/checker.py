@@ -446,5 +446,18 @@ def check_spec(spec) -> list[Report]:
             "ops": sum(1 for o in ops if o.kind not in ("input", "const")),
             "op_types": dict(Counter(o.op for o in ops if o.kind not in ("input", "const"))),
         }
+        states = _states(spec, name)
+        if states:
+            stats["states"] = states
         reports.append(check_ops(ops, f"emitted:{name}", stats))
     return reports
+
+
+def _states(spec, function: str) -> list[dict]:
+    """The state inputs (KV caches) of one function: name, shape, dtype."""
+    out = []
+    for inp in spec.mlProgram.functions[function].inputs:
+        if inp.type.WhichOneof("type") == "stateType":
+            shape, dtype, _ = _tensor_shape(inp.type.stateType.wrappedType.tensorType)
+            out.append({"name": inp.name, "shape": list(shape), "dtype": dtype})
+    return out

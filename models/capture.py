@@ -109,7 +109,7 @@ class StatefulWrapper(torch.nn.Module):
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, causal_mask: torch.Tensor
     ) -> torch.Tensor:
-        write = (self.slots == position_ids[0]).to(causal_mask.dtype)  # (context, S)
+        write = (self.slots == position_ids).to(causal_mask.dtype)  # (context, S)
         out = self.m(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -253,7 +253,9 @@ def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
             setattr(root, name, tensor)
             new = graph.get_attr(name)
             new.meta = dict(node.meta)
-            new.meta["anefx_param"] = target[len(_WRAPPER_PREFIX) :]
+            new.meta["anefx_param"] = (
+                target[len(_WRAPPER_PREFIX) :] if target.startswith(_WRAPPER_PREFIX) else target
+            )
             env[node] = new
         elif node.op == "output":
             user = [
@@ -278,7 +280,9 @@ def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
         if mod:
             node.meta["anefx_module"] = mod
         elif "anefx_param" in node.meta:
-            node.meta["anefx_module"] = node.meta["anefx_param"].rsplit(".", 1)[0]
+            param = node.meta["anefx_param"]
+            # the wrapper's own buffers (cache slots) belong to the KV cache, not the model
+            node.meta["anefx_module"] = param.rsplit(".", 1)[0] if "." in param else "kv_cache"
     # The wrapper returns a single tensor; keep the output flat and un-tupled.
     out = gm.graph.output_node()
     if isinstance(out.args[0], (tuple, list)) and len(out.args[0]) == 1:

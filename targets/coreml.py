@@ -82,7 +82,7 @@ class _Emitter:
             return self.env[a]
         return self.scalar(a, dtype)
 
-    def build(self):
+    def build(self, name: str = "main"):
         mb, types = self.mb, self.types
         from coremltools.converters.mil.mil import Function, Program
 
@@ -92,24 +92,38 @@ class _Emitter:
             torch.int32: types.int32,
             torch.int64: types.int32,
         }
+        self.states = {s["name"] for s in self.gm.meta.get("anefx_states", [])}
         placeholders = {}
         for node in self.gm.graph.nodes:
-            if node.op == "placeholder":
-                v = node.meta["val"]
+            if node.op != "placeholder":
+                continue
+            v = node.meta["val"]
+            if node.name in self.states:
+                # a KV cache: Core ML state, read at the start and written in place
+                placeholders[node.name] = mb.state_tensor_placeholder(
+                    shape=list(v.shape), dtype=types.fp16
+                )
+            else:
                 placeholders[node.name] = mb.placeholder(shape=list(v.shape), dtype=tmap[v.dtype])
         func = Function(placeholders, opset_version=self.ct.target.iOS18)
         with func:
             outputs = self._body(func.inputs)
             func.set_outputs(outputs)
         prog = Program()
-        prog.add_function("main", func)
+        prog.add_function(name, func)
         return prog
 
-    def _body(self, placeholders):
+    def _body(self, inputs):
         out_meta = self.gm.meta.get("anefx_outputs")
+        n_states = len(self.states)
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                self.env[node] = placeholders[node.name]
+                if node.name in self.states:
+                    self.env[node] = self.mb.read_state(
+                        input=inputs[node.name], name=f"{node.name}_read"
+                    )
+                else:
+                    self.env[node] = inputs[node.name]
             elif node.op == "get_attr":
                 t = self.gm
                 for part in node.target.split("."):
@@ -120,15 +134,24 @@ class _Emitter:
             elif node.op == "output":
                 outs = node.args[0]
                 outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+                user, state_vals = outs[: len(outs) - n_states], outs[len(outs) - n_states :]
+                for s_meta, value in zip(
+                    self.gm.meta.get("anefx_states", []), state_vals, strict=True
+                ):
+                    self.mb.coreml_update_state(
+                        state=inputs[s_meta["name"]],
+                        value=self.env[value],
+                        name=f"{s_meta['name']}_write",
+                    )
                 names = (
                     [o["name"] for o in out_meta]
                     if out_meta
                     else (
-                        ["logits"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+                        ["logits"] if len(user) == 1 else [f"output_{i}" for i in range(len(user))]
                     )
                 )
                 results = []
-                for o, name in zip(outs, names, strict=True):
+                for o, name in zip(user, names, strict=True):
                     var = self.env[o]
                     if o.op == "call_function" and len(o.users) == 1:
                         var.name = name  # name the producing op's result; no extra op
@@ -230,6 +253,14 @@ class _Emitter:
         if t in binary:
             ops_dtype = next((x.meta["val"].dtype for x in a if isinstance(x, fx.Node)), dtype)
             return binary[t](x=self.arg(a[0], ops_dtype), y=self.arg(a[1], ops_dtype), name=name)
+        if t is aten.rsub.Scalar:  # other - x
+            return mb.sub(x=self.scalar(a[1], dtype), y=self.arg(a[0]), name=name)
+        if t is aten.sum.dim_IntList:
+            keep = a[2] if len(a) > 2 else node.kwargs.get("keepdim", False)
+            rank = a[0].meta["val"].dim()
+            return mb.reduce_sum(
+                x=self.arg(a[0]), axes=[d % rank for d in a[1]], keep_dims=bool(keep), name=name
+            )
         if t is aten.softmax.int or t is aten._softmax.default:
             return mb.softmax(x=self.arg(a[0]), axis=a[1] % v.dim(), name=name)
         if t is aten.silu.default:
