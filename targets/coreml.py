@@ -308,54 +308,98 @@ def check_package(path: str | Path) -> list[Report]:
     return check_spec(read_spec(path))
 
 
+def _refuse_or_warn(lowered_by_name: dict, force: bool, say) -> bool:
+    errors = {n: low.report.errors for n, low in lowered_by_name.items() if low.report.errors}
+    if errors and not force:
+        name, errs = next(iter(errors.items()))
+        raise AnefxGraphError(
+            f"refusing to emit: the lowered graph{'' if name == 'main' else ' ' + name} has "
+            f"{len(errs)} ANE error(s) (first: {errs[0].rule} at {errs[0].node}); "
+            "use --force to emit anyway"
+        )
+    if errors:
+        say(f"--force: emitting despite {sum(len(e) for e in errors.values())} error(s)")
+    return bool(errors)
+
+
+def _convert(lowered):
+    """One lowered graph -> an in-memory MLModel with a single function "main"."""
+    ct = _ct()
+    prog = _Emitter(lowered.graph_module, {}).build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ct.convert(
+            prog,
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            compute_precision=ct.precision.FLOAT16,
+            skip_model_load=True,
+            # the program is already final: coremltools' graph passes would only add int16
+            # index casts around the gather and cost time on every weight
+            pass_pipeline=ct.PassPipeline.EMPTY,
+        )
+    _describe(model, lowered)
+    return model
+
+
 def emit(lowered, path: str | Path, force: bool = False, progress=None) -> dict:
     """Write LOWERED as a Core ML package at PATH; return the combined report (also saved)."""
+    return emit_functions({"main": lowered}, path, force=force, progress=progress)
+
+
+def emit_functions(
+    lowered_by_name: dict,
+    path: str | Path,
+    force: bool = False,
+    progress=None,
+    default: str | None = None,
+) -> dict:
+    """Write one package holding a function per lowered graph (weights shared by hash).
+
+    A single graph is saved as is (function "main"); several are merged with coremltools'
+    multifunction support, ``default`` being the default function.
+    """
     path = Path(path)
     say = progress or (lambda msg: None)
     _check_writable(path)
-    low_report = lowered.report
-    if low_report.errors and not force:
-        raise AnefxGraphError(
-            f"refusing to emit: the lowered graph has {len(low_report.errors)} ANE error(s) "
-            f"(first: {low_report.errors[0].rule} at {low_report.errors[0].node}); "
-            "use --force to emit anyway"
-        )
-    if low_report.errors:
-        say(f"--force: emitting despite {len(low_report.errors)} error(s)")
+    forced = _refuse_or_warn(lowered_by_name, force, say)
     ct = _ct()
     t0 = time.perf_counter()
-    say("building the Core ML program")
-    prog = _Emitter(lowered.graph_module, {}).build()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = ct.convert(
-                prog,
-                convert_to="mlprogram",
-                minimum_deployment_target=ct.target.iOS18,
-                compute_precision=ct.precision.FLOAT16,
-                skip_model_load=True,
-                # the program is already final: coremltools' graph passes would only add
-                # int16 index casts around the gather and cost time on every weight
-                pass_pipeline=ct.PassPipeline.EMPTY,
-            )
-        _describe(model, lowered)
-        say("saving the package")
         staged = tmp / path.name
-        model.save(str(staged))
+        if list(lowered_by_name) == ["main"]:
+            say("building the Core ML program")
+            _convert(lowered_by_name["main"]).save(str(staged))
+        else:
+            desc = ct.utils.MultiFunctionDescriptor()
+            for name, low in lowered_by_name.items():
+                say(f"building the Core ML function {name}")
+                part = tmp / f"{name}.mlpackage"
+                _convert(low).save(str(part))
+                desc.add_function(str(part), "main", name)
+            desc.default_function_name = default or next(iter(lowered_by_name))
+            say("merging the functions (shared weights)")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ct.utils.save_multifunction(desc, str(staged))
         seconds_convert = time.perf_counter() - t0
         say("checking the emitted program")
         emitted = check_package(staged)
+        first = next(iter(lowered_by_name.values()))
         report = {
-            "model": lowered.source,
-            "random_weights": lowered.random_weights,
-            "seq_len": lowered.seq_len,
-            "forced": bool(low_report.errors),
-            "seconds": {**lowered.seconds, "emit": seconds_convert},
-            "lowered": low_report.to_dict(),
+            "model": first.source,
+            "random_weights": first.random_weights,
+            "seq_len": {n: low.seq_len for n, low in lowered_by_name.items()},
+            "context": first.context,
+            "forced": forced,
+            "seconds": {**first.seconds, "emit": seconds_convert},
+            "lowered": {n: low.report.to_dict() for n, low in lowered_by_name.items()},
             "emitted": [r.to_dict() for r in emitted],
         }
+        if list(lowered_by_name) == ["main"]:
+            report["lowered"] = report["lowered"]["main"]
+            report["seq_len"] = first.seq_len
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         _move_into_place(staged, path)
         os.replace(tmp / "report.json", path.parent / "report.json")
