@@ -1,0 +1,114 @@
+"""Stateful lowering: KV cache as state, generation on the lowered graphs vs transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from anefx.generation import Session, lower_decoder, sample
+from anefx.models.load import load_model
+from anefx.models.presets import get_preset
+from anefx.models.synthetic import write_random_checkpoint
+from anefx.targets.coreml import emit_functions
+
+BATCH, CONTEXT, NEW = 8, 96, 32
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gen")
+    cfg = get_preset("qwen3-tiny")
+    write_random_checkpoint(folder, cfg, dtype=torch.float32, seed=11)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    return load_model(str(ckpt), dtype=torch.float32).model
+
+
+@pytest.fixture(scope="module")
+def dec32(ckpt):
+    return lower_decoder(str(ckpt), batch=BATCH, context=CONTEXT, dtype=torch.float32)
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _hf_greedy(hf, prompt: list[int], n: int = NEW) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("n, seed", [(1, 0), (5, 1), (BATCH, 2), (BATCH * 2 + 3, 3)])
+def test_greedy_matches_transformers_fp32(hf, dec32, n: int, seed: int) -> None:
+    prompt = _prompt(n, seed)
+    assert Session(dec32).generate(prompt, max_new_tokens=NEW) == _hf_greedy(hf, prompt)
+
+
+def test_continuation_and_multi_turn_equal_one_long_run(hf, dec32) -> None:
+    first, second = _prompt(6, 4), _prompt(4, 5)
+    s = Session(dec32)
+    a = s.generate(first, max_new_tokens=7)
+    b = s.generate(None, max_new_tokens=5)  # continue from the cache
+    assert a + b == _hf_greedy(hf, first, 12)
+    c = s.generate(second, max_new_tokens=6)  # new input appended mid-way
+    assert c == _hf_greedy(hf, first + a + b + second, 6)
+
+
+def test_fp16_logits_psnr_per_step(ckpt, hf) -> None:
+    dec16 = lower_decoder(str(ckpt), batch=BATCH, context=CONTEXT, dtype=torch.float16)
+    prompt = _prompt(11, 6)
+    ref_tokens = _hf_greedy(hf, prompt, 12)
+    s = Session(dec16)
+    seq = list(prompt)
+    logits = s.feed(prompt)
+    for t in ref_tokens:
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+        rmse = (logits.double() - ref.double()).pow(2).mean().sqrt()
+        assert 20 * torch.log10(ref.abs().max() / rmse) >= 60
+        seq.append(t)
+        logits = s.feed([t])
+
+
+def test_sampling_is_seeded_and_restricted(dec32) -> None:
+    prompt = _prompt(5, 7)
+    a = Session(dec32).generate(prompt, 10, temperature=1.0, seed=3)
+    b = Session(dec32).generate(prompt, 10, temperature=1.0, seed=3)
+    assert a == b
+    logits = torch.randn(512, generator=torch.Generator().manual_seed(0))
+    top5 = set(torch.topk(logits, 5).indices.tolist())
+    gen = torch.Generator().manual_seed(1)
+    assert {sample(logits, 1.0, top_k=5, generator=gen) for _ in range(200)} <= top5
+    probs = torch.softmax(logits, -1)
+    order = torch.argsort(probs, descending=True)
+    nucleus = set(order[: int((probs[order].cumsum(-1) < 0.5).sum()) + 1].tolist())
+    assert {sample(logits, 1.0, top_p=0.5, generator=gen) for _ in range(200)} <= nucleus
+
+
+def test_context_overflow_is_an_error(dec32) -> None:
+    s = Session(dec32)
+    with pytest.raises(Exception, match="context full"):
+        s.generate(_prompt(CONTEXT - 2, 8), max_new_tokens=5)
+
+
+def test_package_holds_both_functions_and_the_state(ckpt, tmp_path: Path) -> None:
+    dec = lower_decoder(str(ckpt), batch=BATCH, context=CONTEXT, dtype=torch.float16)
+    out = tmp_path / "dec.mlpackage"
+    result = emit_functions({"prefill": dec.prefill, "decode": dec.decode}, out, default="decode")
+    reps = {r.stats["function"]: r for r in result["emitted_reports"]}
+    assert set(reps) == {"prefill", "decode"}
+    cfg = get_preset("qwen3-tiny")
+    want = [1, cfg["num_key_value_heads"], CONTEXT, cfg["head_dim"]]
+    for rep in reps.values():
+        assert not rep.errors, rep.render()
+        states = rep.stats["states"]
+        assert len(states) == 2 * cfg["num_hidden_layers"]
+        assert all(s["shape"] == want and s["dtype"] == "float16" for s in states)
+        assert rep.stats["op_types"]["write_state"] == len(states)
