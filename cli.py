@@ -1,4 +1,4 @@
-"""The ``anefx`` command line: check, convert, presets.
+"""The ``anefx`` command line: check, convert, generate, presets.
 
 Exit codes: 0 when the checked graph or package has no ANE errors, 1 when it has (or a pass
 broke an invariant), 2 for bad input, with one clear message on stderr.
@@ -109,6 +109,70 @@ def cmd_convert(args) -> int:
     return 1 if any(r.errors for r in emitted) else 0
 
 
+def _tokenizer(model: str):
+    from pathlib import Path
+
+    path = Path(model) / "tokenizer.json"
+    if model.startswith("preset:") or not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise AnefxInputError(f"{path}: not a readable tokenizer ({exc})") from None
+
+
+def cmd_generate(args) -> int:
+    from anefx.generation import Session, lower_decoder
+
+    progress = _Progress()
+    _random_notice(args.model)
+    tok = _tokenizer(args.model)
+    if args.ids is not None:
+        try:
+            ids = [int(x) for x in args.ids.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise AnefxInputError(f"--ids must be comma-separated integers: {args.ids!r}") from None
+    else:
+        if tok is None:
+            raise AnefxInputError(
+                f"--prompt needs a tokenizer.json in the checkpoint folder ({args.model}); "
+                "use --ids"
+            )
+        ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise AnefxInputError("the prompt is empty")
+    progress(
+        f"lowering {args.model}: prefill (batch {args.batch}) and decode, context {args.context}"
+    )
+    dec = lower_decoder(
+        args.model, batch=args.batch, context=args.context, dtype=_dtype(args.dtype), seed=args.seed
+    )
+    bad = [i for i in ids if not 0 <= i < dec.vocab]
+    if bad:
+        raise AnefxInputError(f"token id {bad[0]} is outside the vocabulary (0..{dec.vocab - 1})")
+    progress(f"generating {args.max_new_tokens} tokens after {len(ids)} prompt tokens")
+
+    def show(t: int) -> None:
+        text = tok.decode([t]) if tok is not None else f"{t} "
+        print(text, end="", flush=True)
+
+    new = Session(dec).generate(
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_token=show,
+    )
+    print()
+    if tok is None or args.ids is not None:
+        print(" ".join(map(str, new)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="anefx",
@@ -143,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-o", "--output", required=True, help="OUT.mlpackage")
     v.add_argument("--force", action="store_true", help="emit even if the graph has errors")
     v.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="generate with the lowered graphs (torch, any machine)")
+    g.add_argument("model", help="checkpoint folder or preset:NAME")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text (needs tokenizer.json in the checkpoint folder)")
+    src.add_argument("--ids", help="comma-separated token ids")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--context", type=int, default=512, help="KV cache length (default 512)")
+    g.add_argument("--batch", type=int, default=64, help="prefill batch (default 64)")
+    g.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("presets", help="list the built-in presets and their shapes")
     s.add_argument("--json", action="store_true")

@@ -112,3 +112,28 @@ def test_package_holds_both_functions_and_the_state(ckpt, tmp_path: Path) -> Non
         assert len(states) == 2 * cfg["num_hidden_layers"]
         assert all(s["shape"] == want and s["dtype"] == "float16" for s in states)
         assert rep.stats["op_types"]["write_state"] == len(states)
+
+
+def test_cli_generate_prints_new_ids_last(capsys, ckpt, hf) -> None:
+    from anefx.cli import main
+
+    prompt = _prompt(4, 9)
+    argv = [
+        "generate",
+        str(ckpt),
+        "--ids",
+        ",".join(map(str, prompt)),
+        "--max-new-tokens",
+        "12",
+        "--context",
+        str(CONTEXT),
+        "--batch",
+        str(BATCH),
+        "--dtype",
+        "float32",
+    ]
+    assert main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert [int(t) for t in last.split()] == _hf_greedy(hf, prompt, 12)
+    assert main(["generate", str(ckpt), "--prompt", "hello"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
