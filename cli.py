@@ -94,6 +94,8 @@ def cmd_convert(args) -> int:
 
     progress = _Progress()
     _random_notice(args.model)
+    if args.context is not None:
+        return _convert_decoder(args, progress)
     progress(f"loading {args.model}")
     low = anefx.lower(args.model, seq_len=args.seq, dtype=_dtype(args.dtype))
     progress(
@@ -173,6 +175,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _convert_decoder(args, progress) -> int:
+    """--context: one package, functions prefill (S = --batch) and decode (S = 1), KV state."""
+    from anefx.generation import lower_decoder
+    from anefx.targets.coreml import emit_functions
+
+    progress(
+        f"loading {args.model}; lowering prefill (batch {args.batch}) and decode, "
+        f"context {args.context}"
+    )
+    dec = lower_decoder(
+        args.model, batch=args.batch, context=args.context, dtype=_dtype(args.dtype)
+    )
+    for name, low in (("prefill", dec.prefill), ("decode", dec.decode)):
+        progress(
+            f"{name}: {len(low.report.errors)} error(s), {len(low.report.warnings)} "
+            f"warning(s), {low.log.seconds:.2f}s of passes"
+        )
+    result = emit_functions(
+        {"prefill": dec.prefill, "decode": dec.decode},
+        args.output,
+        force=args.force,
+        progress=progress,
+        default="decode",
+    )
+    progress(f"wrote {args.output} and report.json beside it")
+    for rep in result["emitted_reports"]:
+        print(rep.to_json() if args.json else rep.render())
+    return 1 if any(r.errors for r in result["emitted_reports"]) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="anefx",
@@ -206,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(v)
     v.add_argument("-o", "--output", required=True, help="OUT.mlpackage")
     v.add_argument("--force", action="store_true", help="emit even if the graph has errors")
+    v.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="emit the stateful decoder: KV cache of N positions as Core ML state, "
+        "functions prefill and decode (without it: one stateless function of --seq)",
+    )
+    v.add_argument("--batch", type=int, default=64, help="prefill batch with --context (64)")
     v.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="generate with the lowered graphs (torch, any machine)")

@@ -92,12 +92,29 @@ class Report:
     def render(self, limit_per_rule: int = 8) -> str:
         """A human-readable table: counts per rule, then the violations (a few per rule)."""
         lines = [f"ANE constraint report ({self.stage})"]
-        for key in ("model", "seq_len", "dtype", "nodes", "ops", "weight_bytes", "lm_head_slices"):
+        for key in (
+            "model",
+            "function",
+            "seq_len",
+            "dtype",
+            "nodes",
+            "ops",
+            "weight_bytes",
+            "lm_head_slices",
+            "context",
+        ):
             if key in self.stats:
                 val = self.stats[key]
                 if key == "weight_bytes":
                     val = f"{val / 1e9:.3f} GB"
                 lines.append(f"  {key:<15} {val}")
+        states = self.stats.get("states") or []
+        if states:
+            shapes = sorted({"x".join(map(str, st["shape"])) for st in states})
+            lines.append(
+                f"  {'states':<15} {len(states)} x ({', '.join(shapes)}) "
+                f"{states[0]['dtype'].replace('torch.', '')}: the KV cache"
+            )
         lines.append("")
         if not self.violations:
             lines.append("  no violations: every op fits the ANE rules")
