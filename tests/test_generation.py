@@ -137,3 +137,37 @@ def test_cli_generate_prints_new_ids_last(capsys, ckpt, hf) -> None:
     assert [int(t) for t in last.split()] == _hf_greedy(hf, prompt, 12)
     assert main(["generate", str(ckpt), "--prompt", "hello"]) == 2
     assert "tokenizer.json" in capsys.readouterr().err
+
+
+def test_cli_generate_text_with_tokenizer_json(capsys, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from anefx.cli import main
+
+    folder = tmp_path / "ckpt"
+    write_random_checkpoint(folder, get_preset("qwen3-tiny"), dtype=torch.float32, seed=2)
+    vocab = {f"w{i}": i for i in range(512)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    argv = [
+        "generate",
+        str(folder),
+        "--prompt",
+        "w5 w17 w301",
+        "--max-new-tokens",
+        "6",
+        "--context",
+        "32",
+        "--batch",
+        "4",
+        "--dtype",
+        "float32",
+    ]
+    assert main(argv) == 0
+    text = capsys.readouterr().out.strip()
+    words = text.split()
+    assert words and all(w.startswith("w") for w in words)
+    hf = load_model(str(folder), dtype=torch.float32).model
+    want = _hf_greedy(hf, [5, 17, 301], 6)
+    assert [int(w[1:]) for w in text.replace("w", " w").split()] == want
