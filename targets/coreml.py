@@ -380,9 +380,15 @@ def emit_functions(
                 desc.add_function(str(part), "main", name)
             desc.default_function_name = default or next(iter(lowered_by_name))
             say("merging the functions (shared weights)")
+            merged = tmp / f"merged-{path.name}"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ct.utils.save_multifunction(desc, str(staged))
+                ct.utils.save_multifunction(desc, str(merged))
+                # the merge drops descriptions and metadata: put them back
+                model = ct.models.MLModel(str(merged), skip_model_load=True)
+                for low in lowered_by_name.values():
+                    _describe(model, low)
+                model.save(str(staged))
         seconds_convert = time.perf_counter() - t0
         say("checking the emitted program")
         emitted = check_package(staged)
@@ -427,7 +433,17 @@ def _move_into_place(staged: Path, path: Path) -> None:
 def _describe(model, lowered) -> None:
     from anefx.models.capture import INPUT_DESCRIPTIONS
 
-    for name, text in INPUT_DESCRIPTIONS.items():
+    texts = dict(INPUT_DESCRIPTIONS)
+    if lowered.context:
+        texts["causal_mask"] = (
+            f"additive attention mask (1, 1, S, {lowered.context}): 0 where a query may see a "
+            "cache slot, a large negative value elsewhere"
+        )
+        texts["position_ids"] = (
+            f"absolute position of each token, int32 (1, S); {lowered.context} (= context) "
+            "marks a padding slot, which writes nothing to the cache"
+        )
+    for name, text in texts.items():
         if name in model.input_description:
             model.input_description[name] = text
     for o in lowered.graph_module.meta.get("anefx_outputs") or [
@@ -435,16 +451,22 @@ def _describe(model, lowered) -> None:
     ]:
         if o["name"] in model.output_description:
             model.output_description[o["name"]] = o["description"]
-    model.short_description = (
-        f"anefx lowering of {lowered.source} (seq {lowered.seq_len}, fp16, ANE layout)"
+    what = (
+        f"context {lowered.context}, KV cache as state"
+        if lowered.context
+        else (f"seq {lowered.seq_len}")
     )
+    model.short_description = f"anefx lowering of {lowered.source} ({what}, fp16, ANE layout)"
     model.author = "anefx"
     model.user_defined_metadata["anefx.source"] = str(lowered.source)
     model.user_defined_metadata["anefx.random_weights"] = str(lowered.random_weights)
     model.user_defined_metadata["anefx.seq_len"] = str(lowered.seq_len)
-    modules = {
-        encode_module(m): m
-        for n in lowered.graph_module.graph.nodes
-        if (m := n.meta.get("anefx_module"))
-    }
+    modules = json.loads(model.user_defined_metadata.get(MODULES_KEY) or "{}")
+    modules.update(
+        {
+            encode_module(m): m
+            for n in lowered.graph_module.graph.nodes
+            if (m := n.meta.get("anefx_module"))
+        }
+    )
     model.user_defined_metadata[MODULES_KEY] = json.dumps(modules, separators=(",", ":"))
