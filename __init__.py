@@ -19,6 +19,7 @@ def lower(
     seed: int = 0,
     raw_report: bool = False,
     context: int | None = None,
+    argmax: bool = False,
 ):
     """Load MODEL (a checkpoint folder, ``preset:NAME`` or a transformers model), capture it
     and lower it; DTYPE float16 (default) or float32. Returns an ``anefx.lowering.api.Lowered``.
@@ -33,6 +34,7 @@ def lower(
         seed=seed,
         raw_report=raw_report,
         context=context,
+        argmax=argmax,
     )
 
 

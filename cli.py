@@ -246,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         "functions prefill and decode (without it: one stateless function of --seq)",
     )
     v.add_argument("--batch", type=int, default=64, help="prefill batch with --context (64)")
+    v.add_argument(
+        "--argmax",
+        action="store_true",
+        help="with --context: output the greedy token id and its logit, not logits",
+    )
     v.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="generate with the lowered graphs (torch, any machine)")

@@ -31,17 +31,25 @@ class Decoder:
 
 
 def lower_decoder(
-    model, batch: int = 64, context: int = 512, dtype: torch.dtype = torch.float16, seed: int = 0
+    model,
+    batch: int = 64,
+    context: int = 512,
+    dtype: torch.dtype = torch.float16,
+    seed: int = 0,
+    argmax: bool = False,
 ) -> Decoder:
-    """Load MODEL once and lower its prefill (S=BATCH) and decode (S=1) graphs."""
+    """Load MODEL once and lower its prefill (S=BATCH) and decode (S=1) graphs.
+
+    ARGMAX makes both graphs return the greedy token id and its logit instead of logits (for
+    packages; a Session needs the logits graphs)."""
     from anefx.models.load import load_model
 
     if batch > context:
         raise AnefxInputError(f"--batch {batch} must not exceed --context {context}")
     if isinstance(model, str):
         model = load_model(model, dtype=dtype, seed=seed).model
-    prefill = lower(model, seq_len=batch, dtype=dtype, context=context)
-    decode = lower(model, seq_len=1, dtype=dtype, context=context)
+    prefill = lower(model, seq_len=batch, dtype=dtype, context=context, argmax=argmax)
+    decode = lower(model, seq_len=1, dtype=dtype, context=context, argmax=argmax)
     return Decoder(prefill, decode, context, batch)
 
 

@@ -61,6 +61,8 @@ class Lowered:
             raise AnefxInputError("a model lowered with --meta has no weights to run")
         if self.states:
             raise AnefxInputError("a stateful graph runs through anefx.generation.Session")
+        if self.graph_module.meta.get("anefx_argmax"):
+            raise AnefxInputError("this graph returns token ids, not logits (lowered with argmax)")
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids[None]
@@ -91,6 +93,7 @@ def lower(
     seed: int = 0,
     raw_report: bool = False,
     context: int | None = None,
+    argmax: bool = False,
 ) -> Lowered:
     """Load MODEL (folder, ``preset:NAME`` or a transformers model), capture, lower, check.
 
@@ -131,7 +134,9 @@ def lower(
     propagate_shapes(gm)
     stats = {"model": source, "seq_len": seq_len, "dtype": str(dtype).replace("torch.", "")}
     captured_report = check_graph(gm, "captured", stats) if raw_report else None
-    gm, log = run_pipeline(gm, build_pipeline(dtype=dtype, table_len=context or seq_len))
+    gm, log = run_pipeline(
+        gm, build_pipeline(dtype=dtype, table_len=context or seq_len, argmax=argmax)
+    )
     seconds["passes"] = log.seconds
     outs = gm.meta.get("anefx_outputs") or []
     stats["lm_head_slices"] = len(outs) or 1

@@ -6,6 +6,7 @@ import torch
 
 from anefx.lowering.pass_manager import Step
 from anefx.passes import (
+    add_argmax_head,
     cast_to_compute_dtype,
     fold_position_tables,
     limit_rank,
@@ -17,9 +18,12 @@ from anefx.passes import (
 )
 
 
-def build_pipeline(dtype: torch.dtype | None = None, table_len: int | None = None) -> list[Step]:
-    """The ordered passes; DTYPE is the compute dtype, TABLE_LEN the positions tables cover."""
-    return [
+def build_pipeline(
+    dtype: torch.dtype | None = None, table_len: int | None = None, argmax: bool = False
+) -> list[Step]:
+    """The ordered passes; DTYPE is the compute dtype, TABLE_LEN the positions tables cover,
+    ARGMAX adds the in-model token choice."""
+    steps = [
         Step(
             "remove_noop_nodes",
             remove_noop_nodes.remove_noop_nodes,
@@ -75,6 +79,17 @@ def build_pipeline(dtype: torch.dtype | None = None, table_len: int | None = Non
             "after layout: the head is a channels-first conv whose slices become the outputs "
             "directly, with no permute back to (1, S, V)",
         ),
+    ]
+    if argmax:
+        steps.append(
+            Step(
+                "add_argmax_head",
+                add_argmax_head.add_argmax_head,
+                add_argmax_head.postcondition,
+                "after the split: it reads the slices the split made the outputs",
+            )
+        )
+    steps += [
         Step(
             "remove_noop_nodes_final",
             remove_noop_nodes.remove_noop_nodes,
@@ -83,3 +98,4 @@ def build_pipeline(dtype: torch.dtype | None = None, table_len: int | None = Non
             "layer, chains of views, and dead code",
         ),
     ]
+    return steps

@@ -261,6 +261,22 @@ class _Emitter:
             return mb.reduce_sum(
                 x=self.arg(a[0]), axes=[d % rank for d in a[1]], keep_dims=bool(keep), name=name
             )
+        if t is aten.amax.default:
+            rank = a[0].meta["val"].dim()
+            keep = a[2] if len(a) > 2 else False
+            return mb.reduce_max(
+                x=self.arg(a[0]), axes=[d % rank for d in a[1]], keep_dims=bool(keep), name=name
+            )
+        if t is aten.argmax.default:
+            rank = a[0].meta["val"].dim()
+            keep = a[2] if len(a) > 2 else False
+            return mb.reduce_argmax(
+                x=self.arg(a[0]),
+                axis=a[1] % rank,
+                keep_dims=bool(keep),
+                output_dtype="int32",
+                name=name,
+            )
         if t is aten.softmax.int or t is aten._softmax.default:
             return mb.softmax(x=self.arg(a[0]), axis=a[1] % v.dim(), name=name)
         if t is aten.silu.default:

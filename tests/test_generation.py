@@ -171,3 +171,33 @@ def test_cli_generate_text_with_tokenizer_json(capsys, tmp_path: Path) -> None:
     hf = load_model(str(folder), dtype=torch.float32).model
     want = _hf_greedy(hf, [5, 17, 301], 6)
     assert [int(w[1:]) for w in text.replace("w", " w").split()] == want
+
+
+@pytest.mark.parametrize("vocab", [512, 16384 * 2 + 5])
+def test_argmax_head_picks_the_greedy_token(tmp_path: Path, vocab: int) -> None:
+    import anefx
+    from anefx.models.capture import causal_mask
+
+    cfg = get_preset("qwen3-tiny")
+    cfg.update(vocab_size=vocab, hidden_size=32, head_dim=16, intermediate_size=64)
+    folder = tmp_path / "wide"
+    write_random_checkpoint(folder, cfg, dtype=torch.float32, seed=4)
+    seq = 6
+    logits_low = anefx.lower(str(folder), seq_len=seq, dtype=torch.float32)
+    arg_low = anefx.lower(str(folder), seq_len=seq, dtype=torch.float32, argmax=True)
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
+    logits = logits_low.run(ids)[0]
+    pos = torch.arange(seq, dtype=torch.int32)[None]
+    token, logit = arg_low.graph_module(ids.int(), pos, causal_mask(seq))[:2]
+    assert token.dtype == torch.int32
+    assert token.flatten().tolist() == logits.argmax(-1).tolist()
+    torch.testing.assert_close(logit.flatten(), logits.max(-1).values, rtol=0, atol=1e-5)
+    out = tmp_path / "am.mlpackage"
+    arg16 = anefx.lower(str(folder), seq_len=seq, dtype=torch.float16, argmax=True)
+    assert not arg16.report.errors
+    emitted = anefx.emit(arg16, out)["emitted_reports"][0]
+    assert not emitted.errors
+    from anefx.targets.coreml import read_spec
+
+    names = [o.name for o in read_spec(out).description.output]
+    assert names == ["token", "logit"]

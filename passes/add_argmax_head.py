@@ -1,0 +1,107 @@
+"""Optional: choose the token inside the model (greedy decoding without logits on the host).
+
+    before: outputs logits_0 (1,w,1,S), ..., logits_{k-1} (1,w',1,S)    (after split_lm_head)
+    after:  m_i = amax(logits_i, 1), a_i = argmax(logits_i, 1) + start_i      (1,1,1,S) each
+            best = argmax(cat(m), 1); token = sum(cast(eq(best, arange(k))) * cat(a), 1)
+            outputs token (1,1,1,S) int32 and logit = amax(cat(m), 1) (1,1,1,S)
+Ties resolve to the lowest id, as torch.argmax does on the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from anefx.passes._util import PassResult, add_const, aten, emit, is_op, recompile
+from anefx.passes.split_lm_head import OUTPUTS_META
+
+TOKEN_META = "anefx_argmax"
+_TOKEN_OUTPUTS = [
+    {"name": "token", "start": 0, "end": 0, "description": "the chosen token id (greedy), int32"},
+    {"name": "logit", "start": 0, "end": 0, "description": "the chosen token's logit"},
+]
+
+
+def add_argmax_head(gm: fx.GraphModule) -> PassResult:
+    """Replace the logit outputs (listed in gm.meta[OUTPUTS_META]) by token id and logit."""
+    if gm.meta.get(TOKEN_META):
+        return PassResult(gm, False)
+    g = gm.graph
+    out = g.output_node()
+    values = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    outs_meta = gm.meta.get(OUTPUTS_META)
+    if not outs_meta:
+        return _unsplit(gm, out, values)
+    k = len(outs_meta)
+    slices, rest = values[:k], values[k:]
+    with g.inserting_before(out):
+        maxes, idxs = [], []
+        for node, meta in zip(slices, outs_meta, strict=True):
+            maxes.append(emit(g, aten.amax.default, (node, [1], True), like=node))
+            arg = emit(g, aten.argmax.default, (node, 1, True), like=node)
+            arg = emit(g, aten._to_copy.default, (arg,), {"dtype": torch.int32}, like=node)
+            if meta["start"]:
+                arg = emit(g, aten.add.Tensor, (arg, meta["start"]), like=node)
+            idxs.append(arg)
+        like = slices[0]
+        m = emit(g, aten.cat.default, (maxes, 1), like=like) if k > 1 else maxes[0]
+        a = emit(g, aten.cat.default, (idxs, 1), like=like) if k > 1 else idxs[0]
+        logit = emit(g, aten.amax.default, (m, [1], True), like=like)
+        best = emit(g, aten.argmax.default, (m, 1, True), like=like)
+        best = emit(g, aten._to_copy.default, (best,), {"dtype": torch.int32}, like=like)
+        ids = add_const(
+            gm, torch.arange(k, dtype=torch.int32).reshape(1, k, 1, 1), "slice_ids", like=like
+        )
+        hit = emit(g, aten.eq.Tensor, (best, ids), like=like)
+        hit = emit(g, aten._to_copy.default, (hit,), {"dtype": torch.int32}, like=like)
+        token = emit(
+            g,
+            aten.sum.dim_IntList,
+            (emit(g, aten.mul.Tensor, (hit, a), like=like), [1], True),
+            {"dtype": torch.int32},
+            like=like,
+        )
+    g.erase_node(out)
+    g.output((token, logit, *rest))
+    gm.meta[TOKEN_META] = True
+    gm.meta[OUTPUTS_META] = _TOKEN_OUTPUTS
+    g.eliminate_dead_code()
+    recompile(gm)
+    return PassResult(gm, True)
+
+
+def _unsplit(gm: fx.GraphModule, out: fx.Node, values: list) -> PassResult:
+    """A head narrow enough not to be split: logits (1, S, V) -> token and logit (1, S, 1)."""
+    g = gm.graph
+    logits, rest = values[0], values[1:]
+    src, dim = logits, -1
+    while is_op(src, aten.permute, aten.reshape) and len(src.users) == 1:
+        src = src.args[0]
+    if is_op(src, aten.conv2d):
+        # reduce the channels-first head directly: no permute back to (1, S, V)
+        logits, dim = src, 1
+    with g.inserting_before(out):
+        logit = emit(g, aten.amax.default, (logits, [dim], True), like=logits)
+        token = emit(g, aten.argmax.default, (logits, dim, True), like=logits)
+        token = emit(g, aten._to_copy.default, (token,), {"dtype": torch.int32}, like=logits)
+    g.erase_node(out)
+    g.output((token, logit, *rest))
+    gm.meta[TOKEN_META] = True
+    gm.meta[OUTPUTS_META] = _TOKEN_OUTPUTS
+    g.eliminate_dead_code()
+    recompile(gm)
+    return PassResult(gm, True)
+
+
+def postcondition(gm: fx.GraphModule) -> list[str]:
+    """When applied, the first output is an int32 token id and no conv output leaves the graph."""
+    if not gm.meta.get(TOKEN_META):
+        return []
+    out = gm.graph.output_node().args[0]
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    problems = []
+    if first.meta.get("val") is not None and first.meta["val"].dtype != torch.int32:
+        problems.append(f"{first.name}: token output is {first.meta['val'].dtype}, not int32")
+    if any(is_op(v, aten.conv2d) for v in (out if isinstance(out, (tuple, list)) else [out])):
+        problems.append("a logit slice still leaves the graph")
+    return problems
