@@ -1,6 +1,7 @@
 """Benchmark: anefx vs the stock torch.export -> ct.convert path on the same random weights.
 
     .venv/bin/python benchmarks/convert.py --preset qwen3-0.6b [--seq 64] [--out DIR]
+        [--context 512] [--no-stateful] [--in-process]
 
 Both paths start from the same transformers model (``load_model("preset:NAME", fp16, seed)``)
 and end with a saved .mlpackage; the shared load is excluded from both times. By default each
@@ -8,6 +9,13 @@ path runs in its own child process (this script re-invoked with ``--only PATH``)
 gets its own peak RSS; the children load the preset from the same seed, and a weight
 fingerprint proves the weights are identical. ``--in-process`` instead loads the model once and
 passes the same object to both paths (then only the process-wide peak RSS is meaningful).
+
+Then (unless --no-stateful) a third run, in a child of its own too, times the stateful decoder
+package: ``lower_decoder`` (prefill S = --seq, decode S = 1, KV cache of --context slots as
+state) + ``emit_functions`` into one two-function package, and reads the decode and prefill
+functions back from it for the same per-layer op counts (``decode_*``, ``stateful_prefill_*``),
+to compare with ANEMLL's decode function. If only this run fails, its error is reported in
+``stateful_error`` and the other numbers still stand.
 
 Printed: a human-readable summary, then as the LAST line one JSON object with the numbers.
 """
@@ -30,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 PATHS = ("naive", "anefx")  # naive first in --in-process mode: it cannot touch the weights
+STATEFUL = "stateful"  # the two-function decoder package; optional (--no-stateful), runs last
 
 # ANEMLL and the earlier naive measurement on this kind of machine (Qwen3-0.6B shape, 64-token
 # prefill), from ../shared/reference/prior-art.md; printed for comparison, never recomputed.
@@ -38,6 +47,29 @@ REFERENCE = {
     "anemll_prefill_transposes_per_layer": 9,
     "anemll_prefill_reshapes_per_layer": 9,
     "anemll_decode_ops_per_layer": 79,
+    "anemll_decode_transposes_per_layer": 6,
+    "anemll_decode_reshapes_per_layer": 6,
+    "anemll_decode_layer_op_types": {
+        "mul": 12,
+        "slice": 10,
+        "concat": 10,
+        "conv": 7,
+        "transpose": 6,
+        "reshape": 6,
+        "add": 5,
+        "layer_norm": 4,
+        "expand_dims": 4,
+        "squeeze": 3,
+        "tile": 2,
+        "matmul": 2,
+        "read_state": 2,
+        "write_state": 2,
+        "slice_update": 2,
+        "softmax": 1,
+        "silu": 1,
+    },  # fmt: skip
+    # embeddings + LM head + decode + prefill parts (175 s), and with the decode/prefill merge
+    "anemll_conversion_with_merge_s": 225,
     "anemll_conversion_s": 175,
     "anemll_peak_rss_gb": 6.7,
     "prior_naive_s": {"export": 11.0, "convert": 27.0, "save": 1.3},
@@ -45,6 +77,8 @@ REFERENCE = {
 }
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)(?:\.|$)")
+# the emitter's KV-cache states, one K and one V per layer
+_STATE = re.compile(r"^[kv]_cache_(\d+)$")
 
 
 def _quiet() -> None:
@@ -117,13 +151,28 @@ def layer_stats(ops: list, n_layers: int) -> dict:
     }
 
 
-def analyse(package: Path, n_layers: int, name_to_module: dict[str, str] | None = None) -> dict:
-    """Read a saved package back: op counts per layer, copies, and the rule check."""
+def analyse(
+    package: Path,
+    n_layers: int,
+    name_to_module: dict[str, str] | None = None,
+    function: str = "main",
+    spec=None,
+) -> dict:
+    """Read a saved package back: op counts per layer, copies, and the rule check.
+
+    FUNCTION picks one function of a multifunction package (its rule check only); SPEC, if
+    given, is the package's already read spec."""
     from anefx.lowering.checker import check_spec, mil_ops
     from anefx.targets.coreml import read_spec
 
-    spec = read_spec(package)
-    ops = [o for o in mil_ops(spec) if o.kind not in ("input", "const")]
+    spec = spec if spec is not None else read_spec(package)
+    every = mil_ops(spec, function)
+    # a layer's KV-cache reads and writes count in that layer, as in ANEMLL's op counts
+    state_layers = _state_layers(spec, function)
+    for o, layer in zip(every[len(every) - len(state_layers) :], state_layers, strict=True):
+        if layer is not None and not o.module:
+            o.module = f"model.layers.{layer}.self_attn"
+    ops = [o for o in every if o.kind not in ("input", "const")]
     if name_to_module is not None:
         for o in ops:
             o.module = o.module or _module_of(o.name, name_to_module)
@@ -131,6 +180,8 @@ def analyse(package: Path, n_layers: int, name_to_module: dict[str, str] | None 
     errors: Counter = Counter()
     warns: Counter = Counter()
     for report in check_spec(spec):
+        if report.stats.get("function", function) != function:
+            continue
         errors.update(v.rule for v in report.errors)
         warns.update(v.rule for v in report.warnings)
     return {
@@ -144,6 +195,20 @@ def analyse(package: Path, n_layers: int, name_to_module: dict[str, str] | None 
         "package_mb": round(dir_mb(package), 1),
         **layer_stats(ops, n_layers),
     }
+
+
+def _state_layers(spec, function: str) -> list[int | None]:
+    """For each operation of FUNCTION in program order (mil_ops lists them in that order after
+    the inputs): the layer of the KV-cache state a read_state / write_state touches, else None.
+    write_state has no output to carry a name, so its state input identifies it."""
+    fn = spec.mlProgram.functions[function]
+    out: list[int | None] = []
+    for op in fn.block_specializations[fn.opset].operations:
+        m = None
+        if op.type in ("read_state", "write_state") and "input" in op.inputs:
+            m = _STATE.match(op.inputs["input"].arguments[0].name)
+        out.append(int(m[1]) if m else None)
+    return out
 
 
 def _module_of(mil_name: str, name_to_module: dict[str, str]) -> str | None:
@@ -200,6 +265,100 @@ def run_anefx(model, seq: int, out: Path) -> dict:
         "peak_rss_gb": peak_rss_gb(),
         "analysis": analyse(package, model.config.num_hidden_layers),
     }
+
+
+def check_state_outputs(low, what: str) -> None:
+    """A stateful graph must return its logits, then one updated tensor per state.
+
+    Session and the emitter take the last len(states) outputs as the new cache; a graph that
+    lost them fails later with a confusing argument-count or zip error."""
+    out = low.graph_module.graph.output_node().args[0]
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    want = (len(low.outputs) or 1) + len(low.states)
+    if low.states and n_out != want:
+        raise RuntimeError(
+            f"the lowered {what} graph returns {n_out} outputs, expected {want} "
+            f"({len(low.outputs) or 1} logits + {len(low.states)} states): a pass dropped the "
+            "KV-cache outputs (split_lm_head does so on vocabularies wider than one slice)"
+        )
+
+
+def run_stateful(model, seq: int, out: Path, context: int = 512) -> dict:
+    """lower_decoder + emit_functions: the stateful package with functions prefill (S = SEQ)
+    and decode (S = 1) and a KV cache of CONTEXT slots; time everything after the load."""
+    import torch
+
+    from anefx.generation import lower_decoder
+    from anefx.targets.coreml import emit_functions, read_spec
+
+    package = out / "stateful.mlpackage"
+    t0 = time.perf_counter()
+    dec = lower_decoder(model, batch=seq, context=context, dtype=torch.float16)
+    t1 = time.perf_counter()
+    check_state_outputs(dec.prefill, "prefill")
+    check_state_outputs(dec.decode, "decode")
+    marks: list[tuple[str, float, float]] = []  # emit's progress messages: (text, time, RSS)
+    report = emit_functions(
+        {"prefill": dec.prefill, "decode": dec.decode},
+        package,
+        force=True,
+        default="decode",
+        progress=lambda msg: marks.append((msg, time.perf_counter(), peak_rss_gb())),
+    )
+    t2 = time.perf_counter()
+    lows = (dec.prefill, dec.decode)
+    both = lambda key: sum(low.seconds.get(key, 0.0) for low in lows)
+    stages = {
+        "export": both("export"),
+        "decompose": both("decompose"),
+        "unlift": (t1 - t0) - sum(sum(low.seconds.values()) for low in lows),
+        "passes": both("passes"),
+        "check": both("check"),
+    }
+    emit_phases, emit_rss = _emit_phases(marks, t1, t2)
+    if emit_phases:
+        stages.update(emit_phases)
+    else:  # emit_functions said nothing we know: its own total and the rest
+        emit_s = report["seconds"]["emit"]  # the MIL programs, ct.convert, save, merge, save
+        stages.update({"emit": emit_s, "emit_check": (t2 - t1) - emit_s})
+    n_layers = model.config.num_hidden_layers
+    spec = read_spec(package)
+    return {
+        "total_s": (t2 - t0) - both("load"),
+        "stage_s": stages,
+        "peak_rss_gb": peak_rss_gb(),
+        "peak_rss_by_stage_gb": emit_rss,
+        "context": context,
+        "batch": seq,
+        "decode": analyse(package, n_layers, function="decode", spec=spec),
+        "prefill": analyse(package, n_layers, function="prefill", spec=spec),
+    }
+
+
+# emit_functions' progress messages -> stage names (the phase each message starts)
+_EMIT_PHASES = {
+    "building the Core ML function prefill": "emit_prefill",
+    "building the Core ML function decode": "emit_decode",
+    "merging the functions (shared weights)": "merge",
+    "checking the emitted program": "emit_check",
+}
+
+
+def _emit_phases(
+    marks: list[tuple[str, float, float]], start: float, end: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds of each emit phase from the progress MARKS (a phase lasts until the next mark,
+    the last one until END), and the process's peak RSS when each phase ended ("lower": at
+    START, before the emit). Empty if a message is unknown or the first comes late."""
+    known = [(_EMIT_PHASES.get(msg), t, rss) for msg, t, rss in marks]
+    if not known or any(name is None for name, _, _ in known) or known[0][1] - start > 1.0:
+        return {}, {}
+    seconds, rss_at_end = {}, {"lower": round(known[0][2], 2)}
+    for i, (name, t, _) in enumerate(known):
+        t_next = known[i + 1][1] if i + 1 < len(known) else end
+        seconds[name] = t_next - (start if i == 0 else t)
+        rss_at_end[name] = round(known[i + 1][2] if i + 1 < len(known) else peak_rss_gb(), 2)
+    return seconds, rss_at_end
 
 
 def _pass_times(log) -> dict[str, float]:
@@ -281,22 +440,27 @@ def run_naive(model, seq: int, out: Path) -> dict:
     }
 
 
-RUNNERS = {"anefx": run_anefx, "naive": run_naive}
+RUNNERS = {"anefx": run_anefx, "naive": run_naive, STATEFUL: run_stateful}
 
 
-def run_path(path: str, preset: str, seq: int, seed: int, out: Path, model=None) -> dict:
+def run_path(
+    path: str, preset: str, seq: int, seed: int, out: Path, model=None, context: int = 512
+) -> dict:
     """Run one path (loading the preset unless MODEL is given); numbers as a dict."""
     load_s = 0.0
     if model is None:
         model, load_s = load(preset, seed)
-    result = RUNNERS[path](model, seq, out)
+    kwargs = {"context": context} if path == STATEFUL else {}
+    result = RUNNERS[path](model, seq, out, **kwargs)
     result["load_s"] = load_s
     result["fingerprint"] = weight_fingerprint(model)
     return result
 
 
-def run_child(path: str, args: argparse.Namespace) -> dict:
-    """Run one path in a fresh interpreter so its peak RSS is its own."""
+def run_child(path: str, args: argparse.Namespace, required: bool = True) -> dict:
+    """Run one path in a fresh interpreter so its peak RSS is its own.
+
+    A failing optional path (not REQUIRED) gives {"error": ...} instead of exiting."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -308,12 +472,17 @@ def run_child(path: str, args: argparse.Namespace) -> dict:
         str(args.seed),
         "--out",
         str(args.out),
+        "--context",
+        str(args.context),
         "--only",
         path,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
+        if not required:
+            lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
+            return {"error": lines[-1]}
         raise SystemExit(f"{path} path failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -337,17 +506,78 @@ def git_revision() -> str | None:
     return rev.stdout.strip() or None
 
 
-def summarise(args: argparse.Namespace, a: dict, n: dict, mode: str) -> dict:
-    """The final JSON record from the two paths' results."""
+def _r2(d: dict) -> dict:
+    return {k: round(v, 2) for k, v in d.items()}
+
+
+STATEFUL_KEYS = (
+    "stateful_s", "stateful_package_mb", "stateful_peak_rss_gb", "stateful_context",
+    "stateful_batch", "stateful_stage_s", "stateful_peak_rss_by_stage_gb", "decode_ops_per_layer",
+    "decode_ops_per_layer_max", "decode_copies_per_layer", "decode_transposes_per_layer",
+    "decode_reshapes_per_layer", "decode_layer_op_types", "decode_ops",
+    "decode_ops_outside_layers", "decode_errors", "decode_warnings",
+    "stateful_prefill_ops_per_layer", "stateful_prefill_copies_per_layer",
+    "stateful_prefill_transposes_per_layer", "stateful_prefill_reshapes_per_layer",
+    "stateful_prefill_layer_op_types", "stateful_prefill_ops", "stateful_prefill_errors",
+    "stateful_prefill_warnings", "stateful_error",
+)  # fmt: skip
+
+
+def stateful_keys(st: dict | None) -> dict:
+    """The stateful package's numbers for the JSON record (None values if it did not run)."""
+    if not st or "error" in st:
+        rec = dict.fromkeys(STATEFUL_KEYS)
+        rec["stateful_error"] = st["error"] if st else "not run (--no-stateful)"
+        return rec
+    d, p = st["decode"], st["prefill"]
+    rec = {
+        "stateful_s": round(st["total_s"], 2),
+        "stateful_package_mb": d["package_mb"],
+        "stateful_peak_rss_gb": round(st["peak_rss_gb"], 2),
+        "stateful_context": st["context"],
+        "stateful_batch": st["batch"],
+        "stateful_stage_s": _r2(st["stage_s"]),
+        "stateful_peak_rss_by_stage_gb": st["peak_rss_by_stage_gb"],
+        "decode_ops_per_layer": d["ops_per_layer"],
+        "decode_ops_per_layer_max": d["ops_per_layer_max"],
+        "decode_copies_per_layer": d["copies_per_layer"],
+        "decode_transposes_per_layer": d["transposes_per_layer"],
+        "decode_reshapes_per_layer": d["reshapes_per_layer"],
+        "decode_layer_op_types": d["layer_op_types"],
+        "decode_ops": d["ops"],
+        "decode_ops_outside_layers": d["outside_layers"],
+        "decode_errors": d["errors"],
+        "decode_warnings": d["warnings"],
+        "stateful_prefill_ops_per_layer": p["ops_per_layer"],
+        "stateful_prefill_copies_per_layer": p["copies_per_layer"],
+        "stateful_prefill_transposes_per_layer": p["transposes_per_layer"],
+        "stateful_prefill_reshapes_per_layer": p["reshapes_per_layer"],
+        "stateful_prefill_layer_op_types": p["layer_op_types"],
+        "stateful_prefill_ops": p["ops"],
+        "stateful_prefill_errors": p["errors"],
+        "stateful_prefill_warnings": p["warnings"],
+        "stateful_error": None,
+    }
+    assert tuple(rec) == STATEFUL_KEYS
+    return rec
+
+
+def summarise(
+    args: argparse.Namespace, a: dict, n: dict, mode: str, st: dict | None = None
+) -> dict:
+    """The final JSON record from the paths' results (ST: the stateful package, if run)."""
     aa, na = a["analysis"], n["analysis"]
-    r2 = lambda d: {k: round(v, 2) for k, v in d.items()}
+    r2 = _r2
+    prints = {a["fingerprint"], n["fingerprint"]}
+    if st and "fingerprint" in st:
+        prints.add(st["fingerprint"])
     return {
         "preset": args.preset,
         "seq": args.seq,
         "seed": args.seed,
         "mode": mode,
         "revision": git_revision(),
-        "same_weights": a["fingerprint"] == n["fingerprint"],
+        "same_weights": len(prints) == 1,
         "anefx_s": round(a["total_s"], 2),
         "naive_s": round(n["total_s"], 2),
         "ratio": round(a["total_s"] / n["total_s"], 3),
@@ -381,6 +611,7 @@ def summarise(args: argparse.Namespace, a: dict, n: dict, mode: str) -> dict:
         "package_mb": aa["package_mb"],
         "naive_package_mb": na["package_mb"],
         "reference": REFERENCE,
+        **stateful_keys(st),
     }
 
 
@@ -429,8 +660,66 @@ def render(rec: dict) -> str:
         f"                    naive: {_fmt_counts(rec['naive_errors']) or 'none'}",
         f"  ANE warnings      anefx: {_fmt_counts(rec['anefx_warnings']) or 'none'}",
         f"                    naive: {_fmt_counts(rec['naive_warnings']) or 'none'}",
+        "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + render_stateful(rec))
+
+
+def render_stateful(rec: dict) -> list[str]:
+    """The summary of the stateful two-function package, against ANEMLL's decode function."""
+    ref = REFERENCE
+    if rec["stateful_error"]:
+        return [f"  stateful decoder package: {rec['stateful_error']}"]
+    lines = [
+        f"  stateful decoder package (functions prefill S={rec['stateful_batch']} and decode "
+        f"S=1, KV cache of {rec['stateful_context']} as state): {rec['stateful_s']:.2f} s   "
+        f"peak RSS {rec['stateful_peak_rss_gb']:.2f} GB   package "
+        f"{rec['stateful_package_mb']:.1f} MB",
+    ]
+    lines += [f"    {k:<12} {v:7.2f} s" for k, v in rec["stateful_stage_s"].items()]
+    if rec["stateful_peak_rss_by_stage_gb"]:
+        lines.append(
+            "    peak RSS at the end of: "
+            + ", ".join(f"{k} {v:.2f} GB" for k, v in rec["stateful_peak_rss_by_stage_gb"].items())
+        )
+    lines += [
+        f"    (ANEMLL, same shape: about {ref['anemll_conversion_s']} s for embeddings, head, "
+        f"decode and prefill parts; about {ref['anemll_conversion_with_merge_s']} s with the "
+        "decode/prefill merge)",
+        "",
+        "  per decoder layer        anefx decode   ANEMLL decode   anefx prefill   ANEMLL prefill",
+    ]
+    rows = (
+        ("ops", "ops_per_layer", "ops_per_layer"),
+        ("transposes", "transposes_per_layer", "transposes_per_layer"),
+        ("reshapes", "reshapes_per_layer", "reshapes_per_layer"),
+    )
+    for label, key, ref_key in rows:
+        lines.append(
+            f"    {label:<20} {rec['decode_' + key]:>12} "
+            f"{ref['anemll_decode_' + ref_key]:>15} "
+            f"{rec['stateful_prefill_' + key]:>15} {ref['anemll_prefill_' + ref_key]:>16}"
+        )
+    anemll_copies = (
+        ref["anemll_decode_transposes_per_layer"] + ref["anemll_decode_reshapes_per_layer"]
+    )
+    anemll_prefill_copies = (
+        ref["anemll_prefill_transposes_per_layer"] + ref["anemll_prefill_reshapes_per_layer"]
+    )
+    lines += [
+        f"    {'copies':<20} {rec['decode_copies_per_layer']:>12} {anemll_copies:>15} "
+        f"{rec['stateful_prefill_copies_per_layer']:>15} {anemll_prefill_copies:>16}",
+        f"    (anefx: median over layers of the emitted functions; decode max "
+        f"{rec['decode_ops_per_layer_max']}, {rec['decode_ops_outside_layers']} decode ops "
+        "outside the layers)",
+        f"    anefx decode layer ops:  {_fmt_counts(rec['decode_layer_op_types'])}",
+        f"    ANEMLL decode layer ops: {_fmt_counts(ref['anemll_decode_layer_op_types'])}",
+        f"  ANE rule errors   decode: {_fmt_counts(rec['decode_errors']) or 'none'}; "
+        f"prefill: {_fmt_counts(rec['stateful_prefill_errors']) or 'none'}",
+        f"  ANE warnings      decode: {_fmt_counts(rec['decode_warnings']) or 'none'}; "
+        f"prefill: {_fmt_counts(rec['stateful_prefill_warnings']) or 'none'}",
+    ]
+    return lines
 
 
 def _fmt_counts(d: dict) -> str:
@@ -445,14 +734,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="qwen3-0.6b", help="model preset (random weights)")
     p.add_argument("--seq", type=int, default=64, help="prefill length (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--out", type=Path, help="folder for the two packages")
+    p.add_argument("--out", type=Path, help="folder for the packages")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=512,
+        help="KV cache length of the stateful package (default 512; its prefill batch is --seq)",
+    )
+    p.add_argument(
+        "--no-stateful",
+        dest="stateful",
+        action="store_false",
+        help="skip the stateful two-function package (lower_decoder + emit_functions)",
+    )
     p.add_argument(
         "--in-process",
         action="store_true",
         help="load once and run both paths on the same model object in this process",
     )
     # internal: a child process runs one path and prints its numbers as one JSON line
-    p.add_argument("--only", choices=PATHS, help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=PATHS + (STATEFUL,), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.out is None:
         args.out = Path("build") / "bench" / f"{args.preset}-seq{args.seq}"
@@ -464,18 +765,29 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only:
-        print(json.dumps(run_path(args.only, args.preset, args.seq, args.seed, args.out)))
+        rec = run_path(args.only, args.preset, args.seq, args.seed, args.out, None, args.context)
+        print(json.dumps(rec))
         return 0
+    st = None
     if args.in_process:
         model, load_s = load(args.preset, args.seed)
         res = {p: run_path(p, args.preset, args.seq, args.seed, args.out, model) for p in PATHS}
         res["naive"]["load_s"] = load_s
+        if args.stateful:
+            try:
+                st = run_path(
+                    STATEFUL, args.preset, args.seq, args.seed, args.out, model, args.context
+                )
+            except Exception as exc:  # the conversion benchmark above still stands
+                st = {"error": f"{type(exc).__name__}: {exc}"}
         mode = "one process: anefx peak RSS is the process-wide peak"
     else:
         # one path at a time: on two cores concurrent runs would distort both timings
         res = {p: run_child(p, args) for p in PATHS}
+        if args.stateful:
+            st = run_child(STATEFUL, args, required=False)
         mode = "one child process per path"
-    rec = summarise(args, res["anefx"], res["naive"], mode)
+    rec = summarise(args, res["anefx"], res["naive"], mode, st)
     print(render(rec))
     print(json.dumps(rec))
     return 0

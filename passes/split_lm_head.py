@@ -26,18 +26,18 @@ from anefx.passes._util import (
 OUTPUTS_META = "anefx_outputs"
 
 
-def _to_output(conv: fx.Node) -> bool:
-    """CONV reaches the graph output through layout-only nodes and is used nowhere else."""
+def _to_output(conv: fx.Node) -> fx.Node | None:
+    """The node that hands CONV to the graph output through layout-only nodes (else None)."""
     node = conv
     while True:
         users = list(node.users)
         if len(users) != 1:
-            return False
+            return None
         (user,) = users
         if user.op == "output":
-            return True
+            return node
         if not is_op(user, aten.permute, aten.reshape, aten.transpose):
-            return False
+            return None
         node = user
 
 
@@ -65,10 +65,14 @@ def split_lm_head(gm: fx.GraphModule) -> PassResult:
                 parts.append(
                     (start, end, emit(g, aten.conv2d.default, (node.args[0], ws, bs), like=node))
                 )
-        if _to_output(node):
+        tail = _to_output(node)
+        if tail is not None:
             out = g.output_node()
+            values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+            # the slices replace the logits; other outputs (KV-cache states) follow unchanged
+            rest = tuple(v for v in values if v is not tail)
             g.erase_node(out)
-            g.output(tuple(p for _, _, p in parts))
+            g.output(tuple(p for _, _, p in parts) + rest)
             s = shape_of(node)
             gm.meta[OUTPUTS_META] = [
                 {

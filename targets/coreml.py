@@ -396,15 +396,12 @@ def emit_functions(
                 desc.add_function(str(part), "main", name)
             desc.default_function_name = default or next(iter(lowered_by_name))
             say("merging the functions (shared weights)")
-            merged = tmp / f"merged-{path.name}"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ct.utils.save_multifunction(desc, str(merged))
-                # the merge drops descriptions and metadata: put them back
-                model = ct.models.MLModel(str(merged), skip_model_load=True)
-                for low in lowered_by_name.values():
-                    _describe(model, low)
-                model.save(str(staged))
+                ct.utils.save_multifunction(desc, str(staged))
+            # the merge drops descriptions and metadata: put them back in the spec file
+            # itself (reloading and re-saving the package would copy every weight again)
+            _restore_descriptions(staged, tmp / f"{next(iter(lowered_by_name))}.mlpackage")
         seconds_convert = time.perf_counter() - t0
         say("checking the emitted program")
         emitted = check_package(staged)
@@ -429,6 +426,34 @@ def emit_functions(
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spec_file(package: Path) -> Path:
+    found = sorted(package.glob("Data/com.apple.CoreML/*.mlmodel"))
+    if not found:
+        raise AnefxGraphError(f"{package}: no model spec inside the package")
+    return found[0]
+
+
+def _restore_descriptions(merged: Path, part: Path) -> None:
+    """Copy input/output descriptions and metadata of PART into every function of MERGED."""
+    from coremltools.proto import Model_pb2
+
+    src, dst = Model_pb2.Model(), Model_pb2.Model()
+    src.ParseFromString(_spec_file(part).read_bytes())
+    target = _spec_file(merged)
+    dst.ParseFromString(target.read_bytes())
+    texts = {f.name: f.shortDescription for f in [*src.description.input, *src.description.output]}
+    for fn in dst.description.functions:
+        for feature in [*fn.input, *fn.output, *fn.state]:
+            if feature.name in texts:
+                feature.shortDescription = texts[feature.name]
+    meta = dst.description.metadata
+    meta.shortDescription = src.description.metadata.shortDescription
+    meta.author = src.description.metadata.author
+    for key, value in src.description.metadata.userDefined.items():
+        meta.userDefined[key] = value
+    target.write_bytes(dst.SerializeToString())
 
 
 def _move_into_place(staged: Path, path: Path) -> None:

@@ -1,31 +1,40 @@
-"""Smoke test of benchmarks/convert.py on the tiny preset: it runs and its last line is JSON."""
+"""Smoke tests of benchmarks/convert.py and benchmarks/decode.py on the tiny preset: they run
+and their last line is JSON with the promised keys."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "convert.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCH / "convert.py"
+DECODE = BENCH / "decode.py"
+
+
+def _last_json(cmd: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_convert_benchmark_tiny(tmp_path: Path) -> None:
     # both paths in one process: half the interpreter start-ups of the default child mode
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--preset", "qwen3-tiny", "--seq", "16"]
-        + ["--out", str(tmp_path), "--in-process"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    rec = _last_json(
+        [str(SCRIPT), "--preset", "qwen3-tiny", "--seq", "16", "--context", "64"]
+        + ["--out", str(tmp_path), "--in-process"]
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rec = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in (
         "preset", "seq", "anefx_s", "naive_s", "ratio", "passes_s", "peak_rss_gb",
         "naive_peak_rss_gb", "ops_per_layer", "copies_per_layer", "transposes_per_layer",
         "reshapes_per_layer", "anefx_stage_s", "naive_stage_s", "anefx_errors", "naive_errors",
         "package_mb", "naive_package_mb",
+        # the stateful two-function package
+        "stateful_s", "stateful_package_mb", "decode_ops_per_layer", "decode_copies_per_layer",
+        "decode_transposes_per_layer", "decode_reshapes_per_layer",
+        "stateful_prefill_ops_per_layer", "stateful_error",
     ):  # fmt: skip
         assert key in rec, key
     assert rec["preset"] == "qwen3-tiny" and rec["seq"] == 16
@@ -34,3 +43,45 @@ def test_convert_benchmark_tiny(tmp_path: Path) -> None:
     assert rec["naive_errors"].get("linear", 0) > 0  # the stock one keeps its linear layers
     assert rec["ops_per_layer"] > 0 and rec["naive_ops_per_layer_avg"] > 0
     assert (tmp_path / "anefx.mlpackage").is_dir() and (tmp_path / "naive.mlpackage").is_dir()
+
+    assert rec["stateful_error"] is None
+    assert (tmp_path / "stateful.mlpackage").is_dir()
+    assert rec["stateful_context"] == 64 and rec["stateful_batch"] == 16
+    assert rec["stateful_s"] > 0 and rec["stateful_package_mb"] > 0
+    assert rec["decode_errors"] == {} and rec["stateful_prefill_errors"] == {}
+    assert rec["decode_ops_per_layer"] > 0 and rec["stateful_prefill_ops_per_layer"] > 0
+    ops = rec["decode_layer_op_types"]
+    # each layer reads and writes its K and V cache, counted in the layer as ANEMLL does
+    assert ops.get("read_state") == 2 and ops.get("write_state") == 2
+    assert ops.get("conv") == 7  # q, k, v, o, gate, up, down
+    # two layers: the medians are means, so copies = transposes + reshapes exactly
+    assert rec["decode_copies_per_layer"] == (
+        rec["decode_transposes_per_layer"] + rec["decode_reshapes_per_layer"]
+    )
+
+
+def test_decode_benchmark_tiny() -> None:
+    # fp32 on both sides: the lowered graphs and transformers must pick the same greedy tokens
+    rec = _last_json(
+        [str(DECODE), "--preset", "qwen3-tiny", "--context", "64", "--batch", "8"]
+        + ["--tokens", "6", "--prompt-len", "5", "--dtype", "float32", "--bandwidth-gb-s", "50"]
+    )
+    for key in (
+        "anefx_tok_s", "hf_tok_s", "ratio", "bytes_per_token", "est_ane_tok_s", "bandwidth_gb_s",
+        "preset", "context", "batch", "tokens", "dtype",
+    ):  # fmt: skip
+        assert key in rec, key
+    assert (rec["preset"], rec["context"], rec["batch"], rec["tokens"], rec["dtype"]) == (
+        "qwen3-tiny", 64, 8, 6, "float32",
+    )  # fmt: skip
+    assert rec["anefx_tok_s"] > 0 and rec["hf_tok_s"] > 0
+    assert math.isclose(rec["ratio"], rec["anefx_tok_s"] / rec["hf_tok_s"], rel_tol=0.01)
+    assert rec["tokens_match"] == 6
+    # tiny: 2 layers x (K and V) x 2 kv heads x 64 slots x head_dim 32, fp16 in the package
+    assert rec["kv_read_bytes"] == 2 * 2 * 2 * 64 * 32 * 2
+    assert rec["embedding_table_bytes"] == 512 * 64 * 2  # gathered: one row per token
+    # the tied LM head reads the whole table; the weights of the two layers come on top
+    assert rec["weight_bytes_per_token"] > rec["embedding_table_bytes"]
+    assert rec["bytes_per_token"] == rec["weight_bytes_per_token"] + rec["kv_read_bytes"]
+    assert rec["bandwidth_gb_s"] == 50
+    assert math.isclose(rec["est_ane_tok_s"], 50e9 / rec["bytes_per_token"], rel_tol=1e-3)
