@@ -319,7 +319,7 @@ def run_stateful(model, seq: int, out: Path, context: int = 512) -> dict:
     if emit_phases:
         stages.update(emit_phases)
     else:  # emit_functions said nothing we know: its own total and the rest
-        emit_s = report["seconds"]["emit"]  # the MIL programs, ct.convert, save, merge, save
+        emit_s = report["seconds"]["emit"]  # the MIL program, ct.convert, save
         stages.update({"emit": emit_s, "emit_check": (t2 - t1) - emit_s})
     n_layers = model.config.num_hidden_layers
     spec = read_spec(package)
@@ -335,13 +335,15 @@ def run_stateful(model, seq: int, out: Path, context: int = 512) -> dict:
     }
 
 
-# emit_functions' progress messages -> stage names (the phase each message starts)
+# emit_functions' progress messages (by their start) -> stage names (the phase each begins)
 _EMIT_PHASES = {
-    "building the Core ML function prefill": "emit_prefill",
-    "building the Core ML function decode": "emit_decode",
-    "merging the functions (shared weights)": "merge",
+    "building the Core ML program": "emit",
     "checking the emitted program": "emit_check",
 }
+
+
+def _phase(msg: str) -> str | None:
+    return next((name for start, name in _EMIT_PHASES.items() if msg.startswith(start)), None)
 
 
 def _emit_phases(
@@ -350,7 +352,7 @@ def _emit_phases(
     """Seconds of each emit phase from the progress MARKS (a phase lasts until the next mark,
     the last one until END), and the process's peak RSS when each phase ended ("lower": at
     START, before the emit). Empty if a message is unknown or the first comes late."""
-    known = [(_EMIT_PHASES.get(msg), t, rss) for msg, t, rss in marks]
+    known = [(_phase(msg), t, rss) for msg, t, rss in marks]
     if not known or any(name is None for name, _, _ in known) or known[0][1] - start > 1.0:
         return {}, {}
     seconds, rss_at_end = {}, {"lower": round(known[0][2], 2)}

@@ -209,6 +209,24 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
             cout = op.shapes[0][1]
             if cout > rules.MAX_CONV_OUT_CHANNELS:
                 violation("conv_width", op, op.shapes[0], op.dtypes[0], f"{cout} output channels")
+    for st in report.stats.get("states") or []:
+        shape = tuple(st["shape"])
+        bad = [d for d in shape[-2:] if d % rules.STATE_ALIGN]
+        if bad:
+            add(
+                Violation(
+                    "state_align",
+                    rules.RULES_BY_ID["state_align"].severity,
+                    "state",
+                    st["name"],
+                    list(shape),
+                    str(st["dtype"]).replace("torch.", ""),
+                    None,
+                    None,
+                    f"state {st['name']} {'x'.join(map(str, shape))}: {bad} not a multiple of "
+                    f"{rules.STATE_ALIGN} (ANE state binding)",
+                )
+            )
     if weight_bytes > rules.WEIGHTS_WARN_BYTES:
         sev = "error" if weight_bytes > rules.WEIGHTS_ERROR_BYTES else "warning"
         report.violations.append(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RULES_VERSION = "2026.11-1"
+RULES_VERSION = "2026.11-2"
 
 MAX_RANK = 4
 # Rank-4 tensors are read as (N, C, H, W); lower ranks are left-padded with 1s.
@@ -18,6 +18,10 @@ DIM_LIMITS = {"N": 65536, "C": 65536, "H": 16384, "W": 16384}
 MAX_CONV_OUT_CHANNELS = DIM_LIMITS["W"]
 # The last axis is padded to 64 bytes; shorter trailing dims waste ANE memory.
 MIN_TRAILING_DIM = 64
+# A Core ML state (the KV cache) failed to bind on the ANE when its width was not a multiple of 32
+# (coremltools #2631). Checked on a state's last two axes (context, head_dim): the leading axes
+# (1, kv_heads) are fixed by the model, and ANEMLL's cache runs with kv_heads = 8 there.
+STATE_ALIGN = 32
 WEIGHTS_WARN_BYTES = 1 << 30
 WEIGHTS_ERROR_BYTES = 2 << 30
 COMPUTE_DTYPE = "float16"
@@ -48,6 +52,11 @@ RULES = [
     Rule("gather", "warning", "gather (embedding lookup) runs on the CPU"),
     Rule(
         "trailing_dim", "warning", f"trailing dimension below {MIN_TRAILING_DIM} (64-byte padding)"
+    ),
+    Rule(
+        "state_align",
+        "warning",
+        f"state (KV cache) context or head_dim not a multiple of {STATE_ALIGN}",
     ),
     Rule(
         "weights_size",

@@ -9,6 +9,7 @@ saved program, and only then moves it into place together with ``report.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,10 @@ from anefx.lowering.checker import MODULES_KEY, NAME_SEP, Report, check_spec, en
 from anefx.lowering.ops import LAYER_NORM
 
 aten = torch.ops.aten
+
+# consts of at least this many elements go to the weight blob (coremltools writes smaller ones
+# inline, where sharing means nothing)
+_SHARED_WEIGHT_MIN = 10
 
 _NP = {
     torch.float16: np.float16,
@@ -52,14 +57,16 @@ def _name(node: fx.Node) -> str:
 
 
 class _Emitter:
-    def __init__(self, gm: fx.GraphModule, input_specs: dict):
+    def __init__(self, gm: fx.GraphModule, weight_ids: dict | None = None):
         ct = _ct()
         from coremltools.converters.mil import Builder as mb
         from coremltools.converters.mil.mil import types
 
         self.ct, self.mb, self.types = ct, mb, types
         self.gm = gm
-        self.input_specs = input_specs
+        # content key -> blob id, shared by every function of one package: identical weights
+        # are written once and every function's const points at the same bytes
+        self.weight_ids = {} if weight_ids is None else weight_ids
         self.env: dict[fx.Node, object] = {}
 
     def const(self, t: torch.Tensor, name: str):
@@ -68,7 +75,12 @@ class _Emitter:
             arr = arr.astype(np.float16)
         if arr.dtype == np.int64:
             arr = arr.astype(np.int32)
-        return self.mb.const(val=arr, name=name)
+        var = self.mb.const(val=arr, name=name)
+        if arr.size >= _SHARED_WEIGHT_MIN:
+            arr = np.ascontiguousarray(arr)
+            key = (arr.shape, arr.dtype.str, hashlib.blake2b(arr.data, digest_size=16).digest())
+            var.op.weight_id = self.weight_ids.setdefault(key, f"w{len(self.weight_ids)}")
+        return var
 
     def scalar(self, x, like_dtype=None):
         if isinstance(x, bool):
@@ -82,9 +94,10 @@ class _Emitter:
             return self.env[a]
         return self.scalar(a, dtype)
 
-    def build(self, name: str = "main"):
+    def build(self):
+        """The graph as one MIL Function (add it to a Program under its name)."""
         mb, types = self.mb, self.types
-        from coremltools.converters.mil.mil import Function, Program
+        from coremltools.converters.mil.mil import Function
 
         tmap = {
             torch.float16: types.fp16,
@@ -109,9 +122,7 @@ class _Emitter:
         with func:
             outputs = self._body(func.inputs)
             func.set_outputs(outputs)
-        prog = Program()
-        prog.add_function(name, func)
-        return prog
+        return func
 
     def _body(self, inputs):
         out_meta = self.gm.meta.get("anefx_outputs")
@@ -338,13 +349,23 @@ def _refuse_or_warn(lowered_by_name: dict, force: bool, say) -> bool:
     return bool(errors)
 
 
-def _convert(lowered):
-    """One lowered graph -> an in-memory MLModel with a single function "main"."""
+def _convert(lowered_by_name: dict, default: str):
+    """Lowered graphs -> one in-memory MLModel with a function per graph, weights shared.
+
+    The functions are built into one MIL program and serialised once: a weight that several
+    functions read (by content: same shape, dtype and bytes) is written to the blob once.
+    """
     ct = _ct()
-    prog = _Emitter(lowered.graph_module, {}).build()
+    from coremltools.converters.mil.mil import Program
+
+    prog, weight_ids = Program(), {}
+    for name, low in lowered_by_name.items():
+        prog.add_function(name, _Emitter(low.graph_module, weight_ids).build())
+    prog.default_function_name = default
+    prog.export_as_multifunction = len(lowered_by_name) > 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = ct.convert(
+        return ct.convert(
             prog,
             convert_to="mlprogram",
             minimum_deployment_target=ct.target.iOS18,
@@ -354,8 +375,6 @@ def _convert(lowered):
             # index casts around the gather and cost time on every weight
             pass_pipeline=ct.PassPipeline.EMPTY,
         )
-    _describe(model, lowered)
-    return model
 
 
 def emit(lowered, path: str | Path, force: bool = False, progress=None) -> dict:
@@ -370,38 +389,23 @@ def emit_functions(
     progress=None,
     default: str | None = None,
 ) -> dict:
-    """Write one package holding a function per lowered graph (weights shared by hash).
+    """Write one package holding a function per lowered graph (identical weights stored once).
 
-    A single graph is saved as is (function "main"); several are merged with coremltools'
-    multifunction support, ``default`` being the default function.
+    A single graph becomes the function "main"; with several, ``default`` (else the first)
+    is the default function.
     """
     path = Path(path)
     say = progress or (lambda msg: None)
     _check_writable(path)
     forced = _refuse_or_warn(lowered_by_name, force, say)
-    ct = _ct()
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = tmp / path.name
-        if list(lowered_by_name) == ["main"]:
-            say("building the Core ML program")
-            _convert(lowered_by_name["main"]).save(str(staged))
-        else:
-            desc = ct.utils.MultiFunctionDescriptor()
-            for name, low in lowered_by_name.items():
-                say(f"building the Core ML function {name}")
-                part = tmp / f"{name}.mlpackage"
-                _convert(low).save(str(part))
-                desc.add_function(str(part), "main", name)
-            desc.default_function_name = default or next(iter(lowered_by_name))
-            say("merging the functions (shared weights)")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ct.utils.save_multifunction(desc, str(staged))
-            # the merge drops descriptions and metadata: put them back in the spec file
-            # itself (reloading and re-saving the package would copy every weight again)
-            _restore_descriptions(staged, tmp / f"{next(iter(lowered_by_name))}.mlpackage")
+        names = ", ".join(lowered_by_name)
+        say(f"building the Core ML program ({names})")
+        _convert(lowered_by_name, default or next(iter(lowered_by_name))).save(str(staged))
+        _describe(staged, lowered_by_name)
         seconds_convert = time.perf_counter() - t0
         say("checking the emitted program")
         emitted = check_package(staged)
@@ -435,27 +439,6 @@ def _spec_file(package: Path) -> Path:
     return found[0]
 
 
-def _restore_descriptions(merged: Path, part: Path) -> None:
-    """Copy input/output descriptions and metadata of PART into every function of MERGED."""
-    from coremltools.proto import Model_pb2
-
-    src, dst = Model_pb2.Model(), Model_pb2.Model()
-    src.ParseFromString(_spec_file(part).read_bytes())
-    target = _spec_file(merged)
-    dst.ParseFromString(target.read_bytes())
-    texts = {f.name: f.shortDescription for f in [*src.description.input, *src.description.output]}
-    for fn in dst.description.functions:
-        for feature in [*fn.input, *fn.output, *fn.state]:
-            if feature.name in texts:
-                feature.shortDescription = texts[feature.name]
-    meta = dst.description.metadata
-    meta.shortDescription = src.description.metadata.shortDescription
-    meta.author = src.description.metadata.author
-    for key, value in src.description.metadata.userDefined.items():
-        meta.userDefined[key] = value
-    target.write_bytes(dst.SerializeToString())
-
-
 def _move_into_place(staged: Path, path: Path) -> None:
     old = None
     if path.exists():
@@ -471,7 +454,8 @@ def _move_into_place(staged: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _describe(model, lowered) -> None:
+def _descriptions(lowered) -> dict[str, str]:
+    """Feature name -> description for one lowered graph's inputs and outputs."""
     from anefx.models.capture import INPUT_DESCRIPTIONS
 
     texts = dict(INPUT_DESCRIPTIONS)
@@ -484,30 +468,56 @@ def _describe(model, lowered) -> None:
             f"absolute position of each token, int32 (1, S); {lowered.context} (= context) "
             "marks a padding slot, which writes nothing to the cache"
         )
-    for name, text in texts.items():
-        if name in model.input_description:
-            model.input_description[name] = text
+    for st in lowered.states:
+        texts[st["name"]] = (
+            f"KV cache of one layer, {'x'.join(map(str, st['shape']))} fp16 "
+            "(1, kv_heads, context, head_dim)"
+        )
     for o in lowered.graph_module.meta.get("anefx_outputs") or [
         {"name": "logits", "description": "logits"}
     ]:
-        if o["name"] in model.output_description:
-            model.output_description[o["name"]] = o["description"]
+        texts[o["name"]] = o["description"]
+    return texts
+
+
+def _describe(package: Path, lowered_by_name: dict) -> None:
+    """Write descriptions and metadata into the saved package's spec file (small; no weights)."""
+    from coremltools.proto import Model_pb2
+
+    target = _spec_file(package)
+    spec = Model_pb2.Model()
+    spec.ParseFromString(target.read_bytes())
+    desc = spec.description
+    if desc.functions:
+        for fn in desc.functions:
+            texts = _descriptions(lowered_by_name[fn.name])
+            for feature in [*fn.input, *fn.output, *fn.state]:
+                feature.shortDescription = texts.get(feature.name, feature.shortDescription)
+    else:
+        texts = _descriptions(next(iter(lowered_by_name.values())))
+        for feature in [*desc.input, *desc.output, *desc.state]:
+            feature.shortDescription = texts.get(feature.name, feature.shortDescription)
+    first = next(iter(lowered_by_name.values()))
     what = (
-        f"context {lowered.context}, KV cache as state"
-        if lowered.context
-        else (f"seq {lowered.seq_len}")
+        f"context {first.context}, KV cache as state" if first.context else (f"seq {first.seq_len}")
     )
-    model.short_description = f"anefx lowering of {lowered.source} ({what}, fp16, ANE layout)"
-    model.author = "anefx"
-    model.user_defined_metadata["anefx.source"] = str(lowered.source)
-    model.user_defined_metadata["anefx.random_weights"] = str(lowered.random_weights)
-    model.user_defined_metadata["anefx.seq_len"] = str(lowered.seq_len)
-    modules = json.loads(model.user_defined_metadata.get(MODULES_KEY) or "{}")
-    modules.update(
+    meta = desc.metadata
+    meta.shortDescription = f"anefx lowering of {first.source} ({what}, fp16, ANE layout)"
+    meta.author = "anefx"
+    meta.userDefined["anefx.source"] = str(first.source)
+    meta.userDefined["anefx.random_weights"] = str(first.random_weights)
+    meta.userDefined["anefx.seq_len"] = json.dumps(
+        {n: low.seq_len for n, low in lowered_by_name.items()}
+        if len(lowered_by_name) > 1
+        else first.seq_len
+    )
+    meta.userDefined[MODULES_KEY] = json.dumps(
         {
             encode_module(m): m
-            for n in lowered.graph_module.graph.nodes
+            for low in lowered_by_name.values()
+            for n in low.graph_module.graph.nodes
             if (m := n.meta.get("anefx_module"))
-        }
+        },
+        separators=(",", ":"),
     )
-    model.user_defined_metadata[MODULES_KEY] = json.dumps(modules, separators=(",", ":"))
+    target.write_bytes(spec.SerializeToString())

@@ -175,3 +175,15 @@ def test_emitted_program_rules_map_onto_mil_op_names(tmp_path) -> None:
     counts = rep.counts()
     for rule in ("linear", "rms_pow_rsqrt", "rank", "fp16", "dim_hw"):
         assert counts.get(rule), (rule, counts)
+
+
+@pytest.mark.parametrize("context, expected", [(64, 0), (48, 4)])
+def test_state_alignment(context: int, expected: int) -> None:
+    """KV-cache states whose context axis is not a multiple of STATE_ALIGN are reported."""
+    low = anefx.lower("preset:qwen3-tiny", seq_len=1, dtype=torch.float16, context=context)
+    states = low.report.stats["states"]
+    assert len(states) == 4 and all(s["shape"] == [1, 2, context, 32] for s in states)
+    hits = [v for v in low.report.violations if v.rule == "state_align"]
+    assert len(hits) == expected
+    assert {v.node for v in hits} <= {s["name"] for s in states}
+    assert all(v.severity == "warning" and str(context) in v.message for v in hits)

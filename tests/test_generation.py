@@ -11,7 +11,7 @@ from anefx.generation import Session, lower_decoder, sample
 from anefx.models.load import load_model
 from anefx.models.presets import get_preset
 from anefx.models.synthetic import write_random_checkpoint
-from anefx.targets.coreml import emit_functions
+from anefx.targets.coreml import emit_functions, read_spec
 
 BATCH, CONTEXT, NEW = 8, 96, 32
 
@@ -112,6 +112,15 @@ def test_package_holds_both_functions_and_the_state(ckpt, tmp_path: Path) -> Non
         assert len(states) == 2 * cfg["num_hidden_layers"]
         assert all(s["shape"] == want and s["dtype"] == "float16" for s in states)
         assert rep.stats["op_types"]["write_state"] == len(states)
+    # the two functions share their weights: the blob holds one function's weights, not two
+    blob = sum(f.stat().st_size for f in out.glob("Data/com.apple.CoreML/weights/*"))
+    one = reps["decode"].stats["weight_bytes"]
+    assert one * 0.9 < blob < one * 1.3, (blob, one)
+    spec = read_spec(out)
+    assert spec.description.defaultFunctionName == "decode"
+    for fn in spec.description.functions:
+        feats = [*fn.input, *fn.output, *fn.state]
+        assert feats and all(f.shortDescription for f in feats), fn.name
 
 
 def test_cli_generate_prints_new_ids_last(capsys, ckpt, hf) -> None:
