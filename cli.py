@@ -1,4 +1,4 @@
-"""The ``anefx`` command line: check, convert, generate, presets.
+"""The ``anefx`` command line: check, convert, generate, inspect, presets.
 
 Exit codes: 0 when the checked graph or package has no ANE errors, 1 when it has (or a pass
 broke an invariant), 2 for bad input, with one clear message on stderr.
@@ -25,6 +25,11 @@ def _quiet() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("coremltools").setLevel(logging.ERROR)
+    # ...but not the one naming the config fields a checkpoint without config.json left to
+    # defaults: the user must know they were guessed
+    from anefx.models.infer_config import ConfigDefaultsWarning
+
+    warnings.filterwarnings("default", category=ConfigDefaultsWarning)
 
 
 class _Progress:
@@ -60,16 +65,73 @@ def cmd_presets(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     head = (
-        f"{'preset':<14}{'layers':>7}{'hidden':>7}{'heads':>6}{'kv':>4}{'hdim':>5}"
-        f"{'inter':>7}{'vocab':>8}{'tied':>6}{'params':>9}{'fp16 GB':>9}"
+        f"{'preset':<17}{'layers':>7}{'hidden':>7}{'heads':>6}{'kv':>4}{'hdim':>5}"
+        f"{'inter':>7}{'experts':>12}{'vocab':>8}{'tied':>6}{'params':>9}{'active':>8}"
+        f"{'fp16 GB':>9}"
     )
     print(head)
     for r in rows:
-        print(
-            f"{r['name']:<14}{r['layers']:>7}{r['hidden']:>7}{r['heads']:>6}{r['kv_heads']:>4}"
-            f"{r['head_dim']:>5}{r['intermediate']:>7}{r['vocab']:>8}{str(r['tied']):>6}"
-            f"{r['params'] / 1e9:>8.2f}B{r['fp16_bytes'] / 1e9:>9.2f}"
+        # routed experts as "top-k/E x width", "-" for dense models
+        moe = (
+            f"{r['experts_per_tok']}/{r['experts']}x{r['moe_intermediate']}"
+            if r["experts"]
+            else "-"
         )
+        print(
+            f"{r['name']:<17}{r['layers']:>7}{r['hidden']:>7}{r['heads']:>6}{r['kv_heads']:>4}"
+            f"{r['head_dim']:>5}{r['intermediate']:>7}{moe:>12}{r['vocab']:>8}"
+            f"{str(r['tied']):>6}{r['params'] / 1e9:>8.2f}B{r['active_params'] / 1e9:>7.2f}B"
+            f"{r['fp16_bytes'] / 1e9:>9.2f}"
+        )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from anefx.models.infer_config import inspect_model
+
+    info = inspect_model(args.model)
+    if args.json:
+        print(json.dumps(info, default=str))
+        return 0
+    origin_text = {
+        "config.json": "declared in config.json",
+        "preset": "the preset's published values",
+        "inferred": "inferred from tensor shapes (no config.json)",
+    }[info["_config"]]
+    params, active = info["_parameters"], info["_active_parameters"]
+    by_dtype = ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in info["_weight_bytes_by_dtype"].items())
+    if info["_tensors"] is None:
+        weights = f"none stored (random weights); {by_dtype} at the preset's dtype"
+    else:
+        weights = f"{info['_weight_bytes'] / 1e9:.3f} GB in {info['_tensors']} tensors ({by_dtype})"
+    print(f"model       {info['_source']}")
+    print(f"config      {origin_text}")
+    print(f"class       {', '.join(info.get('architectures') or [])} ({info['model_type']})")
+    print(
+        f"parameters  {params:,}" + (f" ({active:,} active per token)" if active != params else "")
+    )
+    print(f"weights     {weights}")
+    print()
+    # spellings a config.json may use for a field that transformers names otherwise
+    aliases = {"rope_theta": "rope_parameters", "rope_scaling": "rope_parameters"}
+    aliases |= {"torch_dtype": "dtype", "num_local_experts": "num_experts"}
+    declared = {aliases.get(k, k) for k in info["_declared"]} | set(info["_declared"])
+    inferred = {aliases.get(k, k) for k in info["_inferred"]} | set(info["_inferred"])
+    print(f"{'field':<26}{'value':<44}origin")
+    for key, value in info.items():
+        if key.startswith("_"):
+            continue
+        if key in info["_defaulted"]:
+            origin = f"default: {info['_reasons'].get(key, '')}"
+        elif key in inferred:
+            origin = "inferred"
+        elif key in declared:
+            origin = "declared"
+        else:
+            origin = "class default"
+        shown = json.dumps(value, default=str)
+        shown = shown if len(shown) <= 42 else shown[:39] + "..."
+        print(f"{key:<26}{shown:<44}{origin}")
     return 0
 
 
@@ -267,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=64, help="prefill batch (default 64)")
     g.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser(
+        "inspect",
+        help="print a model's config (declared, preset or inferred from tensor shapes), "
+        "its parameter count and weight bytes; reads headers only",
+    )
+    i.add_argument("model", help="checkpoint folder or preset:NAME")
+    i.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    i.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("presets", help="list the built-in presets and their shapes")
     s.add_argument("--json", action="store_true")

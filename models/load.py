@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from anefx.errors import AnefxInputError
+from anefx.models.infer_config import ConfigDefaultsWarning, infer_from_tensors
 from anefx.models.presets import get_preset
 from anefx.models.synthetic import random_init_
 
@@ -31,6 +33,7 @@ PRESET_PREFIX = "preset:"
 SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 
 # The config classes silently default these (e.g. hidden_size=4096), which would turn a broken
@@ -47,7 +50,18 @@ _POSITIVE_INT_FIELDS = (
     "num_key_value_heads",
     "head_dim",
     "max_position_embeddings",
+    "num_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "decoder_sparse_step",
 )
+# Per family, fields its config class would otherwise default (Qwen3MoeConfig: 128 experts of
+# width 768); each entry lists the accepted spellings (transformers itself writes
+# num_experts as num_local_experts, its attribute_map alias).
+_FAMILY_REQUIRED: dict[str, tuple[tuple[str, ...], ...]] = {
+    "qwen3_moe": (("num_experts", "num_local_experts"), ("moe_intermediate_size",)),
+}
 
 LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -130,10 +144,11 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     if not isinstance(raw, dict):
         raise _input_error(f"{where}: expected a JSON object, got {type(raw).__name__}")
     config_cls, _ = _family_classes(raw.get("model_type"), where)
-    for field in REQUIRED_FIELDS:
-        if field not in raw:
+    required = [(f,) for f in REQUIRED_FIELDS] + list(_FAMILY_REQUIRED.get(raw["model_type"], ()))
+    for spellings in required:
+        if not any(f in raw for f in spellings):
             raise _input_error(
-                f"{where}: field '{field}' missing (needed by {config_cls.__name__})"
+                f"{where}: field '{spellings[0]}' missing (needed by {config_cls.__name__})"
             )
     for field in _POSITIVE_INT_FIELDS:
         if field not in raw or (raw[field] is None and field not in REQUIRED_FIELDS):
@@ -148,6 +163,13 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
         raise _input_error(
             f"{where}: field 'num_attention_heads' ({heads}) must be a multiple of "
             f"'num_key_value_heads' ({kv_heads})"
+        )
+
+    experts = raw.get("num_experts", raw.get("num_local_experts"))
+    top_k = raw.get("num_experts_per_tok")
+    if experts is not None and top_k is not None and top_k > experts:
+        raise _input_error(
+            f"{where}: field 'num_experts_per_tok' ({top_k}) exceeds 'num_experts' ({experts})"
         )
 
     kwargs = {k: v for k, v in raw.items() if k != "model_type"}
@@ -404,16 +426,31 @@ def _load_preset(name: str, dtype: torch.dtype | None, meta: bool, seed: int) ->
     return _finish(model, source, True, dtype, meta)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype | None, meta: bool) -> LoadedModel:
+def check_folder(folder: Path) -> None:
+    """Raise AnefxInputError unless `folder` is a folder with config.json or safetensors."""
     if not folder.exists():
         raise _input_error(f"{folder}: checkpoint folder does not exist")
     if not folder.is_dir():
         raise _input_error(f"{folder}: not a folder; expected a checkpoint folder")
+    if not (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
+        raise _input_error(
+            f"{folder}: config.json and *.safetensors files missing from checkpoint folder"
+        )
+
+
+def _load_folder(folder: Path, dtype: torch.dtype | None, meta: bool) -> LoadedModel:
+    check_folder(folder)
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise _input_error(f"{config_path}: file missing from checkpoint folder")
-    config = build_config(_read_json(config_path), str(config_path))
-    located = _locate_tensors(folder)
+    if config_path.is_file():
+        config = build_config(_read_json(config_path), str(config_path))
+        located = _locate_tensors(folder)
+    else:
+        # Without config.json the tensor shapes give the config; what they cannot tell comes
+        # from the defaults table, named in one warning.
+        located = _locate_tensors(folder)
+        inferred = infer_from_tensors(located, str(folder))
+        warnings.warn(inferred.warning_text(str(folder)), ConfigDefaultsWarning, stacklevel=3)
+        config = build_config(inferred.config, f"{folder} (config inferred from tensor shapes)")
 
     if dtype is None:
         dtype = _config_dtype(config)
@@ -422,15 +459,41 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, meta: bool) -> LoadedM
         dtype = next((d for d in found if d is not None), torch.float32)
 
     model = build_meta_model(config, dtype)
-    expected = model.state_dict()
-    wanted = checkpoint_names(model)
-    _validate_tensors(folder, located, expected, wanted)
+    copies = _validate_tensors(folder, located, model.state_dict(), checkpoint_names(model))
     if not meta:
         _check_fits(model, dtype, str(folder), "the")
         materialize_(model)
-        _copy_weights_(model, located, wanted)
+        _copy_weights_(model, located, copies)
         reset_rotary_(model)
     return _finish(model, str(folder), False, dtype, meta)
+
+
+# One stored tensor and where it goes: (state-dict name, index into that tensor, stored name).
+# The index is () for the whole tensor; a per-expert tensor fills one slice of a fused one.
+_Copy = tuple[str, tuple[int | slice, ...], str]
+
+_FUSED_EXPERTS = re.compile(r"^(.+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def expert_sources(name: str, shape: tuple[int, ...]) -> list[tuple[tuple[int | slice, ...], str]]:
+    """The per-expert checkpoint tensors making up fused expert parameter `name` (else []).
+
+    Published Qwen3-MoE checkpoints, and transformers' own save_pretrained (which undoes its
+    load-time fusion), store `experts.<e>.{gate,up,down}_proj.weight`; the model holds
+    `experts.gate_up_proj` (E, 2I, H), gate rows first, and `experts.down_proj` (E, H, I).
+    """
+    match = _FUSED_EXPERTS.match(name)
+    if match is None or len(shape) != 3:
+        return []
+    prefix, kind = match.groups()
+    if kind == "down_proj":
+        return [((e,), f"{prefix}.{e}.down_proj.weight") for e in range(shape[0])]
+    half = shape[1] // 2
+    parts = []
+    for e in range(shape[0]):
+        parts.append(((e, slice(0, half)), f"{prefix}.{e}.gate_proj.weight"))
+        parts.append(((e, slice(half, None)), f"{prefix}.{e}.up_proj.weight"))
+    return parts
 
 
 def _validate_tensors(
@@ -438,49 +501,65 @@ def _validate_tensors(
     located: dict[str, _TensorEntry],
     expected: dict[str, torch.Tensor],
     wanted: Iterable[str],
-) -> None:
-    missing = [name for name in wanted if name not in located]
+) -> list[_Copy]:
+    """Check every tensor the model needs is stored with its shape; returns the copy plan."""
+    copies: list[_Copy] = []
+    missing: list[str] = []
+    for name in wanted:
+        if name in located:
+            copies.append((name, (), name))
+            continue
+        parts = expert_sources(name, tuple(expected[name].shape))
+        absent = [src for _, src in parts if src not in located]
+        if parts and not absent:
+            copies.extend((name, index, src) for index, src in parts)
+        elif parts and len(absent) < len(parts):
+            missing.append(absent[0])  # stored per expert, but not every expert
+        elif parts:
+            missing.append(f"{name}' (or per expert '{parts[0][1]}")
+        else:
+            missing.append(name)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise _input_error(f"{folder}: tensor '{missing[0]}' missing from all shards{more}")
-    for name in wanted:
-        entry, target = located[name], expected[name]
-        if entry.shape != tuple(target.shape):
+    for name, index, src in copies:
+        entry, want = located[src], tuple(expected[name][index].shape)
+        if entry.shape != want:
             raise _input_error(
-                f"{entry.file}: tensor '{name}' has shape {list(entry.shape)}, expected "
-                f"{list(target.shape)}"
+                f"{entry.file}: tensor '{src}' has shape {list(entry.shape)}, expected {list(want)}"
             )
         if entry.dtype not in _ST_FLOAT_DTYPES:
             raise _input_error(
-                f"{entry.file}: tensor '{name}' has dtype {entry.dtype}, expected one of "
+                f"{entry.file}: tensor '{src}' has dtype {entry.dtype}, expected one of "
                 f"{', '.join(_ST_FLOAT_DTYPES)}"
             )
     # Tied targets (lm_head.weight) that a checkpoint carries anyway are checked when copying.
-    extra = sorted(set(located) - set(expected))
+    extra = sorted(set(located) - set(expected) - {src for _, _, src in copies})
     if extra:
         shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
         warnings.warn(
             f"{folder}: ignoring {len(extra)} tensor(s) the model does not use: {shown}",
             stacklevel=4,
         )
+    return copies
 
 
 def _copy_weights_(
-    model: PreTrainedModel, located: dict[str, _TensorEntry], wanted: list[str]
+    model: PreTrainedModel, located: dict[str, _TensorEntry], copies: list[_Copy]
 ) -> None:
     targets = model.state_dict(keep_vars=True)
-    by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        by_file.setdefault(located[name].file, []).append(name)
+    by_file: dict[Path, list[_Copy]] = {}
+    for copy in copies:
+        by_file.setdefault(located[copy[2]].file, []).append(copy)
     # HF keeps the tie when a checkpoint stores the tied copy too, but only if they agree.
     redundant = [t for t in tied_targets(model) if t in located]
     with torch.no_grad():
-        for path, names in by_file.items():
+        for path, group in by_file.items():
             try:
                 # safe_open memory-maps the file, so only one tensor is materialised at a time.
                 with safe_open(str(path), framework="pt", device="cpu") as fh:
-                    for name in names:
-                        targets[name].copy_(fh.get_tensor(name))
+                    for name, index, src in group:
+                        targets[name][index].copy_(fh.get_tensor(src))
             except SafetensorError as exc:
                 raise _input_error(f"{path}: cannot read safetensors file: {exc}") from exc
         for name in redundant:
@@ -505,8 +584,11 @@ def load_model(
 ) -> LoadedModel:
     """Load a checkpoint folder or "preset:NAME" into the stock transformers causal LM.
 
-    dtype None keeps the checkpoint's own dtype. meta=True builds the structure only, on the
-    meta device. Presets get seeded random weights (`seed`). Bad input raises AnefxInputError.
+    A folder without config.json gets the config its tensor shapes give (models/infer_config.py),
+    with one ConfigDefaultsWarning naming the fields set to defaults. Experts stored per expert
+    (as published) or fused (E, ...) both load. dtype None keeps the checkpoint's own dtype.
+    meta=True builds the structure only, on the meta device. Presets get seeded random weights
+    (`seed`). Bad input raises AnefxInputError.
     """
     _check_dtype(dtype)
     spec_str = os.fspath(spec)

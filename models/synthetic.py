@@ -104,6 +104,32 @@ def _split(sizes: list[int], shards: int | None, max_shard_bytes: int | None) ->
     return out
 
 
+def checkpoint_tensors(
+    model: PreTrainedModel, expert_layout: str = "per_expert"
+) -> dict[str, torch.Tensor]:
+    """The tensors a Hugging Face checkpoint of `model` stores, by name (views, no copies).
+
+    Tied weights are left out. MoE experts come "per_expert" (`experts.<e>.gate_proj.weight`
+    ..., as published and as transformers' save_pretrained writes them) or "fused" (the model's
+    own `experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I)). Works on the meta
+    device too, for names and shapes only.
+    """
+    from anefx.models.load import checkpoint_names, expert_sources
+
+    if expert_layout not in ("per_expert", "fused"):
+        raise ValueError(f"expert_layout must be 'per_expert' or 'fused', got {expert_layout!r}")
+    full = model.state_dict()
+    stored: dict[str, torch.Tensor] = {}
+    for name in checkpoint_names(model):
+        tensor = full[name]
+        parts = expert_sources(name, tuple(tensor.shape)) if expert_layout == "per_expert" else []
+        if parts:
+            stored.update({src: tensor[index] for index, src in parts})
+        else:
+            stored[name] = tensor
+    return stored
+
+
 def write_random_checkpoint(
     folder: str | os.PathLike[str],
     config: dict[str, Any] | PreTrainedConfig,
@@ -111,24 +137,26 @@ def write_random_checkpoint(
     shards: int = 1,
     seed: int = 0,
     max_shard_bytes: int | None = None,
+    expert_layout: str = "per_expert",
 ) -> Path:
     """Write config.json and seeded random safetensors weights in the HF layout; returns folder.
 
     One `model.safetensors` when a single shard results, else `model-0000k-of-0000n.safetensors`
     plus `model.safetensors.index.json`. `max_shard_bytes`, if given, overrides `shards`. Tied
-    embeddings store no lm_head.weight, as HF does. Peak memory is about one copy of the
-    weights in `dtype`. Use an empty folder: files from an earlier write are not removed.
+    embeddings store no lm_head.weight, as HF does. MoE experts are stored "per_expert"
+    (`experts.<e>.gate_proj.weight` ..., as published checkpoints and transformers'
+    save_pretrained have them) or "fused" (the model's own `experts.gate_up_proj` (E, 2I, H) and
+    `experts.down_proj` (E, H, I)). Peak memory is about one copy of the weights in `dtype`.
+    Use an empty folder: files from an earlier write are not removed.
     """
-    from anefx.models.load import checkpoint_names
-
     if max_shard_bytes is None and shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
     model = random_model(config, dtype=dtype, seed=seed)
-    state = model.state_dict()
-    names = checkpoint_names(model)
+    state = checkpoint_tensors(model, expert_layout)
+    names = list(state)
     if max_shard_bytes is None and shards > len(names):
         raise ValueError(f"cannot split {len(names)} tensors into {shards} shards")
     sizes = [state[n].numel() * state[n].element_size() for n in names]

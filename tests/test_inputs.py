@@ -372,8 +372,11 @@ def test_no_safetensors(ckpt: Path) -> None:
 
 
 def test_config_missing(ckpt: Path) -> None:
+    # Without config.json the shapes give the config (tests/test_infer_config.py); without
+    # safetensors as well there is nothing to load.
     (ckpt / "config.json").unlink()
-    raises_input_error(ckpt, "config.json", "missing")
+    (ckpt / "model.safetensors").unlink()
+    raises_input_error(ckpt, "config.json", "safetensors", "missing")
 
 
 def test_config_not_json(ckpt: Path) -> None:
