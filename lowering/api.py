@@ -16,6 +16,7 @@ from anefx.lowering.pass_manager import PassLog, run_pipeline
 from anefx.lowering.pipeline import build_pipeline
 from anefx.lowering.shape_prop import propagate_shapes
 from anefx.models.capture import capture, causal_mask
+from anefx.passes.densify_experts import MOE_META, moe_summary
 
 SUPPORTED_DTYPES = (torch.float16, torch.float32)
 
@@ -140,6 +141,9 @@ def lower(
     seconds["passes"] = log.seconds
     outs = gm.meta.get("anefx_outputs") or []
     stats["lm_head_slices"] = len(outs) or 1
+    moe = gm.meta.get(MOE_META)
+    if moe:
+        stats["moe"] = moe_summary(moe)
     if gm.meta.get("anefx_states"):
         stats["states"] = gm.meta["anefx_states"]
         stats["context"] = context

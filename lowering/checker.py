@@ -108,6 +108,15 @@ class Report:
                 if key == "weight_bytes":
                     val = f"{val / 1e9:.3f} GB"
                 lines.append(f"  {key:<15} {val}")
+        moe = self.stats.get("moe")
+        if moe and moe.get("blocks"):
+            lines.append(
+                f"  {'moe':<15} {moe['blocks']} block(s) x {moe['experts']} experts, top "
+                f"{moe['top_k']}: every expert evaluated densely, expert compute "
+                f"x{moe['compute_multiplier']:g} ({moe['expert_groups']} conv groups per block)"
+            )
+        for u in (moe or {}).get("unmatched", []):
+            lines.append(f"  {'moe':<15} {u['module']} not densified: {u['reason']}")
         states = self.stats.get("states") or []
         if states:
             shapes = sorted({"x".join(map(str, st["shape"])) for st in states})
@@ -255,6 +264,7 @@ _FX_KINDS = {
     "rsqrt": "rsqrt",
     "embedding": "gather",
     "index_select": "gather",
+    "index": "gather",
     "gather": "gather",
     "scatter": "scatter",
     "scatter_add": "scatter",
@@ -281,6 +291,8 @@ def _fx_kind(node: fx.Node) -> str:
         return "layer_norm"
     packet = getattr(node.target, "overloadpacket", None)
     name = getattr(packet, "__name__", None) or getattr(node.target, "__name__", str(node.target))
+    if "grouped_mm" in name:  # aten._grouped_mm and transformers' fallback custom op
+        return "grouped_mm"
     return _FX_KINDS.get(name, name)
 
 

@@ -8,6 +8,7 @@ from anefx.lowering.pass_manager import Step
 from anefx.passes import (
     add_argmax_head,
     cast_to_compute_dtype,
+    densify_experts,
     fold_position_tables,
     limit_rank,
     linear_to_conv2d,
@@ -30,6 +31,14 @@ def build_pipeline(
             remove_noop_nodes.postcondition,
             "first: every matcher after it sees one spelling per op, without asserts, aliases "
             "and casts that do nothing",
+        ),
+        Step(
+            "densify_experts",
+            densify_experts.densify_experts,
+            densify_experts.postcondition,
+            "second: a mixture-of-experts block is matched on the captured spelling (views as "
+            "reshape, asserts gone) and becomes plain linears before any pass lays them out; "
+            "the router's fp32 softmax is left to the dtype pass",
         ),
         Step(
             "fold_position_tables",

@@ -44,6 +44,11 @@ RULES = [
     Rule("linear", "error", "dense layer as linear/matmul-with-weight, not a 1x1 conv"),
     Rule("rms_pow_rsqrt", "error", "pow/rsqrt normalisation (fp16 overflow; use layer_norm)"),
     Rule("scatter", "error", "scatter / index_put leaves the ANE"),
+    Rule(
+        "routing",
+        "error",
+        "data-dependent routing (topk, sort, histc, cumsum, grouped matmul) leaves the ANE",
+    ),
     Rule("control_flow", "error", "control flow (cond/while) leaves the ANE"),
     Rule("dynamic_shape", "error", "dynamic shape leaves the ANE"),
     Rule(
@@ -77,6 +82,13 @@ OFF_ANE_KINDS = {
     "rsqrt": "rms_pow_rsqrt",
     "band_part": "in_graph_mask",
     "gather": "gather",
+    "topk": "routing",
+    "sort": "routing",
+    "argsort": "routing",
+    "histc": "routing",
+    "cumsum": "routing",
+    "nonzero": "routing",
+    "grouped_mm": "routing",
 }
 
 

@@ -13,6 +13,7 @@ are shared.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -179,6 +180,25 @@ def module_path(node: fx.Node) -> str | None:
     return path or None
 
 
+@contextlib.contextmanager
+def _grouped_mm_experts(model: torch.nn.Module):
+    """Trace mixture-of-experts blocks with transformers' grouped_mm experts implementation.
+
+    The eager one loops over the experts a batch hits (data-dependent, not exportable); the
+    grouped one is a fixed chain (sort, grouped matmuls) that passes/densify_experts.py reads.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_experts_implementation", None)
+    if config is None or current is None or current == "grouped_mm":
+        yield
+        return
+    config._experts_implementation = "grouped_mm"
+    try:
+        yield
+    finally:
+        config._experts_implementation = current
+
+
 def capture(
     model: torch.nn.Module, seq_len: int = 64, meta: bool = False, context: int | None = None
 ) -> Captured:
@@ -197,7 +217,7 @@ def capture(
     wrapper = PrefillWrapper(model) if context is None else StatefulWrapper(model, context)
     seconds = {}
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), _grouped_mm_experts(model):
         ep = torch.export.export(wrapper, args, strict=False)
     seconds["export"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -260,6 +260,12 @@ class _Emitter:
             aten.sub.Tensor: mb.sub,
             aten.div.Tensor: mb.real_div,
             aten.eq.Tensor: mb.equal,
+            aten.gt.Tensor: mb.greater,
+            aten.gt.Scalar: mb.greater,
+            aten.lt.Tensor: mb.less,
+            aten.lt.Scalar: mb.less,
+            aten.ge.Scalar: mb.greater_equal,
+            aten.le.Scalar: mb.less_equal,
         }
         if t in binary:
             ops_dtype = next((x.meta["val"].dtype for x in a if isinstance(x, fx.Node)), dtype)
@@ -292,6 +298,17 @@ class _Emitter:
             return mb.softmax(x=self.arg(a[0]), axis=a[1] % v.dim(), name=name)
         if t is aten.silu.default:
             return mb.silu(x=self.arg(a[0]), name=name)
+        if t is aten.sigmoid.default:
+            return mb.sigmoid(x=self.arg(a[0]), name=name)
+        if t is aten.relu.default:
+            return mb.relu(x=self.arg(a[0]), name=name)
+        if t is aten.tanh.default:
+            return mb.tanh(x=self.arg(a[0]), name=name)
+        if t is aten.gelu.default:
+            tanh = node.kwargs.get("approximate", "none") == "tanh"
+            return mb.gelu(
+                x=self.arg(a[0]), mode="TANH_APPROXIMATION" if tanh else "EXACT", name=name
+            )
         if t is aten._to_copy.default:
             target = {
                 torch.float16: "fp16",

@@ -1,0 +1,383 @@
+"""Mixture of experts: data-dependent routing becomes a dense, comparison-weighted sum.
+
+    before: p = softmax(router(h)) (N,E); w, i = topk(p, k); sort/histc/index by i;
+            grouped_mm(h[i], Wgu (E,H,2I)) -> act -> grouped_mm(., Wd (E,I,H)) * w -> index_put/sum
+    after:  sel = sum(p[:,None,:] > p[:,:,None], -1) < k ; d = norm(p * sel) (N,E)
+            per expert group G: act(linear(h, Wg_G), linear(h, Wu_G)) * linear(d_G, R_G) (N,|G|I)
+            out = sum_G linear(., Wd_G) (N,H)      every expert runs: compute x E/k
+The block is found from the graph (a topk whose indices route a pair of grouped matmuls over
+3-D weights), never from a class name. The router's values-to-weights steps (e.g. the top-k
+renormalisation) and the activation between the two matmuls are copied from the captured graph,
+so the dense form computes what the model computes. Experts are grouped so every conv fits the
+width limits in lowering/rules.py. Ties in the router probabilities select every tied expert.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from anefx.lowering import rules
+from anefx.passes._util import (
+    PassResult,
+    add_const,
+    aten,
+    const_value,
+    emit,
+    is_op,
+    recompile,
+    shape_of,
+)
+
+MOE_META = "anefx_moe"  # {"blocks": [...], "unmatched": [...]}: what the report states
+
+# ops allowed between the two expert matmuls besides the gate/up split: they act row-wise and
+# elementwise, so they mean the same on (N, |G| * I) as on (rows, I)
+_ELEMENTWISE = (
+    aten.silu,
+    aten.gelu,
+    aten.relu,
+    aten.sigmoid,
+    aten.tanh,
+    aten.mul,
+    aten.add,
+    aten.sub,
+    aten.div,
+    aten.neg,
+    aten._to_copy,
+)
+# ops allowed from the top-k values to the routing weights: they stay right when the values
+# are replaced by the masked probabilities (zeros add nothing to a sum over experts)
+_VALUE_OPS = (aten.sum, aten.div, aten.mul, aten._to_copy, aten.clamp, aten.clamp_min)
+_VIEW_OPS = (aten.reshape, aten.view, aten.transpose, aten.permute, aten.t, aten._to_copy)
+_ROUTING_OPS = (aten.topk, aten.sort, aten.argsort, aten.histc, aten.cumsum, aten.nonzero)
+
+
+class _NoMatch(Exception):
+    """The block is not in a form this pass understands (the reason is reported)."""
+
+
+def _is_grouped_mm(node: object) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    return "grouped_mm" in str(node.target)
+
+
+def _descendants(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
+    """Users of NODE, transitively, inside WITHIN (the block's window of the graph)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in within and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _used_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The 3-D weight a grouped matmul reads, (E, in, out), evaluated from its get_attr."""
+    chain = []
+    while node.op != "get_attr":
+        if not is_op(node, *_VIEW_OPS):
+            raise _NoMatch(f"expert weight comes from {node.target}, not a parameter")
+        chain.append(node)
+        node = node.args[0]
+    t = const_value(gm, node)
+    if t is None or t.dim() != 3:
+        raise _NoMatch(f"expert weight {node.target} is not a 3-D tensor")
+    for n in reversed(chain):
+        t = n.target(t, *n.args[1:], **n.kwargs)
+    return t
+
+
+def _gathered_source(x: fx.Node) -> fx.Node:
+    """The (N, H) hidden states a grouped matmul's rows were gathered from."""
+    while is_op(x, aten._to_copy, aten.reshape):
+        x = x.args[0]
+    if not is_op(x, aten.index) or len(x.args[1]) != 1:
+        raise _NoMatch(f"expert input is {x.target}, not rows gathered from the hidden states")
+    return x.args[0]
+
+
+def _between(src: fx.Node, dst: fx.Node, window: list[fx.Node]) -> list[fx.Node]:
+    """Nodes on a path from SRC to DST (both excluded), in graph order."""
+    down = _descendants(src, set(window))
+    up, todo = set(), [dst]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in up:
+                up.add(a)
+                todo.append(a)
+    return [n for n in window if n in down and n in up and n is not dst]
+
+
+def _match(gm: fx.GraphModule, topk: fx.Node, window: list[fx.Node]) -> dict:
+    """Everything the dense form needs, read off the captured block; _NoMatch if it is not one.
+
+    WINDOW: the nodes from TOPK to the next router's top-k, in graph order (the block and the
+    next attention), so every search stays inside one layer.
+    """
+    within = set(window)
+    probs, k = topk.args[0], topk.args[1]
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    pshape = shape_of(probs)
+    if pshape is None or len(pshape) != 2 or dim not in (-1, 1):
+        raise _NoMatch(f"router top-k over {pshape} (dim {dim}), not (tokens, experts)")
+    n_tok, n_exp = pshape
+    outs = {u.args[1]: u for u in topk.users if u.target is operator.getitem}
+    if set(outs) != {0, 1}:
+        raise _NoMatch("router top-k values or indices unused")
+    values, indices = outs[0], outs[1]
+    routed = _descendants(indices, within)
+    mms = [n for n in window if n in routed and _is_grouped_mm(n)][:2]
+    if len(mms) != 2 or mms[1] not in _descendants(mms[0], within):
+        raise _NoMatch("the top-k does not route a chain of two grouped matmuls")
+    mm1, mm2 = mms
+    w1, w2 = _used_weight(gm, mm1.args[1]), _used_weight(gm, mm2.args[1])
+    hidden = _gathered_source(mm1.args[0])
+    hshape = shape_of(hidden)
+    if hshape != (n_tok, w1.shape[1]) or w1.shape[0] != n_exp or w2.shape[0] != n_exp:
+        raise _NoMatch(f"hidden {hshape} and expert weights {tuple(w1.shape)} do not agree")
+    if w1.shape[2] % 2 or w2.shape[1] != w1.shape[2] // 2 or w2.shape[2] != hshape[1]:
+        raise _NoMatch(f"expert weights {tuple(w1.shape)}, {tuple(w2.shape)}: not gate+up, down")
+    inter = w2.shape[1]
+
+    # the activation between the matmuls: one split of mm1 into gate and up, then elementwise
+    middle = _between(mm1, mm2, window)
+    splits = [n for n in middle if is_op(n, aten.split, aten.split_with_sizes, aten.chunk)]
+    if len(splits) != 1 or splits[0].args[0] is not mm1:
+        raise _NoMatch("the expert activation does not split the gate/up projection once")
+    sp = splits[0]
+    sdim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
+    sizes = sp.args[1]
+    halves = (
+        (is_op(sp, aten.chunk) and sizes == 2)
+        or sizes == inter
+        or (isinstance(sizes, (list, tuple)) and list(sizes) == [inter, inter])
+    )
+    if sdim not in (-1, 1) or not halves:
+        raise _NoMatch("the gate/up split is not two halves of the last axis")
+    parts = {}
+    for n in middle:
+        if n is sp:
+            continue
+        if n.target is operator.getitem and n.args[0] is sp:
+            parts[n] = n.args[1]
+        elif not is_op(n, *_ELEMENTWISE):
+            raise _NoMatch(f"{n.target} between the expert matmuls is not elementwise")
+    if sorted(parts.values()) != [0, 1]:
+        raise _NoMatch("the gate/up split is not used as two halves")
+
+    # the routing weight: mm2's rows times a per-row weight that comes from the top-k values
+    scale = [u for u in mm2.users if is_op(u, aten.mul)]
+    if len(scale) != 1:
+        raise _NoMatch("the expert outputs are not scaled by their routing weight")
+    scale = scale[0]
+    weights = next(
+        (
+            n
+            for n in reversed([values, *window])
+            if shape_of(n) == (n_tok, k)
+            and n not in routed  # still in top-k order: not yet permuted by the indices
+            and (n is values or n in _descendants(values, within))
+            and scale in _descendants(n, within)
+        ),
+        None,
+    )
+    if weights is None:
+        raise _NoMatch("no (tokens, k) routing weights derived from the top-k values")
+    value_ops = _between(values, weights, window) + ([weights] if weights is not values else [])
+    for n in value_ops:
+        if not is_op(n, *_VALUE_OPS):
+            raise _NoMatch(f"{n.target} turns top-k values into weights: not understood")
+
+    # the block's result: the first (N, H) tensor after the scaling that leaves the experts'
+    # module (the sums over the k slots and the un-sorting happen inside it)
+    block = mm1.meta.get("anefx_module") or ""
+    after = _descendants(scale, within)
+    result = next(
+        (
+            n
+            for n in window
+            if n in after
+            and shape_of(n) == hshape
+            and any(not (u.meta.get("anefx_module") or "").startswith(block) for u in n.users)
+        ),
+        None,
+    )
+    if result is None:
+        raise _NoMatch("no (tokens, hidden) result after the weighted expert outputs")
+    return {
+        "topk": topk,
+        "probs": probs,
+        "k": int(k),
+        "values": values,
+        "value_ops": value_ops,
+        "weights": weights,
+        "hidden": hidden,
+        "mm1": mm1,
+        "middle": [n for n in middle if n is not sp],
+        "act": mm2.args[0],
+        "parts": parts,
+        "mm2": mm2,
+        "w_gate_up": w1,
+        "w_down": w2,
+        "result": result,
+        "experts": n_exp,
+        "inter": inter,
+    }
+
+
+def _group_size(inter: int, n_exp: int) -> int:
+    """Experts per group: gate/up convs within the conv width, down conv within C."""
+    per = min(rules.MAX_CONV_OUT_CHANNELS, rules.DIM_LIMITS["C"]) // inter
+    if per < 1:
+        raise _NoMatch(f"one expert's {inter} channels exceed the conv width limit")
+    groups = math.ceil(n_exp / per)
+    return math.ceil(n_exp / groups)  # balanced groups
+
+
+def _rewrite(gm: fx.GraphModule, m: dict) -> int:
+    g = gm.graph
+    result, probs, hidden = m["result"], m["probs"], m["hidden"]
+    n_exp, inter, k = m["experts"], m["inter"], m["k"]
+    w1, w2 = m["w_gate_up"], m["w_down"]  # (E, H, 2I), (E, I, H)
+    dtype = w1.dtype
+    like = m["mm1"]
+    size = _group_size(inter, n_exp)
+    with g.inserting_before(result):
+        # top-k as comparisons: expert e is kept when fewer than k experts beat it
+        rows = emit(g, aten.unsqueeze.default, (probs, 1), like=m["topk"])  # (N, 1, E)
+        cols = emit(g, aten.unsqueeze.default, (probs, 2), like=m["topk"])  # (N, E, 1)
+        beats = emit(g, aten.gt.Tensor, (rows, cols), like=m["topk"])
+        beats = emit(g, aten._to_copy.default, (beats,), {"dtype": probs.meta["val"].dtype})
+        rank = emit(g, aten.sum.dim_IntList, (beats, [-1]), like=m["topk"])
+        keep = emit(g, aten.lt.Scalar, (rank, k), like=m["topk"])
+        keep = emit(g, aten._to_copy.default, (keep,), {"dtype": probs.meta["val"].dtype})
+        dense = emit(g, aten.mul.Tensor, (probs, keep), like=m["topk"])
+        env = {m["values"]: dense}
+        for n in m["value_ops"]:
+            env[n] = g.node_copy(n, lambda a: env.get(a, a))
+        # (N, E) in the weights' dtype: a cast the final clean-up drops if it does nothing
+        route = emit(g, aten._to_copy.default, (env[m["weights"]],), {"dtype": dtype}, like=like)
+        x = hidden
+        total = None
+        for start in range(0, n_exp, size):
+            stop = min(start + size, n_exp)
+            span = stop - start
+            gate_w = w1[start:stop, :, :inter].permute(0, 2, 1).reshape(span * inter, -1)
+            up_w = w1[start:stop, :, inter:].permute(0, 2, 1).reshape(span * inter, -1)
+            down_w = w2[start:stop].permute(2, 0, 1).reshape(w2.shape[2], span * inter)
+            tag = f"experts_{start}_{stop}"
+            gate = emit(
+                g,
+                aten.linear.default,
+                (x, add_const(gm, gate_w.contiguous(), f"{tag}_gate", like=like)),
+                like=like,
+            )
+            up = emit(
+                g,
+                aten.linear.default,
+                (x, add_const(gm, up_w.contiguous(), f"{tag}_up", like=like)),
+                like=like,
+            )
+            sub = {h: (gate if i == 0 else up) for h, i in m["parts"].items()}
+            for n in m["middle"]:
+                if n not in sub:
+                    sub[n] = g.node_copy(n, lambda a, sub=sub: sub.get(a, a))
+            act = sub[m["act"]]
+            # each expert's routing weight repeated over its I channels, as a tiny conv
+            spread = torch.zeros(span * inter, span, dtype=dtype, device=w1.device)
+            if w1.device.type != "meta":
+                spread[torch.arange(span * inter), torch.arange(span).repeat_interleave(inter)] = 1
+            part = emit(g, aten.slice.Tensor, (route, 1, start, stop), like=like)
+            gain = emit(
+                g,
+                aten.linear.default,
+                (part, add_const(gm, spread, f"{tag}_spread", like=like)),
+                like=like,
+            )
+            act = emit(g, aten.mul.Tensor, (act, gain), like=like)
+            out = emit(
+                g,
+                aten.linear.default,
+                (act, add_const(gm, down_w.contiguous(), f"{tag}_down", like=like)),
+                like=m["mm2"],
+            )
+            total = out if total is None else emit(g, aten.add.Tensor, (total, out), like=like)
+        if result.meta["val"].dtype != dtype:
+            total = emit(g, aten._to_copy.default, (total,), {"dtype": result.meta["val"].dtype})
+    result.replace_all_uses_with(total)
+    return math.ceil(n_exp / size)
+
+
+def densify_experts(gm: fx.GraphModule) -> PassResult:
+    """Rewrite every recognised mixture-of-experts block into its dense form."""
+    nodes = list(gm.graph.nodes)
+    found = [i for i, n in enumerate(nodes) if is_op(n, aten.topk)]
+    if not found:
+        return PassResult(gm, False)
+    info = gm.meta.setdefault(MOE_META, {"blocks": [], "unmatched": []})
+    changed = False
+    for j, i in enumerate(found):
+        topk = nodes[i]
+        window = nodes[i : found[j + 1] if j + 1 < len(found) else len(nodes)]
+        module = (topk.meta.get("anefx_module") or "").rsplit(".", 1)[0]
+        try:
+            m = _match(gm, topk, window)
+        except _NoMatch as exc:
+            info["unmatched"].append({"node": topk.name, "module": module, "reason": str(exc)})
+            continue
+        size = _group_size(m["inter"], m["experts"])
+        n_groups = _rewrite(gm, m)
+        info["blocks"].append(
+            {
+                "module": module,
+                "experts": m["experts"],
+                "top_k": m["k"],
+                "expert_groups": n_groups,
+                "experts_per_group": size,
+                "compute_multiplier": m["experts"] / m["k"],
+            }
+        )
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        recompile(gm)
+    return PassResult(gm, changed)
+
+
+def moe_summary(info: dict) -> dict:
+    """The report's view of gm.meta[MOE_META]: one line of numbers plus what was not done."""
+    blocks = info.get("blocks", [])
+    out: dict = {"blocks": len(blocks)}
+    if blocks:
+        first = blocks[0]
+        out.update(
+            {
+                "experts": first["experts"],
+                "top_k": first["top_k"],
+                "expert_groups": first["expert_groups"],
+                # every expert runs for every token instead of top_k of them
+                "compute_multiplier": first["compute_multiplier"],
+            }
+        )
+    if info.get("unmatched"):
+        out["unmatched"] = info["unmatched"]
+    return out
+
+
+def postcondition(gm: fx.GraphModule) -> list[str]:
+    """No data-dependent routing op is left, except in blocks reported as not understood."""
+    unmatched = [u["module"] for u in gm.meta.get(MOE_META, {}).get("unmatched", [])]
+    return [
+        f"{n.name}: {n.target} left"
+        for n in gm.graph.nodes
+        if (is_op(n, *_ROUTING_OPS) or _is_grouped_mm(n))
+        and not any((n.meta.get("anefx_module") or "").startswith(u) for u in unmatched)
+    ]
