@@ -1,4 +1,4 @@
-"""The ``anefx`` command line: check, convert, generate, inspect, presets.
+"""The ``anefx`` command line: check, convert, generate, inspect, matrix, presets.
 
 Exit codes: 0 when the checked graph or package has no ANE errors, 1 when it has (or a pass
 broke an invariant), 2 for bad input, with one clear message on stderr.
@@ -148,6 +148,26 @@ def cmd_check(args) -> int:
     report = low.captured_report if args.raw else low.report
     print(report.to_json() if args.json else report.render())
     return 1 if report.errors else 0
+
+
+def cmd_matrix(args) -> int:
+    from anefx.lowering.matrix import matrix_row, render_matrix
+    from anefx.models.presets import PRESETS
+
+    names = args.presets.split(",") if args.presets else [n for n in PRESETS if "tiny" not in n]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise AnefxInputError(f"unknown preset '{unknown[0]}'; known: {', '.join(PRESETS)}")
+    progress = _Progress(True)
+    rows = []
+    for name in names:
+        progress(f"lowering preset:{name} on the meta device")
+        rows.append(matrix_row(name, args.seq))
+    if args.json:
+        print(json.dumps({"seq_len": args.seq, "rows": rows}))
+    else:
+        print(render_matrix(rows))
+    return 1 if any(r["errors_after_except_size"] for r in rows) else 0
 
 
 def cmd_convert(args) -> int:
@@ -338,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="checkpoint folder or preset:NAME")
     i.add_argument("--json", action="store_true", help="one JSON object on the last line")
     i.set_defaults(func=cmd_inspect)
+
+    mx = sub.add_parser(
+        "matrix", help="lower every preset on the meta device: the conversion matrix"
+    )
+    mx.add_argument("--presets", help="comma-separated preset names (default: all but tiny)")
+    mx.add_argument("--seq", type=int, default=64, help="captured sequence length (64)")
+    mx.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    mx.set_defaults(func=cmd_matrix)
 
     s = sub.add_parser("presets", help="list the built-in presets and their shapes")
     s.add_argument("--json", action="store_true")

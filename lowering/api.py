@@ -95,11 +95,13 @@ def lower(
     raw_report: bool = False,
     context: int | None = None,
     argmax: bool = False,
+    repeat: bool = True,
 ) -> Lowered:
     """Load MODEL (folder, ``preset:NAME`` or a transformers model), capture, lower, check.
 
     With CONTEXT the graph holds a KV cache of that many positions as state (inputs and
     outputs listed in ``graph_module.meta["anefx_states"]``); the rotary tables cover it.
+    REPEAT=False exports every decoder layer instead of repeating the first ones in the graph.
     """
     from anefx.models.load import load_model
 
@@ -128,7 +130,7 @@ def lower(
             loaded.config,
         )
     seconds["load"] = time.perf_counter() - t0
-    cap = capture(hf, seq_len=seq_len, meta=meta, context=context)
+    cap = capture(hf, seq_len=seq_len, meta=meta, context=context, repeat=repeat)
     seconds.update(cap.seconds)
     gm = cap.graph_module
     t0 = time.perf_counter()

@@ -21,6 +21,14 @@ import torch
 import torch.fx as fx
 
 from anefx.errors import AnefxInputError
+from anefx.models.repeat_layers import (
+    RepeatError,
+    decoder_layers,
+    layer_signature,
+    prefix_length,
+    repeat_layers,
+    truncated,
+)
 
 # Names of the captured inputs, in call order. The emitter and the report use them verbatim.
 INPUT_IDS = "input_ids"
@@ -199,31 +207,108 @@ def _grouped_mm_experts(model: torch.nn.Module):
         config._experts_implementation = current
 
 
+@contextlib.contextmanager
+def _fixed_dynamic_rope(model: torch.nn.Module, table_len: int):
+    """Dynamic-NTK rotary embeddings with the frequencies transformers uses at TABLE_LEN tokens.
+
+    transformers recomputes them inside forward from max(position_ids), which export cannot
+    trace (data-dependent). This sets them as its dynamic update would for a sequence of
+    TABLE_LEN positions (scaled above the original length, the original ones otherwise), with
+    transformers' own init function, and skips the update while exporting; the module is
+    restored afterwards. The graph is then exact for every sequence transformers runs with
+    the same frequencies: any length up to the original maximum when TABLE_LEN is within it,
+    and a full TABLE_LEN when beyond.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    saved = []
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        if not isinstance(rope_type, str) or "dynamic" not in rope_type:
+            continue
+        if not hasattr(module, "inv_freq") or not hasattr(module, "original_max_seq_len"):
+            continue
+        saved.append((module, module.inv_freq, module.attention_scaling, rope_type))
+        if table_len > module.original_max_seq_len:
+            # a tensor length, as transformers passes max(position_ids) + 1: same arithmetic
+            length = torch.tensor(table_len)
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](
+                module.config, device="cpu", seq_len=length
+            )
+            module.attention_scaling = scaling
+        else:
+            inv_freq = module.original_inv_freq
+        module.register_buffer(
+            "inv_freq", inv_freq.to(module.inv_freq.device, module.inv_freq.dtype), False
+        )
+        module.rope_type = "fixed"  # neither dynamic nor longrope: forward skips the update
+    try:
+        yield
+    finally:
+        for module, inv_freq, scaling, rope_type in saved:
+            module.register_buffer("inv_freq", inv_freq, persistent=False)
+            module.attention_scaling = scaling
+            module.rope_type = rope_type
+
+
+def _export(
+    model: torch.nn.Module, seq_len: int, meta: bool, context: int | None, seconds: dict
+) -> fx.GraphModule:
+    """torch.export + ATen decompositions + unlift of MODEL as it is now."""
+    dtype = next(model.parameters()).dtype
+    args = example_inputs(seq_len, dtype, "meta" if meta else "cpu", context)
+    wrapper = PrefillWrapper(model) if context is None else StatefulWrapper(model, context)
+    t0 = time.perf_counter()
+    table_len = context or seq_len
+    with torch.no_grad(), _grouped_mm_experts(model), _fixed_dynamic_rope(model, table_len):
+        ep = torch.export.export(wrapper, args, strict=False)
+    seconds["export"] = seconds.get("export", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ep = ep.run_decompositions({})
+    seconds["decompose"] = seconds.get("decompose", 0.0) + time.perf_counter() - t0
+    return unlift(ep)
+
+
 def capture(
-    model: torch.nn.Module, seq_len: int = 64, meta: bool = False, context: int | None = None
+    model: torch.nn.Module,
+    seq_len: int = 64,
+    meta: bool = False,
+    context: int | None = None,
+    repeat: bool = True,
 ) -> Captured:
     """Export MODEL at a fixed sequence length into an unlifted ATen GraphModule.
 
     With CONTEXT, the graph also reads and writes a KV cache of that many positions: the cache
-    tensors become extra inputs and outputs (``gm.meta["anefx_states"]``).
+    tensors become extra inputs and outputs (``gm.meta["anefx_states"]``). With REPEAT, only
+    the first layers are exported and the others are copies of them in the graph
+    (models/repeat_layers.py), so the cost does not grow with depth.
     """
     if seq_len < 1:
         raise AnefxInputError(f"--seq must be a positive integer, got {seq_len}")
     if context is not None and not seq_len <= context:
         raise AnefxInputError(f"--context {context} must be at least the batch {seq_len}")
+    seconds: dict[str, float] = {}
+    found = decoder_layers(model)
+    total = len(found[1]) if found else None
+    k = total
+    if repeat and found:
+        k = prefix_length([layer_signature(layer) for layer in found[1]])
+    if found and k < total:
+        with truncated(model, k):
+            gm = _export(model, seq_len, meta, context, seconds)
+        t0 = time.perf_counter()
+        try:
+            repeat_layers(gm, model, k, cache_name, attr_name)
+            seconds["repeat"] = time.perf_counter() - t0
+        except RepeatError:
+            # a structure the repetition does not cover: export every layer
+            gm = _export(model, seq_len, meta, context, seconds)
+            k = total
+    else:
+        gm = _export(model, seq_len, meta, context, seconds)
+        k = total
+    gm.meta["anefx_exported_layers"] = k
     dtype = next(model.parameters()).dtype
-    device = "meta" if meta else "cpu"
-    args = example_inputs(seq_len, dtype, device, context)
-    wrapper = PrefillWrapper(model) if context is None else StatefulWrapper(model, context)
-    seconds = {}
-    t0 = time.perf_counter()
-    with torch.no_grad(), _grouped_mm_experts(model):
-        ep = torch.export.export(wrapper, args, strict=False)
-    seconds["export"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ep = ep.run_decompositions({})
-    seconds["decompose"] = time.perf_counter() - t0
-    gm = unlift(ep)
     return Captured(
         graph_module=gm,
         seq_len=seq_len,

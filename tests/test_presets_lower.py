@@ -6,11 +6,12 @@ import pytest
 
 import anefx
 from anefx.lowering import rules
-from anefx.models.presets import PRESETS
+from anefx.models.presets import PRESETS, sparse_layers
 
 REAL = [name for name in PRESETS if name != "qwen3-tiny"]
-# one real shape in the default run (the checker tests lower qwen3-0.6b too); all under -m slow
-DEFAULT = {"qwen3-1.7b"}
+# one real shape per family in the default run (the checker tests lower qwen3-0.6b too): dense
+# Qwen3, Qwen2.5, long-context Qwen3 and Qwen3-MoE; every preset under -m slow
+DEFAULT = {"qwen3-1.7b", "qwen2.5-0.5b", "qwen3-4b-2507", "qwen3-30b-a3b"}
 
 
 @pytest.mark.parametrize(
@@ -26,3 +27,8 @@ def test_preset_lowers_without_errors(name: str) -> None:
     vocab = PRESETS[name]["vocab_size"]
     assert rep.stats["lm_head_slices"] == rules.lm_head_slices(vocab)
     assert all(o["end"] - o["start"] <= rules.MAX_CONV_OUT_CHANNELS for o in low.outputs)
+    cfg = PRESETS[name]
+    if cfg["model_type"] == "qwen3_moe":
+        moe = rep.stats["moe"]
+        assert moe["blocks"] == len(sparse_layers(cfg)) and "unmatched" not in moe
+        assert moe["compute_multiplier"] == cfg["num_experts"] / cfg["num_experts_per_tok"]
