@@ -20,6 +20,7 @@ def lower(
     raw_report: bool = False,
     context: int | None = None,
     argmax: bool = False,
+    repeat: bool = True,
 ):
     """Load MODEL (a checkpoint folder, ``preset:NAME`` or a transformers model), capture it
     and lower it; DTYPE float16 (default) or float32. Returns an ``anefx.lowering.api.Lowered``.
@@ -35,6 +36,7 @@ def lower(
         raw_report=raw_report,
         context=context,
         argmax=argmax,
+        repeat=repeat,
     )
 
 

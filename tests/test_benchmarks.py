@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/convert.py and benchmarks/decode.py on the tiny preset: they run
+"""Smoke tests of benchmarks/convert.py, decode.py and structural.py on small presets: they run
 and their last line is JSON with the promised keys."""
 
 from __future__ import annotations
@@ -88,3 +88,14 @@ def test_decode_benchmark_tiny() -> None:
     assert rec["bytes_per_token"] == rec["weight_bytes_per_token"] + rec["kv_read_bytes"]
     assert rec["bandwidth_gb_s"] == 50
     assert math.isclose(rec["est_ane_tok_s"], 50e9 / rec["bytes_per_token"], rel_tol=1e-3)
+
+
+def test_structural_benchmark_repeats_layers_and_matches_the_full_export() -> None:
+    rec = _last_json([str(BENCH / "structural.py"), "--preset", "qwen2.5-0.5b", "--seq", "16"])
+    for key in ("preset", "wall_s", "peak_rss_gb", "stage_s", "baseline_wall_s", "ratio"):
+        assert key in rec, key
+    assert rec["preset"] == "qwen2.5-0.5b" and rec["layers"] == 24
+    assert rec["exported_layers"] == 2 and rec["errors"] == 0
+    assert rec["same_report"] is True  # the repeated graph lowers to the full export's report
+    assert {"export", "decompose", "repeat", "passes", "check"} <= set(rec["stage_s"])
+    assert "repeat" not in rec["baseline_stage_s"]

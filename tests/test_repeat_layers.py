@@ -72,9 +72,7 @@ def test_repeated_equals_full_export(kind, layers, mlp_only, exported, context) 
     full = capture(model, seq_len=SEQ, context=context, repeat=False)
     assert fast.graph_module.meta["anefx_exported_layers"] == exported
     assert full.graph_module.meta["anefx_exported_layers"] == layers
-    assert fast.graph_module.meta.get("anefx_states") == full.graph_module.meta.get(
-        "anefx_states"
-    )
+    assert fast.graph_module.meta.get("anefx_states") == full.graph_module.meta.get("anefx_states")
     for seed in (0, 1):
         a, b = _run(fast, seed), _run(full, seed)
         assert len(a) == len(b) == (1 + 2 * layers if context else 1)
