@@ -148,7 +148,8 @@ def repeat_layers(
 
     last = residual[captured - 1]
     tail_users = [u for u in last.users if member.get(u) is None and u is not out_node]
-    anchor = next(n for n in nodes if member.get(n) is None and nodes.index(n) > nodes.index(last))
+    after_last = nodes[nodes.index(last) + 1 :]
+    anchor = next(n for n in after_last if member.get(n) is None)  # copies go before the tail
     last_placeholder = placeholders[-1]
     current = last
     new_states: list[tuple[str, fx.Node]] = []
