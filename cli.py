@@ -1,4 +1,4 @@
-"""The ``anefx`` command line: check, convert, generate, inspect, matrix, presets.
+"""The ``anefx`` command line: check, convert, diff, generate, inspect, matrix, presets.
 
 Exit codes: 0 when the checked graph or package has no ANE errors, 1 when it has (or a pass
 broke an invariant), 2 for bad input, with one clear message on stderr.
@@ -150,6 +150,23 @@ def cmd_check(args) -> int:
     return 1 if report.errors else 0
 
 
+def cmd_diff(args) -> int:
+    import torch
+
+    from anefx.lowering.diff import diff
+
+    ids = _parse_ids(args.ids) if args.ids else None
+    dtypes = {
+        "both": (torch.float32, torch.float16),
+        "float32": (torch.float32,),
+        "float16": (torch.float16,),
+    }[args.dtype]
+    _random_notice(args.model)
+    result = diff(args.model, ids=ids, dtypes=dtypes)
+    print(json.dumps(result.to_dict()) if args.json else result.render())
+    return 1 if any(result.first_bad.values()) else 0
+
+
 def cmd_matrix(args) -> int:
     from anefx.lowering.matrix import matrix_row, render_matrix
     from anefx.models.presets import PRESETS
@@ -207,6 +224,13 @@ def _tokenizer(model: str):
         raise AnefxInputError(f"{path}: not a readable tokenizer ({exc})") from None
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise AnefxInputError(f"--ids must be comma-separated integers: {text!r}") from None
+
+
 def cmd_generate(args) -> int:
     from anefx.generation import Session, lower_decoder
 
@@ -214,10 +238,7 @@ def cmd_generate(args) -> int:
     _random_notice(args.model)
     tok = _tokenizer(args.model)
     if args.ids is not None:
-        try:
-            ids = [int(x) for x in args.ids.replace(" ", "").split(",") if x]
-        except ValueError:
-            raise AnefxInputError(f"--ids must be comma-separated integers: {args.ids!r}") from None
+        ids = _parse_ids(args.ids)
     else:
         if tok is None:
             raise AnefxInputError(
@@ -358,6 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="checkpoint folder or preset:NAME")
     i.add_argument("--json", action="store_true", help="one JSON object on the last line")
     i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser(
+        "diff", help="per-layer parity: transformers vs the lowered graph (fp32 and fp16)"
+    )
+    d.add_argument("model", help="checkpoint folder or preset:NAME")
+    d.add_argument("--ids", help="comma-separated token ids (default: 16 random ids)")
+    d.add_argument(
+        "--dtype", choices=("both", "float32", "float16"), default="both", help="lowered dtypes"
+    )
+    d.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    d.set_defaults(func=cmd_diff)
 
     mx = sub.add_parser(
         "matrix", help="lower every preset on the meta device: the conversion matrix"

@@ -1,0 +1,227 @@
+"""Per-layer parity: transformers vs the lowered graph, stage by stage, first bad stage named.
+
+Stages: the embedding output, each decoder layer's output (the residual stream after it), the
+final norm, the logits. transformers' values come from forward hooks on those modules; the
+lowered graph's from the last node each stage's module produced (its ``anefx_module``), read
+back in the (1, S, C) layout whatever layout the passes chose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from anefx.errors import AnefxGraphError, AnefxInputError
+
+# a stage is bad below this PSNR (dB), per lowered dtype: fp32 should agree to rounding level,
+# fp16 to the precision of its datapath (healthy models: 60-80 dB per stage here)
+DEFAULT_MIN_PSNR = {torch.float32: 80.0, torch.float16: 50.0}
+
+
+@dataclass
+class StageDiff:
+    stage: str
+    max_abs: float
+    psnr_db: float
+    cosine: float
+
+
+@dataclass
+class DiffResult:
+    """Per dtype: the stages with their errors, the threshold, and the first stage below it."""
+
+    model: str
+    seq_len: int
+    stages: list[str]
+    by_dtype: dict[str, list[StageDiff]] = field(default_factory=dict)
+    min_psnr: dict[str, float] = field(default_factory=dict)
+    first_bad: dict[str, str | None] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "seq_len": self.seq_len,
+            "stages": self.stages,
+            "min_psnr_db": self.min_psnr,
+            "first_bad_stage": self.first_bad,
+            "results": {d: [vars(s) for s in diffs] for d, diffs in self.by_dtype.items()},
+        }
+
+    def render(self) -> str:
+        dtypes = list(self.by_dtype)
+        head = f"  {'stage':<28}" + "".join(
+            f" | {d + ' max abs':>14} {'PSNR dB':>8} {'cosine':>9}" for d in dtypes
+        )
+        lines = [f"per-stage parity of {self.model} against transformers fp32 (S={self.seq_len})"]
+        lines += [head, "  " + "-" * (len(head) - 2)]
+        for i, stage in enumerate(self.stages):
+            cells = ""
+            for d in dtypes:
+                s = self.by_dtype[d][i]
+                flag = "<" if s.psnr_db < self.min_psnr[d] else " "
+                cells += f" | {s.max_abs:14.3e} {s.psnr_db:7.1f}{flag} {s.cosine:9.6f}"
+            lines.append(f"  {stage:<28}{cells}")
+        lines.append("")
+        for d in dtypes:
+            bad = self.first_bad[d]
+            if bad:
+                s = next(x for x in self.by_dtype[d] if x.stage == bad)
+                lines.append(
+                    f"  {d}: first stage below {self.min_psnr[d]:g} dB: {bad} "
+                    f"(PSNR {s.psnr_db:.1f} dB, max abs {s.max_abs:.3e})"
+                )
+            else:
+                lines.append(f"  {d}: every stage at or above {self.min_psnr[d]:g} dB")
+        return "\n".join(lines)
+
+
+def compare(ref: torch.Tensor, out: torch.Tensor, stage: str) -> StageDiff:
+    ref, out = ref.double().flatten(), out.double().flatten()
+    err = out - ref
+    rmse = err.pow(2).mean().sqrt().item()
+    peak = ref.abs().max().item()
+    psnr = math.inf if rmse == 0 else 20 * math.log10(max(peak, 1e-30) / rmse)
+    denom = (ref.norm() * out.norm()).item()
+    cosine = (ref @ out).item() / denom if denom else 1.0
+    return StageDiff(stage, err.abs().max().item(), psnr, cosine)
+
+
+def stage_modules(num_layers: int) -> list[str]:
+    return [
+        "model.embed_tokens",
+        *(f"model.layers.{i}" for i in range(num_layers)),
+        "model.norm",
+        "lm_head",
+    ]
+
+
+def reference_stages(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' own values at each stage (forward hooks), (1, S, C) each."""
+    seen: dict[str, torch.Tensor] = {}
+    names = stage_modules(model.config.num_hidden_layers)
+    handles = []
+    modules = dict(model.named_modules())
+    for name in names:
+
+        def hook(_mod, _inp, out, name=name):
+            seen[name] = (out[0] if isinstance(out, tuple) else out).detach()
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _stage_nodes(gm: fx.GraphModule, names: list[str]) -> dict[str, fx.Node]:
+    """The last node of each stage module in the lowered graph (logits: the outputs)."""
+    last: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        module = node.meta.get("anefx_module")
+        if module in names and node.op == "call_function":
+            last[module] = node
+    missing = [n for n in names[:-1] if n not in last]
+    if missing:
+        raise AnefxGraphError(f"no node of {missing[0]} in the lowered graph to compare")
+    return last
+
+
+def _logical(value: torch.Tensor, seq: int, width: int) -> torch.Tensor:
+    """A stage value in any layout the passes chose -> (1, S, C)."""
+    shape = tuple(value.shape)
+    if shape == (1, seq, width):
+        return value
+    if shape == (seq, width):
+        return value[None]
+    if shape == (1, width, 1, seq):
+        return value[:, :, 0, :].transpose(1, 2)
+    if shape == (1, width, seq):
+        return value.transpose(1, 2)
+    raise AnefxGraphError(f"cannot read a (1, {seq}, {width}) stage from shape {shape}")
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out
+        return out
+
+
+def lowered_stages(low, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The lowered graph's values at each stage for IDS (1, S), (1, S, C) each, in fp32."""
+    from anefx.models.capture import causal_mask
+
+    gm = low.graph_module
+    cfg = low.config
+    names = stage_modules(cfg.num_hidden_layers)
+    nodes = _stage_nodes(gm, names)
+    seq = low.seq_len
+    n = ids.shape[1]
+    padded = torch.nn.functional.pad(ids.to(torch.int32), (0, seq - n))
+    pos = torch.arange(seq, dtype=torch.int32)[None]
+    rec = _Recorder(gm, set(nodes.values()))
+    with torch.no_grad():
+        out = rec.run(padded, pos, causal_mask(seq, low.dtype))
+    values = {}
+    for name in names[:-1]:
+        values[name] = _logical(rec.values[nodes[name]], seq, cfg.hidden_size)[:, :n].float()
+    if isinstance(out, (tuple, list)):
+        out = torch.cat(list(out), dim=1).squeeze(2).transpose(1, 2)
+    values["lm_head"] = out[:, :n].float()
+    return values
+
+
+def diff(
+    model_spec,
+    ids: list[int] | None = None,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16),
+    min_psnr: dict[torch.dtype, float] | None = None,
+    lowered: dict | None = None,
+    seed: int = 0,
+) -> DiffResult:
+    """Compare transformers (fp32) with the lowered graph in each of DTYPES, stage by stage.
+
+    LOWERED optionally maps a dtype to an already lowered graph (tests plant faults in one).
+    """
+    import anefx
+    from anefx.models.load import load_model
+
+    loaded = load_model(model_spec, dtype=torch.float32, seed=seed)
+    model, cfg = loaded.model, loaded.config
+    if ids is None:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, cfg.vocab_size, (16,), generator=g).tolist()
+    if not ids or any(not 0 <= i < cfg.vocab_size for i in ids):
+        raise AnefxInputError(f"--ids must be token ids in [0, {cfg.vocab_size})")
+    ids_t = torch.tensor([ids])
+    seq = len(ids) + (1 if len(ids) == cfg.hidden_size else 0)  # layouts stay unambiguous
+    ref = reference_stages(model, ids_t)
+    names = stage_modules(cfg.num_hidden_layers)
+    stages = ["embedding", *(f"model.layers.{i}" for i in range(cfg.num_hidden_layers))]
+    stages += ["final norm", "logits"]
+    thresholds = {**DEFAULT_MIN_PSNR, **(min_psnr or {})}
+    result = DiffResult(str(model_spec), seq, stages)
+    for dtype in dtypes:
+        key = str(dtype).replace("torch.", "")
+        low = (lowered or {}).get(dtype) or anefx.lower(model, seq_len=seq, dtype=dtype)
+        got = lowered_stages(low, ids_t)
+        diffs = [
+            compare(ref[name], got[name], stage) for name, stage in zip(names, stages, strict=True)
+        ]
+        result.by_dtype[key] = diffs
+        result.min_psnr[key] = thresholds[dtype]
+        result.first_bad[key] = next(
+            (d.stage for d in diffs if d.psnr_db < thresholds[dtype]), None
+        )
+    return result
