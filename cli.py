@@ -1,4 +1,4 @@
-"""The ``anefx`` command line: check, convert, diff, generate, inspect, matrix, presets.
+"""The ``anefx`` command line: check, convert, diff, generate, inspect, matrix, presets, verify.
 
 Exit codes: 0 when the checked graph or package has no ANE errors, 1 when it has (or a pass
 broke an invariant), 2 for bad input, with one clear message on stderr.
@@ -165,6 +165,18 @@ def cmd_diff(args) -> int:
     result = diff(args.model, ids=ids, dtypes=dtypes)
     print(json.dumps(result.to_dict()) if args.json else result.render())
     return 1 if any(result.first_bad.values()) else 0
+
+
+def cmd_verify(args) -> int:
+    from anefx.targets.verify import verify
+
+    ids = _parse_ids(args.ids) if args.ids else None
+    _random_notice(args.model)
+    result = verify(args.package, args.model, ids=ids, steps=args.steps)
+    print(result.render())
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
 
 
 def cmd_matrix(args) -> int:
@@ -390,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     d.set_defaults(func=cmd_diff)
+
+    vf = sub.add_parser(
+        "verify",
+        help="execute an emitted package's program (no Mac needed) and compare with transformers",
+    )
+    vf.add_argument("package", help="the .mlpackage anefx convert wrote")
+    vf.add_argument("model", help="the checkpoint folder or preset:NAME it was converted from")
+    vf.add_argument("--ids", help="comma-separated prompt token ids (default: 16 random ids)")
+    vf.add_argument("--steps", type=int, default=8, help="greedy steps to compare (8)")
+    vf.add_argument("--json", action="store_true", help="end with one JSON object")
+    vf.set_defaults(func=cmd_verify)
 
     mx = sub.add_parser(
         "matrix", help="lower every preset on the meta device: the conversion matrix"

@@ -90,20 +90,25 @@ class Session:
 
     def feed(self, ids: list[int]) -> torch.Tensor:
         """Process IDS (prefill batches, then single steps); return the last position's logits."""
+        return self.feed_all(ids)[-1]
+
+    def feed_all(self, ids: list[int]) -> torch.Tensor:
+        """Process IDS like :meth:`feed`; return the logits of every one of them, (n, V)."""
         d = self.decoder
-        logits = None
+        parts = []
         i = 0
         while i < len(ids):
             rest = len(ids) - i
             if rest == 1:
-                logits = self._call(d.decode, ids[i : i + 1])
+                parts.append(self._call(d.decode, ids[i : i + 1]))
                 i += 1
             else:
                 take = min(rest, d.batch)
-                logits = self._call(d.prefill, ids[i : i + take])
+                parts.append(self._call(d.prefill, ids[i : i + take]))
                 i += take
+        logits = torch.cat(parts)
         self._last_logits = logits[-1]
-        return self._last_logits
+        return logits
 
     def stream(
         self,

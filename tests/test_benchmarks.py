@@ -99,3 +99,15 @@ def test_structural_benchmark_repeats_layers_and_matches_the_full_export() -> No
     assert rec["same_report"] is True  # the repeated graph lowers to the full export's report
     assert {"export", "decompose", "repeat", "passes", "check"} <= set(rec["stage_s"])
     assert "repeat" not in rec["baseline_stage_s"]
+
+
+def test_verify_benchmark_tiny() -> None:
+    rec = _last_json(
+        [str(BENCH / "verify.py"), "--preset", "qwen3-tiny", "--context", "64", "--batch", "8"]
+        + ["--steps", "5", "--prompt-len", "11"]
+    )
+    for key in ("wall_s", "psnr_db", "top1_agreement", "convert_s", "baseline_torch_s", "ratio"):
+        assert key in rec, key
+    assert rec["steps"] == 5 and rec["prompt_len"] == 11
+    assert rec["psnr_db"] >= 60.0 and rec["top1_agreement"] == 1.0
+    assert rec["wall_s"] > 0 and rec["baseline_torch_s"] > 0 and rec["ratio"] > 0

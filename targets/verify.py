@@ -1,0 +1,216 @@
+"""Verify an emitted package without a Mac: execute its program, compare with transformers.
+
+The package's functions run on :mod:`anefx.targets.coreml_exec` (the Core ML program itself:
+its ops and its weights, read from the package). A stateful package (``prefill`` + ``decode``
+with the KV cache as state) is driven exactly as :class:`anefx.generation.Session` drives the
+lowered graphs, states threaded from call to call; a single-function package runs once on the
+whole sequence. transformers (fp32) generates N greedy tokens after the prompt; the package is
+fed the same tokens (teacher forcing) and at every compared position its logits are measured
+against transformers' (PSNR) and its top-1 token compared with transformers' next token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anefx.errors import AnefxInputError
+from anefx.targets.coreml import read_spec
+
+_LOGITS = "logits"
+
+
+def _psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    rmse = (ref - out).pow(2).mean().sqrt().item()
+    return math.inf if rmse == 0 else 20 * math.log10(ref.abs().max().item() / rmse)
+
+
+def _shape(feature) -> tuple[int, ...]:
+    t = feature.type
+    arr = t.stateType.arrayType if t.WhichOneof("Type") == "stateType" else t.multiArrayType
+    return tuple(int(d) for d in arr.shape)
+
+
+@dataclass
+class PackageFunction:
+    """One function of a package, with the interface Session expects of a lowered graph."""
+
+    program: object
+    name: str
+    seq_len: int
+    input_names: list[str]
+    output_names: list[str]  # the logits: one (1, S, V) tensor, or slices (1, w, 1, S)
+    states: list[dict] = field(default_factory=list)
+    dtype: torch.dtype = torch.float16
+
+    @property
+    def graph_module(self):  # Session calls low.graph_module(ids, pos, mask, *states)
+        return self
+
+    @property
+    def outputs(self) -> list[dict]:
+        return [{"name": n} for n in self.output_names] if len(self.output_names) > 1 else []
+
+    def __call__(self, ids, pos, mask, *states):
+        feeds = {
+            "input_ids": ids.numpy().astype(np.int32),
+            "position_ids": pos.numpy().astype(np.int32),
+            "causal_mask": mask.numpy().astype(np.float16),
+        }
+        names = [s["name"] for s in self.states]
+        outs, new = self.program.run(
+            self.name, feeds, {n: s.numpy() for n, s in zip(names, states, strict=True)}
+        )
+        logits = [
+            torch.from_numpy(np.asarray(outs[n], dtype=np.float32)) for n in self.output_names
+        ]
+        return (*logits, *(torch.from_numpy(np.asarray(new[n])) for n in names))
+
+
+def package_functions(path: str | Path):
+    """The package's functions as PackageFunction objects, by name."""
+    from anefx.targets.coreml_exec import load_package
+
+    spec = read_spec(path)
+    program = load_package(path)
+    desc = spec.description
+    # a multifunction package describes each function; a single one has the top-level fields
+    described = [(f.name, f) for f in desc.functions] or [("main", desc)]
+    out = {}
+    for name, fn in described:
+        inputs = {f.name: _shape(f) for f in fn.input}
+        if set(inputs) != {"input_ids", "position_ids", "causal_mask"}:
+            raise AnefxInputError(
+                f"{path}: function {name} has inputs {sorted(inputs)}, not anefx's"
+            )
+        outputs = [f.name for f in fn.output]
+        if not all(o.startswith(_LOGITS) for o in outputs):
+            raise AnefxInputError(
+                f"{path}: function {name} returns {outputs}; verify compares logits (a package "
+                "emitted with --argmax returns token ids)"
+            )
+        outputs.sort(key=lambda o: int(o.rsplit("_", 1)[1]) if "_" in o else 0)
+        states = [{"name": f.name, "shape": list(_shape(f))} for f in fn.state]
+        out[name] = PackageFunction(
+            program, name, inputs["input_ids"][1], list(inputs), outputs, states
+        )
+    return out
+
+
+@dataclass
+class VerifyResult:
+    package: str
+    model: str
+    functions: list[str]
+    prompt_len: int
+    steps: int
+    psnr_db: float  # the lowest over every compared logits vector
+    top1_agreement: float
+    per_position_psnr_db: list[float]
+    tokens_reference: list[int]
+    tokens_package: list[int]
+    wall_s: float
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    def render(self) -> str:
+        lines = [
+            f"verify {self.package} ({', '.join(self.functions)}) against transformers fp32 on "
+            f"{self.model}",
+            f"  prompt {self.prompt_len} tokens, {self.steps} greedy steps (teacher-forced)",
+            f"  logits PSNR: lowest {self.psnr_db:.1f} dB over "
+            f"{len(self.per_position_psnr_db)} positions",
+            f"  top-1 agreement: {self.top1_agreement:.3f}",
+            f"  reference tokens {self.tokens_reference}",
+            f"  package tokens   {self.tokens_package}",
+            f"  {self.wall_s:.1f} s",
+        ]
+        return "\n".join(lines)
+
+
+def verify(
+    package: str | Path,
+    model_spec,
+    ids: list[int] | None = None,
+    steps: int = 8,
+    seed: int = 0,
+) -> VerifyResult:
+    """Run PACKAGE's program on IDS and N greedy steps; compare with transformers (fp32)."""
+    from anefx.generation import Decoder, Session
+    from anefx.models.load import load_model
+
+    t0 = time.perf_counter()
+    fns = package_functions(package)
+    hf = load_model(model_spec, dtype=torch.float32, seed=seed).model
+    vocab = hf.config.vocab_size
+    if ids is None:
+        ids = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
+    if not ids or any(not 0 <= i < vocab for i in ids):
+        raise AnefxInputError(f"--ids must be token ids in [0, {vocab})")
+    if steps < 1:
+        raise AnefxInputError("--steps must be at least 1")
+    with torch.no_grad():
+        full = hf.generate(
+            torch.tensor([ids]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
+        )[0].tolist()
+        ref = hf(input_ids=torch.tensor([full]), use_cache=False).logits[0]
+    # position p's logits predict token p + 1: compare the last prompt position and each step
+    n = len(ids)
+    if "decode" in fns and "prefill" in fns:
+        dec, pre = fns["decode"], fns["prefill"]
+        context = dec.states[0]["shape"][2] if dec.states else None
+        if context is None or len(full) - 1 > context:
+            raise AnefxInputError(f"{package}: {len(full) - 1} tokens exceed the context {context}")
+        session = Session(Decoder(pre, dec, context, pre.seq_len))
+        # the prompt through prefill, then each following token through one decode step
+        got = torch.cat([session.feed_all(ids), *(session.feed_all([t]) for t in full[n:-1])])
+    elif "main" in fns:
+        main = fns["main"]
+        if len(full) - 1 > main.seq_len:
+            raise AnefxInputError(
+                f"{package}: prompt + steps = {len(full) - 1} tokens exceed its length "
+                f"{main.seq_len}; use fewer --steps or a stateful package (--context)"
+            )
+        got = _run_stateless(main, full[:-1])
+    else:
+        raise AnefxInputError(f"{package}: functions {sorted(fns)}: not an anefx package")
+    compared = range(n - 1, len(full) - 1)
+    per = [_psnr(ref[p], got[p].float()) for p in compared]
+    ref_top = [int(ref[p].argmax()) for p in compared]
+    pkg_top = [int(got[p].argmax()) for p in compared]
+    agree = sum(a == b for a, b in zip(ref_top, pkg_top, strict=True)) / len(ref_top)
+    return VerifyResult(
+        package=str(package),
+        model=str(model_spec),
+        functions=sorted(fns),
+        prompt_len=n,
+        steps=steps,
+        psnr_db=min(per),
+        top1_agreement=agree,
+        per_position_psnr_db=[round(x, 2) for x in per],
+        tokens_reference=ref_top,
+        tokens_package=pkg_top,
+        wall_s=round(time.perf_counter() - t0, 2),
+    )
+
+
+def _run_stateless(fn: PackageFunction, ids: list[int]) -> torch.Tensor:
+    """(n, V) logits of a single-function package for IDS, padded to its length."""
+    from anefx.models.capture import causal_mask
+
+    s, n = fn.seq_len, len(ids)
+    ids_t = torch.tensor([ids + [0] * (s - n)], dtype=torch.int32)
+    pos = torch.arange(s, dtype=torch.int32)[None]
+    out = fn(ids_t, pos, causal_mask(s, torch.float16))
+    if len(fn.output_names) > 1:
+        logits = torch.cat(list(out), dim=1).squeeze(2).transpose(1, 2)
+    else:
+        logits = out[0]
+    return logits[0, :n]

@@ -1,0 +1,76 @@
+"""anefx verify: the emitted program itself, executed on Linux, against transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import anefx
+from anefx.generation import lower_decoder
+from anefx.models.presets import get_preset
+from anefx.models.synthetic import write_random_checkpoint
+from anefx.targets.coreml import emit_functions
+from anefx.targets.verify import verify
+
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("verify")
+    write_random_checkpoint(folder, get_preset("qwen3-tiny"), dtype=torch.float32, seed=3)
+    return folder
+
+
+def _ids() -> list[int]:
+    return torch.randint(0, 512, (11,), generator=torch.Generator().manual_seed(4)).tolist()
+
+
+def test_stateful_package_matches_transformers(ckpt: Path, tmp_path: Path) -> None:
+    dec = lower_decoder(str(ckpt), batch=8, context=64, dtype=torch.float16)
+    pkg = tmp_path / "dec.mlpackage"
+    emit_functions({"prefill": dec.prefill, "decode": dec.decode}, pkg, default="decode")
+    r = verify(pkg, str(ckpt), ids=_ids(), steps=STEPS)
+    assert r.functions == ["decode", "prefill"]
+    assert len(r.per_position_psnr_db) == STEPS  # 1 from the prefill, 31 decode steps
+    assert r.psnr_db >= 60.0, r.render()
+    assert r.top1_agreement == 1.0, r.render()
+    assert r.tokens_package == r.tokens_reference
+
+
+def test_single_function_package(ckpt: Path, tmp_path: Path) -> None:
+    low = anefx.lower(str(ckpt), seq_len=48, dtype=torch.float16)
+    pkg = tmp_path / "m.mlpackage"
+    anefx.emit(low, pkg)
+    r = verify(pkg, str(ckpt), ids=_ids(), steps=STEPS)
+    assert r.functions == ["main"]
+    assert r.psnr_db >= 60.0 and r.top1_agreement == 1.0, r.render()
+    with pytest.raises(anefx.AnefxInputError, match="exceed its length"):
+        verify(pkg, str(ckpt), ids=_ids(), steps=48)
+
+
+def test_a_wrong_package_is_caught(ckpt: Path, tmp_path: Path) -> None:
+    """Another checkpoint's package (same shapes, other weights) fails both measures."""
+    other = tmp_path / "other"
+    write_random_checkpoint(other, get_preset("qwen3-tiny"), dtype=torch.float32, seed=99)
+    low = anefx.lower(str(other), seq_len=48, dtype=torch.float16)
+    pkg = tmp_path / "other.mlpackage"
+    anefx.emit(low, pkg)
+    r = verify(pkg, str(ckpt), ids=_ids(), steps=8)
+    assert r.psnr_db < 20.0 and r.top1_agreement < 0.5, r.render()
+
+
+def test_cli_verify_json(capsys, ckpt: Path, tmp_path: Path) -> None:
+    from anefx.cli import main
+
+    low = anefx.lower(str(ckpt), seq_len=24, dtype=torch.float16)
+    pkg = tmp_path / "m.mlpackage"
+    anefx.emit(low, pkg)
+    ids = ",".join(map(str, _ids()))
+    assert main(["verify", str(pkg), str(ckpt), "--ids", ids, "--steps", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["psnr_db"] >= 60.0 and out["top1_agreement"] == 1.0
+    assert out["steps"] == 4 and len(out["per_position_psnr_db"]) == 4
