@@ -78,8 +78,9 @@ def _descendants(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _used_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """The 3-D weight a grouped matmul reads, (E, in, out), evaluated from its get_attr."""
+def _used_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, str]:
+    """The 3-D weight a grouped matmul reads, (E, in, out), evaluated from its get_attr, and
+    the attribute it comes from."""
     chain = []
     while node.op != "get_attr":
         if not is_op(node, *_VIEW_OPS):
@@ -91,7 +92,7 @@ def _used_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
         raise _NoMatch(f"expert weight {node.target} is not a 3-D tensor")
     for n in reversed(chain):
         t = n.target(t, *n.args[1:], **n.kwargs)
-    return t
+    return t, node.target
 
 
 def _gathered_source(x: fx.Node) -> fx.Node:
@@ -138,7 +139,7 @@ def _match(gm: fx.GraphModule, topk: fx.Node, window: list[fx.Node]) -> dict:
     if len(mms) != 2 or mms[1] not in _descendants(mms[0], within):
         raise _NoMatch("the top-k does not route a chain of two grouped matmuls")
     mm1, mm2 = mms
-    w1, w2 = _used_weight(gm, mm1.args[1]), _used_weight(gm, mm2.args[1])
+    (w1, attr1), (w2, attr2) = _used_weight(gm, mm1.args[1]), _used_weight(gm, mm2.args[1])
     hidden = _gathered_source(mm1.args[0])
     hshape = shape_of(hidden)
     if hshape != (n_tok, w1.shape[1]) or w1.shape[0] != n_exp or w2.shape[0] != n_exp:
@@ -230,6 +231,7 @@ def _match(gm: fx.GraphModule, topk: fx.Node, window: list[fx.Node]) -> dict:
         "result": result,
         "experts": n_exp,
         "inter": inter,
+        "weight_attrs": {attr1, attr2},
     }
 
 
@@ -324,6 +326,7 @@ def densify_experts(gm: fx.GraphModule) -> PassResult:
         return PassResult(gm, False)
     info = gm.meta.setdefault(MOE_META, {"blocks": [], "unmatched": []})
     changed = False
+    replaced: set[str] = set()
     for j, i in enumerate(found):
         topk = nodes[i]
         window = nodes[i : found[j + 1] if j + 1 < len(found) else len(nodes)]
@@ -335,6 +338,7 @@ def densify_experts(gm: fx.GraphModule) -> PassResult:
             continue
         size = _group_size(m["inter"], m["experts"])
         n_groups = _rewrite(gm, m)
+        replaced |= m["weight_attrs"]
         info["blocks"].append(
             {
                 "module": module,
@@ -348,6 +352,10 @@ def densify_experts(gm: fx.GraphModule) -> PassResult:
         changed = True
     if changed:
         gm.graph.eliminate_dead_code()
+        # the 3-D expert weights now live in the grouped copies: free the originals
+        used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name in replaced - used:
+            delattr(gm, name)
         recompile(gm)
     return PassResult(gm, changed)
 

@@ -114,6 +114,9 @@ def test_fp16_package_has_no_errors_and_states_the_multiplier(tmp_path) -> None:
     low = anefx.lower(model, seq_len=16, dtype=torch.float16)
     assert not low.report.errors, low.report.render()
     assert "every expert evaluated densely, expert compute x4" in low.report.render()
+    for i in range(2):  # the 3-D expert weights were replaced by their grouped copies: freed
+        assert not hasattr(low.graph_module, f"model_layers_{i}_mlp_experts_gate_up_proj")
+        assert not hasattr(low.graph_module, f"model_layers_{i}_mlp_experts_down_proj")
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
