@@ -77,7 +77,13 @@ def package_functions(path: str | Path):
     """The package's functions as PackageFunction objects, by name."""
     from anefx.targets.coreml_exec import load_package
 
-    spec = read_spec(path)
+    path = Path(path)
+    if not (path / "Manifest.json").is_file():
+        raise AnefxInputError(f"{path}: not a Core ML package (no Manifest.json in it)")
+    try:
+        spec = read_spec(path)
+    except Exception as exc:  # coremltools raises several kinds for a damaged package
+        raise AnefxInputError(f"{path}: cannot read the package: {exc}") from None
     program = load_package(path)
     desc = spec.description
     # a multifunction package describes each function; a single one has the top-level fields
@@ -150,6 +156,7 @@ def verify(
     fns = package_functions(package)
     hf = load_model(model_spec, dtype=torch.float32, seed=seed).model
     vocab = hf.config.vocab_size
+    _check_matches(package, fns, hf.config)
     if ids is None:
         ids = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
     if not ids or any(not 0 <= i < vocab for i in ids):
@@ -199,6 +206,36 @@ def verify(
         tokens_package=pkg_top,
         wall_s=round(time.perf_counter() - t0, 2),
     )
+
+
+def _check_matches(package, fns: dict, config) -> None:
+    """The package must have MODEL's shapes: vocabulary, and per layer a K and a V cache."""
+    fn = next(iter(fns.values()))
+    spec_outputs = {f.name: f for f in _described(package, fn.name).output}
+    shapes = [_shape(spec_outputs[n]) for n in fn.output_names]
+    width = sum(s[1] for s in shapes) if len(shapes) > 1 else shapes[0][-1]
+    want = config.vocab_size
+    problem = None
+    if width != want:
+        problem = f"logits over {width} tokens, the model has a vocabulary of {want}"
+    elif fn.states:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // (
+            config.num_attention_heads
+        )
+        kv = (config.num_key_value_heads, head_dim)
+        got = {(s["shape"][1], s["shape"][3]) for s in fn.states}
+        if len(fn.states) != 2 * config.num_hidden_layers or got != {kv}:
+            problem = (
+                f"{len(fn.states)} KV states of (kv_heads, head_dim) {sorted(got)}; the model "
+                f"has {config.num_hidden_layers} layers of {kv}"
+            )
+    if problem:
+        raise AnefxInputError(f"{package} was not converted from this model: {problem}")
+
+
+def _described(package, name: str):
+    desc = read_spec(package).description
+    return next((f for f in desc.functions if f.name == name), desc)
 
 
 def _run_stateless(fn: PackageFunction, ids: list[int]) -> torch.Tensor:

@@ -39,6 +39,11 @@ def test_stateful_package_matches_transformers(ckpt: Path, tmp_path: Path) -> No
     assert r.psnr_db >= 60.0, r.render()
     assert r.top1_agreement == 1.0, r.render()
     assert r.tokens_package == r.tokens_reference
+    # the wrong model (other head_dim) or no package: one clear error each
+    with pytest.raises(anefx.AnefxInputError, match="not converted from this model"):
+        verify(pkg, "preset:qwen2-tiny", steps=2)
+    with pytest.raises(anefx.AnefxInputError, match="not a Core ML package"):
+        verify(tmp_path / "missing.mlpackage", str(ckpt), steps=2)
 
 
 def test_single_function_package(ckpt: Path, tmp_path: Path) -> None:
