@@ -47,6 +47,21 @@ class Lowered:
     def outputs(self) -> list[dict]:
         return self.graph_module.meta.get("anefx_outputs") or []
 
+    def inputs(self, input_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The captured graph's inputs for (1, S) ids: ids padded at the end to the captured
+        length, positions 0.., the causal mask."""
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise AnefxInputError(f"input_ids must have shape (1, S), got {tuple(ids.shape)}")
+        n = ids.shape[1]
+        if n > self.seq_len:
+            raise AnefxInputError(f"{n} tokens exceed the captured length {self.seq_len}")
+        ids = torch.nn.functional.pad(ids.to(torch.int32), (0, self.seq_len - n))
+        pos = torch.arange(self.seq_len, dtype=torch.int32)[None]
+        return ids, pos, causal_mask(self.seq_len, self.dtype)
+
     def run(
         self,
         input_ids: torch.Tensor,
@@ -64,22 +79,13 @@ class Lowered:
             raise AnefxInputError("a stateful graph runs through anefx.generation.Session")
         if self.graph_module.meta.get("anefx_argmax"):
             raise AnefxInputError("this graph returns token ids, not logits (lowered with argmax)")
-        ids = torch.as_tensor(input_ids)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2 or ids.shape[0] != 1:
-            raise AnefxInputError(f"input_ids must have shape (1, S), got {tuple(ids.shape)}")
-        n = ids.shape[1]
-        if n > self.seq_len:
-            raise AnefxInputError(f"{n} tokens exceed the captured length {self.seq_len}")
-        pad = self.seq_len - n
-        ids = torch.nn.functional.pad(ids.to(torch.int32), (0, pad))
-        if position_ids is None:
-            position_ids = torch.arange(self.seq_len, dtype=torch.int32)[None]
-        if mask is None:
-            mask = causal_mask(self.seq_len, self.dtype)
+        ids, pos, default_mask = self.inputs(input_ids)
+        n = torch.as_tensor(input_ids).shape[-1]
+        if position_ids is not None:
+            pos = position_ids.to(torch.int32)
+        mask = default_mask if mask is None else mask.to(self.dtype)
         with torch.no_grad():
-            out = self.graph_module(ids, position_ids.to(torch.int32), mask.to(self.dtype))
+            out = self.graph_module(ids, pos, mask)
         if isinstance(out, (tuple, list)):
             out = torch.cat(list(out), dim=1)  # slices of (1, w, 1, S) on the channel axis
             out = out.squeeze(2).transpose(1, 2)

@@ -160,19 +160,15 @@ class _Recorder(fx.Interpreter):
 
 def lowered_stages(low, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """The lowered graph's values at each stage for IDS (1, S), (1, S, C) each, in fp32."""
-    from anefx.models.capture import causal_mask
-
     gm = low.graph_module
     cfg = low.config
     names = stage_modules(cfg.num_hidden_layers)
     nodes = _stage_nodes(gm, names)
     seq = low.seq_len
     n = ids.shape[1]
-    padded = torch.nn.functional.pad(ids.to(torch.int32), (0, seq - n))
-    pos = torch.arange(seq, dtype=torch.int32)[None]
     rec = _Recorder(gm, set(nodes.values()))
     with torch.no_grad():
-        out = rec.run(padded, pos, causal_mask(seq, low.dtype))
+        out = rec.run(*low.inputs(ids))
     values = {}
     for name in names[:-1]:
         values[name] = _logical(rec.values[nodes[name]], seq, cfg.hidden_size)[:, :n].float()

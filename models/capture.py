@@ -94,6 +94,14 @@ def cache_name(kind: str, layer: int) -> str:
     return f"{kind}_cache_{layer}"
 
 
+def kv_cache_shape(config, context: int) -> tuple[int, int, int, int]:
+    """The shape of each layer's K (and V) state: (1, kv_heads, context, head_dim)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // (
+        config.num_attention_heads
+    )
+    return (1, config.num_key_value_heads, context, head_dim)
+
+
 class StatefulWrapper(torch.nn.Module):
     """The stateful signature: ids (1,S), position ids (1,S), mask (1,1,S,context); a K and a V
     cache per layer held as buffers the graph writes (Core ML state)."""
@@ -103,9 +111,8 @@ class StatefulWrapper(torch.nn.Module):
         self.m = model
         self.context = context
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         param = next(model.parameters())
-        shape = (1, cfg.num_key_value_heads, context, head_dim)
+        shape = kv_cache_shape(cfg, context)
         for layer in range(cfg.num_hidden_layers):
             for kind in ("k", "v"):
                 self.register_buffer(

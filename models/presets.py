@@ -95,11 +95,11 @@ def _qwen25(
     }
 
 
-# Shared by the published Qwen3 mixture-of-experts models: 128 experts, 8 routed per token with
-# renormalised top-k weights, every layer sparse, no shared expert. intermediate_size is the
-# dense-MLP width, unused while every layer is sparse.
-_QWEN3_MOE_COMMON: dict[str, Any] = {
-    **{k: v for k, v in _QWEN3_COMMON.items() if k != "num_key_value_heads"},
+# What the published Qwen3 mixture-of-experts models change in the dense Qwen3 config: 128
+# experts, 8 routed per token with renormalised top-k weights, every layer sparse, no shared
+# expert, untied head. intermediate_size stays the dense-MLP width, unused while every layer is
+# sparse.
+_QWEN3_MOE_FIELDS: dict[str, Any] = {
     "model_type": "qwen3_moe",
     "architectures": ["Qwen3MoeForCausalLM"],
     "num_key_value_heads": 4,
@@ -110,7 +110,6 @@ _QWEN3_MOE_COMMON: dict[str, Any] = {
     "norm_topk_prob": True,
     "output_router_logits": False,
     "router_aux_loss_coef": 0.001,
-    "tie_word_embeddings": False,
 }
 
 
@@ -118,12 +117,8 @@ def _qwen3_moe(
     hidden: int, layers: int, heads: int, intermediate: int, moe_intermediate: int
 ) -> dict[str, Any]:
     return {
-        **copy.deepcopy(_QWEN3_MOE_COMMON),
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "max_window_layers": layers,
-        "num_attention_heads": heads,
-        "intermediate_size": intermediate,
+        **_qwen3(hidden, layers, heads, intermediate, tied=False),
+        **copy.deepcopy(_QWEN3_MOE_FIELDS),
         "moe_intermediate_size": moe_intermediate,
     }
 

@@ -61,13 +61,7 @@ def add_argmax_head(gm: fx.GraphModule) -> PassResult:
             {"dtype": torch.int32},
             like=like,
         )
-    g.erase_node(out)
-    g.output((token, logit, *rest))
-    gm.meta[TOKEN_META] = True
-    gm.meta[OUTPUTS_META] = _TOKEN_OUTPUTS
-    g.eliminate_dead_code()
-    recompile(gm)
-    return PassResult(gm, True)
+    return _outputs(gm, out, token, logit, rest)
 
 
 def _unsplit(gm: fx.GraphModule, out: fx.Node, values: list) -> PassResult:
@@ -84,6 +78,12 @@ def _unsplit(gm: fx.GraphModule, out: fx.Node, values: list) -> PassResult:
         logit = emit(g, aten.amax.default, (logits, [dim], True), like=logits)
         token = emit(g, aten.argmax.default, (logits, dim, True), like=logits)
         token = emit(g, aten._to_copy.default, (token,), {"dtype": torch.int32}, like=logits)
+    return _outputs(gm, out, token, logit, rest)
+
+
+def _outputs(gm: fx.GraphModule, out: fx.Node, token, logit, rest: list) -> PassResult:
+    """Token id and logit replace the logits as the first outputs; the rest (states) follow."""
+    g = gm.graph
     g.erase_node(out)
     g.output((token, logit, *rest))
     gm.meta[TOKEN_META] = True

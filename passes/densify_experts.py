@@ -244,14 +244,14 @@ def _group_size(inter: int, n_exp: int) -> int:
     return math.ceil(n_exp / groups)  # balanced groups
 
 
-def _rewrite(gm: fx.GraphModule, m: dict) -> int:
+def _rewrite(gm: fx.GraphModule, m: dict, size: int) -> None:
+    """Build the dense block (experts in groups of SIZE) and route the block's users to it."""
     g = gm.graph
     result, probs, hidden = m["result"], m["probs"], m["hidden"]
     n_exp, inter, k = m["experts"], m["inter"], m["k"]
     w1, w2 = m["w_gate_up"], m["w_down"]  # (E, H, 2I), (E, I, H)
     dtype = w1.dtype
     like = m["mm1"]
-    size = _group_size(inter, n_exp)
     with g.inserting_before(result):
         # top-k as comparisons: expert e is kept when fewer than k experts beat it
         rows = emit(g, aten.unsqueeze.default, (probs, 1), like=m["topk"])  # (N, 1, E)
@@ -315,7 +315,6 @@ def _rewrite(gm: fx.GraphModule, m: dict) -> int:
         if result.meta["val"].dtype != dtype:
             total = emit(g, aten._to_copy.default, (total,), {"dtype": result.meta["val"].dtype})
     result.replace_all_uses_with(total)
-    return math.ceil(n_exp / size)
 
 
 def densify_experts(gm: fx.GraphModule) -> PassResult:
@@ -337,14 +336,14 @@ def densify_experts(gm: fx.GraphModule) -> PassResult:
             info["unmatched"].append({"node": topk.name, "module": module, "reason": str(exc)})
             continue
         size = _group_size(m["inter"], m["experts"])
-        n_groups = _rewrite(gm, m)
+        _rewrite(gm, m, size)
         replaced |= m["weight_attrs"]
         info["blocks"].append(
             {
                 "module": module,
                 "experts": m["experts"],
                 "top_k": m["k"],
-                "expert_groups": n_groups,
+                "expert_groups": math.ceil(m["experts"] / size),
                 "experts_per_group": size,
                 "compute_multiplier": m["experts"] / m["k"],
             }

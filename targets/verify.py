@@ -46,6 +46,7 @@ class PackageFunction:
     seq_len: int
     input_names: list[str]
     output_names: list[str]  # the logits: one (1, S, V) tensor, or slices (1, w, 1, S)
+    logits_width: int  # the vocabulary the outputs cover
     states: list[dict] = field(default_factory=list)
     dtype: torch.dtype = torch.float16
 
@@ -95,7 +96,8 @@ def package_functions(path: str | Path):
             raise AnefxInputError(
                 f"{path}: function {name} has inputs {sorted(inputs)}, not anefx's"
             )
-        outputs = [f.name for f in fn.output]
+        shapes = {f.name: _shape(f) for f in fn.output}
+        outputs = list(shapes)
         if not all(o.startswith(_LOGITS) for o in outputs):
             raise AnefxInputError(
                 f"{path}: function {name} returns {outputs}; verify compares logits (a package "
@@ -103,8 +105,9 @@ def package_functions(path: str | Path):
             )
         outputs.sort(key=lambda o: int(o.rsplit("_", 1)[1]) if "_" in o else 0)
         states = [{"name": f.name, "shape": list(_shape(f))} for f in fn.state]
+        width = sum(shapes[o][1] for o in outputs) if len(outputs) > 1 else shapes[outputs[0]][-1]
         out[name] = PackageFunction(
-            program, name, inputs["input_ids"][1], list(inputs), outputs, states
+            program, name, inputs["input_ids"][1], list(inputs), outputs, width, states
         )
     return out
 
@@ -210,32 +213,26 @@ def verify(
 
 def _check_matches(package, fns: dict, config) -> None:
     """The package must have MODEL's shapes: vocabulary, and per layer a K and a V cache."""
-    fn = next(iter(fns.values()))
-    spec_outputs = {f.name: f for f in _described(package, fn.name).output}
-    shapes = [_shape(spec_outputs[n]) for n in fn.output_names]
-    width = sum(s[1] for s in shapes) if len(shapes) > 1 else shapes[0][-1]
-    want = config.vocab_size
-    problem = None
-    if width != want:
-        problem = f"logits over {width} tokens, the model has a vocabulary of {want}"
-    elif fn.states:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // (
-            config.num_attention_heads
-        )
-        kv = (config.num_key_value_heads, head_dim)
-        got = {(s["shape"][1], s["shape"][3]) for s in fn.states}
-        if len(fn.states) != 2 * config.num_hidden_layers or got != {kv}:
+    from anefx.models.capture import kv_cache_shape
+
+    for fn in fns.values():
+        problem = None
+        if fn.logits_width != config.vocab_size:
             problem = (
-                f"{len(fn.states)} KV states of (kv_heads, head_dim) {sorted(got)}; the model "
-                f"has {config.num_hidden_layers} layers of {kv}"
+                f"logits over {fn.logits_width} tokens, the model has a vocabulary of "
+                f"{config.vocab_size}"
             )
-    if problem:
-        raise AnefxInputError(f"{package} was not converted from this model: {problem}")
-
-
-def _described(package, name: str):
-    desc = read_spec(package).description
-    return next((f for f in desc.functions if f.name == name), desc)
+        elif fn.states:
+            context = fn.states[0]["shape"][2]
+            want = [list(kv_cache_shape(config, context))] * (2 * config.num_hidden_layers)
+            got = [s["shape"] for s in fn.states]
+            if got != want:
+                problem = (
+                    f"its {len(got)} KV states are {sorted({tuple(g) for g in got})}; the model "
+                    f"needs {len(want)} of {tuple(want[0])}"
+                )
+        if problem:
+            raise AnefxInputError(f"{package} was not converted from this model: {problem}")
 
 
 def _run_stateless(fn: PackageFunction, ids: list[int]) -> torch.Tensor:
