@@ -366,11 +366,22 @@ def _refuse_or_warn(lowered_by_name: dict, force: bool, say) -> bool:
     return bool(errors)
 
 
-def _convert(lowered_by_name: dict, default: str):
+def _modules(lowered_by_name: dict) -> dict[str, str]:
+    """Encoded module name (as written into op names) -> dotted module path."""
+    return {
+        encode_module(m): m
+        for low in lowered_by_name.values()
+        for n in low.graph_module.graph.nodes
+        if (m := n.meta.get("anefx_module"))
+    }
+
+
+def _convert(lowered_by_name: dict, default: str, lut: dict[str, int] | None = None):
     """Lowered graphs -> one in-memory MLModel with a function per graph, weights shared.
 
     The functions are built into one MIL program and serialised once: a weight that several
     functions read (by content: same shape, dtype and bytes) is written to the blob once.
+    LUT (weight kind "embed" / "ffn" / "head" -> bits) palettizes those weights.
     """
     ct = _ct()
     from coremltools.converters.mil.mil import Program
@@ -382,7 +393,7 @@ def _convert(lowered_by_name: dict, default: str):
     prog.export_as_multifunction = len(lowered_by_name) > 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ct.convert(
+        mlmodel = ct.convert(
             prog,
             convert_to="mlprogram",
             minimum_deployment_target=ct.target.iOS18,
@@ -392,11 +403,18 @@ def _convert(lowered_by_name: dict, default: str):
             # index casts around the gather and cost time on every weight
             pass_pipeline=ct.PassPipeline.EMPTY,
         )
+    if lut:
+        from anefx.targets.palettize import palettize
+
+        mlmodel = palettize(mlmodel, lut, _modules(lowered_by_name))
+    return mlmodel
 
 
-def emit(lowered, path: str | Path, force: bool = False, progress=None) -> dict:
+def emit(
+    lowered, path: str | Path, force: bool = False, progress=None, lut: dict | None = None
+) -> dict:
     """Write LOWERED as a Core ML package at PATH; return the combined report (also saved)."""
-    return emit_functions({"main": lowered}, path, force=force, progress=progress)
+    return emit_functions({"main": lowered}, path, force=force, progress=progress, lut=lut)
 
 
 def emit_functions(
@@ -405,6 +423,7 @@ def emit_functions(
     force: bool = False,
     progress=None,
     default: str | None = None,
+    lut: dict[str, int] | None = None,
 ) -> dict:
     """Write one package holding a function per lowered graph (identical weights stored once).
 
@@ -421,7 +440,7 @@ def emit_functions(
         staged = tmp / path.name
         names = ", ".join(lowered_by_name)
         say(f"building the Core ML program ({names})")
-        _convert(lowered_by_name, default or next(iter(lowered_by_name))).save(str(staged))
+        _convert(lowered_by_name, default or next(iter(lowered_by_name)), lut).save(str(staged))
         _describe(staged, lowered_by_name)
         seconds_convert = time.perf_counter() - t0
         say("checking the emitted program")
@@ -528,13 +547,5 @@ def _describe(package: Path, lowered_by_name: dict) -> None:
         if len(lowered_by_name) > 1
         else first.seq_len
     )
-    meta.userDefined[MODULES_KEY] = json.dumps(
-        {
-            encode_module(m): m
-            for low in lowered_by_name.values()
-            for n in low.graph_module.graph.nodes
-            if (m := n.meta.get("anefx_module"))
-        },
-        separators=(",", ":"),
-    )
+    meta.userDefined[MODULES_KEY] = json.dumps(_modules(lowered_by_name), separators=(",", ":"))
     target.write_bytes(spec.SerializeToString())
