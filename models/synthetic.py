@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 _CHUNK = 1 << 22  # elements generated at once: bounds the float32 scratch to 16 MB
+_STD, _NORM_STD = 0.02, 0.1  # random_init_'s defaults, which checkpoints are written with
 
 
 def _stream_seed(seed: int, name: str) -> int:
@@ -36,8 +37,18 @@ def _fill_normal_(tensor: torch.Tensor, seed: int, name: str, mean: float, std: 
         flat[start:stop].copy_(scratch.mul_(std).add_(mean))
 
 
+def _init_stats(model: nn.Module, name: str, std: float, norm_std: float) -> tuple[float, float]:
+    """(mean, std) of parameter `name`: norm weights 1 + norm_std * N(0, 1), the rest std * N."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf == "weight" and "Norm" in type(owner).__name__:
+        return 1.0, norm_std
+    # Biases use the same scale as matrices: small, but non-zero so they are tested.
+    return 0.0, std
+
+
 def random_init_(
-    model: nn.Module, seed: int = 0, std: float = 0.02, norm_std: float = 0.1
+    model: nn.Module, seed: int = 0, std: float = _STD, norm_std: float = _NORM_STD
 ) -> nn.Module:
     """Overwrite every parameter with seeded random values, in place; returns `model`.
 
@@ -48,14 +59,20 @@ def random_init_(
         for name, param in model.named_parameters():
             if param.is_meta:
                 raise ValueError(f"parameter '{name}' is on the meta device; materialise it first")
-            owner_name, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            if leaf == "weight" and "Norm" in type(owner).__name__:
-                _fill_normal_(param, seed, name, 1.0, norm_std)
-            else:
-                # Biases use the same scale as matrices: small, but non-zero so they are tested.
-                _fill_normal_(param, seed, name, 0.0, std)
+            mean, scale = _init_stats(model, name, std, norm_std)
+            _fill_normal_(param, seed, name, mean, scale)
     return model
+
+
+def _config_copy(config: dict[str, Any] | PreTrainedConfig) -> PreTrainedConfig:
+    """A private, validated config set to eager attention (the caller's object is not touched)."""
+    from anefx.models.load import build_config
+
+    if isinstance(config, PreTrainedConfig):
+        cfg = copy.deepcopy(config)
+        cfg._attn_implementation = "eager"
+        return cfg
+    return build_config(dict(config))
 
 
 def random_model(
@@ -65,14 +82,9 @@ def random_model(
 
     Weights match what `load_model` returns for a checkpoint written with the same seed.
     """
-    from anefx.models.load import build_config, build_meta_model, materialize_, reset_rotary_
+    from anefx.models.load import build_meta_model, materialize_, reset_rotary_
 
-    if isinstance(config, PreTrainedConfig):
-        cfg = copy.deepcopy(config)
-        cfg._attn_implementation = "eager"
-    else:
-        cfg = build_config(dict(config))
-    model = build_meta_model(cfg, dtype)
+    model = build_meta_model(_config_copy(config), dtype)
     materialize_(model)
     random_init_(model, seed)
     reset_rotary_(model)
@@ -104,6 +116,29 @@ def _split(sizes: list[int], shards: int | None, max_shard_bytes: int | None) ->
     return out
 
 
+# One stored tensor: (stored name, model parameter, index into that parameter); the index is ()
+# for the whole parameter, else the per-expert slice of a fused expert parameter.
+_Source = tuple[str, str, tuple[int | slice, ...]]
+
+
+def _stored_sources(model: PreTrainedModel, expert_layout: str) -> list[_Source]:
+    """Where each tensor of `model`'s checkpoint comes from, in checkpoint (state-dict) order."""
+    from anefx.models.load import checkpoint_names, expert_sources
+
+    if expert_layout not in ("per_expert", "fused"):
+        raise ValueError(f"expert_layout must be 'per_expert' or 'fused', got {expert_layout!r}")
+    full = model.state_dict()
+    sources: list[_Source] = []
+    for name in checkpoint_names(model):
+        shape = tuple(full[name].shape)
+        parts = expert_sources(name, shape) if expert_layout == "per_expert" else []
+        if parts:
+            sources.extend((src, name, index) for index, src in parts)
+        else:
+            sources.append((name, name, ()))
+    return sources
+
+
 def checkpoint_tensors(
     model: PreTrainedModel, expert_layout: str = "per_expert"
 ) -> dict[str, torch.Tensor]:
@@ -114,20 +149,11 @@ def checkpoint_tensors(
     own `experts.gate_up_proj` (E, 2I, H) and `experts.down_proj` (E, H, I)). Works on the meta
     device too, for names and shapes only.
     """
-    from anefx.models.load import checkpoint_names, expert_sources
-
-    if expert_layout not in ("per_expert", "fused"):
-        raise ValueError(f"expert_layout must be 'per_expert' or 'fused', got {expert_layout!r}")
     full = model.state_dict()
-    stored: dict[str, torch.Tensor] = {}
-    for name in checkpoint_names(model):
-        tensor = full[name]
-        parts = expert_sources(name, tuple(tensor.shape)) if expert_layout == "per_expert" else []
-        if parts:
-            stored.update({src: tensor[index] for index, src in parts})
-        else:
-            stored[name] = tensor
-    return stored
+    return {
+        src: full[name][index] if index else full[name]
+        for src, name, index in _stored_sources(model, expert_layout)
+    }
 
 
 def write_random_checkpoint(
@@ -142,45 +168,82 @@ def write_random_checkpoint(
     """Write config.json and seeded random safetensors weights in the HF layout; returns folder.
 
     One `model.safetensors` when a single shard results, else `model-0000k-of-0000n.safetensors`
-    plus `model.safetensors.index.json`. `max_shard_bytes`, if given, overrides `shards`. Tied
-    embeddings store no lm_head.weight, as HF does. MoE experts are stored "per_expert"
-    (`experts.<e>.gate_proj.weight` ..., as published checkpoints and transformers'
+    plus `model.safetensors.index.json`. `max_shard_bytes`, if given, overrides `shards`: tensors
+    are packed in state-dict order into files of at most that many bytes (a larger tensor gets a
+    file of its own). Tied embeddings store no lm_head.weight, as HF does. MoE experts are stored
+    "per_expert" (`experts.<e>.gate_proj.weight` ..., as published checkpoints and transformers'
     save_pretrained have them) or "fused" (the model's own `experts.gate_up_proj` (E, 2I, H) and
-    `experts.down_proj` (E, H, I)). Peak memory is about one copy of the weights in `dtype`.
-    Use an empty folder: files from an earlier write are not removed.
+    `experts.down_proj` (E, H, I)). The files equal what saving `random_model(config, dtype,
+    seed)` would give, but the model is never materialised: each shard's tensors are generated,
+    written and freed in turn, so peak memory is about one shard (plus, for per-expert tensors,
+    the one fused expert parameter they are sliced from). Use an empty folder: files from an
+    earlier write are not removed.
     """
+    from anefx.models.load import build_meta_model
+
     if max_shard_bytes is None and shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
-    model = random_model(config, dtype=dtype, seed=seed)
-    state = checkpoint_tensors(model, expert_layout)
-    names = list(state)
-    if max_shard_bytes is None and shards > len(names):
-        raise ValueError(f"cannot split {len(names)} tensors into {shards} shards")
-    sizes = [state[n].numel() * state[n].element_size() for n in names]
+    # Names, shapes and the init rule (norm or not) come from the meta model; no storage.
+    model = build_meta_model(_config_copy(config), dtype)
+    params = dict(model.named_parameters())
+    sources = _stored_sources(model, expert_layout)
+    for _, name, _ in sources:
+        if name not in params:
+            raise ValueError(f"checkpoint tensor '{name}' is not a parameter; cannot generate it")
+    if max_shard_bytes is None and shards > len(sources):
+        raise ValueError(f"cannot split {len(sources)} tensors into {shards} shards")
+    metas = [params[name][index] if index else params[name] for _, name, index in sources]
+    sizes = [t.numel() * t.element_size() for t in metas]
     assignment = _split(sizes, shards, max_shard_bytes)
     count = assignment[-1] + 1
+    last_use = {name: i for i, (_, name, _) in enumerate(sources)}
 
     def file_name(index: int) -> str:
         if count == 1:
             return "model.safetensors"
         return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
+    def generate(name: str) -> torch.Tensor:
+        # The same values random_init_ puts in the materialised parameter of that name.
+        param = params[name]
+        tensor = torch.empty(param.shape, dtype=param.dtype)
+        mean, std = _init_stats(model, name, _STD, _NORM_STD)
+        _fill_normal_(tensor, seed, name, mean, std)
+        return tensor
+
     weight_map: dict[str, str] = {}
+    fused_name: str | None = None
+    fused: torch.Tensor | None = None
+    position = 0
     for index in range(count):
-        group = [n for n, a in zip(names, assignment, strict=True) if a == index]
-        save_file(
-            {n: state[n].contiguous() for n in group},
-            folder / file_name(index),
-            metadata={"format": "pt"},
-        )
-        weight_map.update(dict.fromkeys(group, file_name(index)))
+        shard: dict[str, torch.Tensor] = {}
+        while position < len(sources) and assignment[position] == index:
+            stored, name, where = sources[position]
+            if not where:
+                shard[stored] = generate(name)
+            else:
+                if fused_name != name:
+                    fused = None  # free the previous one before generating the next
+                    fused_name, fused = name, generate(name)
+                assert fused is not None
+                # A copy, so the fused parameter can go as soon as its last slice is taken.
+                shard[stored] = fused[where].clone()
+                if last_use[name] == position:
+                    fused_name, fused = None, None
+            position += 1
+        save_file(shard, folder / file_name(index), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file_name(index)))
+        del shard
     if count > 1:
         index_doc = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
 
+    model.config.dtype = dtype
     model.config.architectures = [type(model).__name__]
     # The full config (use_diff=False) keeps fields equal to class defaults, e.g. head_dim=128,
     # so the file reads the same to any transformers version.
