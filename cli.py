@@ -199,27 +199,133 @@ def cmd_matrix(args) -> int:
     return 1 if any(r["errors_after_except_size"] for r in rows) else 0
 
 
+def _lut(args) -> dict[str, int] | None:
+    """Weight kind -> bits from --lut and the per-kind overrides."""
+    lut = {k: args.lut for k in ("embed", "ffn", "head")} if args.lut else {}
+    for kind in ("embed", "ffn", "head"):
+        bits = getattr(args, f"lut_{kind}")
+        if bits is not None:
+            if bits:
+                lut[kind] = bits
+            else:
+                lut.pop(kind, None)  # 0: keep this kind in fp16
+    return lut or None
+
+
 def cmd_convert(args) -> int:
     import anefx
-    from anefx.targets.coreml import emit
+    from anefx.generation import lower_decoder
 
     progress = _Progress()
     _random_notice(args.model)
     if args.context is not None:
-        return _convert_decoder(args, progress)
-    progress(f"loading {args.model}")
-    low = anefx.lower(args.model, seq_len=args.seq, dtype=_dtype(args.dtype))
-    progress(
-        f"captured and lowered ({low.seconds.get('export', 0):.1f}s export, "
-        f"{low.log.seconds:.2f}s passes): {len(low.report.errors)} error(s), "
-        f"{len(low.report.warnings)} warning(s)"
+        progress(
+            f"loading {args.model}; lowering prefill (batch {args.batch}) and decode, "
+            f"context {args.context}"
+        )
+        dec = lower_decoder(
+            args.model,
+            batch=args.batch,
+            context=args.context,
+            dtype=_dtype(args.dtype),
+            argmax=args.argmax,
+        )
+        lowered, default = {"prefill": dec.prefill, "decode": dec.decode}, "decode"
+    else:
+        if args.argmax:
+            raise AnefxInputError("--argmax needs --context (the stateful decoder)")
+        progress(f"loading {args.model}")
+        lowered, default = (
+            {"main": anefx.lower(args.model, seq_len=args.seq, dtype=_dtype(args.dtype))},
+            "main",
+        )
+    for name, low in lowered.items():
+        progress(
+            f"{name}: captured and lowered ({low.seconds.get('export', 0):.1f}s export, "
+            f"{low.log.seconds:.2f}s passes): {len(low.report.errors)} error(s), "
+            f"{len(low.report.warnings)} warning(s)"
+        )
+    if args.output.endswith(".mlpackage"):
+        return _convert_package(args, lowered, default, progress)
+    return _convert_chunked(args, lowered, default, progress)
+
+
+def _convert_package(args, lowered: dict, default: str, progress) -> int:
+    """-o OUT.mlpackage: one package holding every function, report.json beside it."""
+    from anefx.targets.chunked import plan
+    from anefx.targets.coreml import emit_functions
+
+    max_bytes = int(args.max_chunk_mb * 2**20)
+    parts = plan(lowered, max_bytes)
+    if len(parts) > 1 and not args.force:
+        raise AnefxInputError(
+            f"{args.output}: the weights do not fit one package of --max-chunk-mb "
+            f"{args.max_chunk_mb:g} ({len(parts)} parts: "
+            f"{', '.join(p.name for p in parts)}); give -o a folder for the parts"
+        )
+    result = emit_functions(
+        lowered,
+        args.output,
+        force=args.force,
+        progress=progress,
+        default=default,
+        lut=_lut(args),
     )
-    result = emit(low, args.output, force=args.force, progress=progress)
-    emitted = result["emitted_reports"]
     progress(f"wrote {args.output} and report.json beside it")
-    for rep in emitted:
+    for rep in result["emitted_reports"]:
         print(rep.to_json() if args.json else rep.render())
-    return 1 if any(r.errors for r in emitted) else 0
+    return 1 if any(r.errors for r in result["emitted_reports"]) else 0
+
+
+def _convert_chunked(args, lowered: dict, default: str, progress) -> int:
+    """-o FOLDER: the parts (embedding, decoder chunks, head) and manifest.json."""
+    from anefx.targets.chunked import emit_chunked
+
+    options = {
+        k: getattr(args, k)
+        for k in ("seq", "context", "batch", "argmax", "dtype", "max_chunk_mb")
+        if getattr(args, k, None) is not None
+    }
+    manifest = emit_chunked(
+        lowered,
+        args.output,
+        int(args.max_chunk_mb * 2**20),
+        default=default,
+        lut=_lut(args),
+        force=args.force,
+        resume=args.resume,
+        progress=progress,
+        options=options,
+    )
+    progress(f"wrote {len(manifest['parts'])} part(s) and manifest.json into {args.output}")
+    rows = [
+        {
+            "file": p["file"],
+            "kind": p["kind"],
+            "layers": f"{p['layers'][0]}-{p['layers'][-1]}" if p["layers"] else "-",
+            "weight_mb": round(p["weight_bytes"] / 2**20, 1),
+            "lut": ",".join(f"{k}:{v}" for k, v in p["lut"].items()) or "-",
+            "errors": p["errors"],
+            "warnings": p["warnings"],
+        }
+        for p in manifest["parts"]
+    ]
+    if args.json:
+        print(json.dumps({"output": args.output, "parts": rows, **manifest["checker"]}))
+    else:
+        print(f"{'part':34} {'kind':8} {'layers':8} {'MB':>8} {'lut':16} errors warnings")
+        for r in rows:
+            print(
+                f"{r['file']:34} {r['kind']:8} {r['layers']:8} {r['weight_mb']:8.1f} "
+                f"{r['lut']:16} {r['errors']:6} {r['warnings']:8}"
+            )
+        for p in manifest["parts"]:
+            for rep in p["emitted"]:
+                for v in rep["violations"]:
+                    print(
+                        f"  {p['file']} {rep['stage']}: {v['severity']} {v['rule']}: {v['message']}"
+                    )
+    return 1 if manifest["checker"]["errors"] else 0
 
 
 def _tokenizer(model: str):
@@ -243,6 +349,30 @@ def _parse_ids(text: str) -> list[int]:
         raise AnefxInputError(f"--ids must be comma-separated integers: {text!r}") from None
 
 
+def _is_artifact(model: str) -> bool:
+    """A converted artifact: a chunked folder (manifest.json) or a package."""
+    from pathlib import Path
+
+    from anefx.targets.chunked import MANIFEST
+
+    return (Path(model) / MANIFEST).is_file() or model.rstrip("/").endswith(".mlpackage")
+
+
+def _artifact_decoder(path: str):
+    """A Decoder over an artifact's prefill and decode functions (run on the executor)."""
+    from anefx.generation import Decoder
+    from anefx.targets.verify import package_functions
+
+    fns = package_functions(path)
+    if not {"prefill", "decode"} <= set(fns):
+        raise AnefxInputError(
+            f"{path}: functions {sorted(fns)}; generate needs a stateful artifact (prefill and "
+            "decode: convert with --context)"
+        )
+    pre, dec = fns["prefill"], fns["decode"]
+    return Decoder(pre, dec, dec.states[0]["shape"][2], pre.seq_len)
+
+
 def cmd_generate(args) -> int:
     from anefx.generation import Session, lower_decoder
 
@@ -260,12 +390,21 @@ def cmd_generate(args) -> int:
         ids = tok.encode(args.prompt).ids
     if not ids:
         raise AnefxInputError("the prompt is empty")
-    progress(
-        f"lowering {args.model}: prefill (batch {args.batch}) and decode, context {args.context}"
-    )
-    dec = lower_decoder(
-        args.model, batch=args.batch, context=args.context, dtype=_dtype(args.dtype), seed=args.seed
-    )
+    if _is_artifact(args.model):
+        progress(f"loading {args.model} on the reference executor (the Core ML program itself)")
+        dec = _artifact_decoder(args.model)
+    else:
+        progress(
+            f"lowering {args.model}: prefill (batch {args.batch}) and decode, "
+            f"context {args.context}"
+        )
+        dec = lower_decoder(
+            args.model,
+            batch=args.batch,
+            context=args.context,
+            dtype=_dtype(args.dtype),
+            seed=args.seed,
+        )
     bad = [i for i in ids if not 0 <= i < dec.vocab]
     if bad:
         raise AnefxInputError(f"token id {bad[0]} is outside the vocabulary (0..{dec.vocab - 1})")
@@ -288,36 +427,6 @@ def cmd_generate(args) -> int:
     if tok is None or args.ids is not None:
         print(" ".join(map(str, new)))
     return 0
-
-
-def _convert_decoder(args, progress) -> int:
-    """--context: one package, functions prefill (S = --batch) and decode (S = 1), KV state."""
-    from anefx.generation import lower_decoder
-    from anefx.targets.coreml import emit_functions
-
-    progress(
-        f"loading {args.model}; lowering prefill (batch {args.batch}) and decode, "
-        f"context {args.context}"
-    )
-    dec = lower_decoder(
-        args.model, batch=args.batch, context=args.context, dtype=_dtype(args.dtype)
-    )
-    for name, low in (("prefill", dec.prefill), ("decode", dec.decode)):
-        progress(
-            f"{name}: {len(low.report.errors)} error(s), {len(low.report.warnings)} "
-            f"warning(s), {low.log.seconds:.2f}s of passes"
-        )
-    result = emit_functions(
-        {"prefill": dec.prefill, "decode": dec.decode},
-        args.output,
-        force=args.force,
-        progress=progress,
-        default="decode",
-    )
-    progress(f"wrote {args.output} and report.json beside it")
-    for rep in result["emitted_reports"]:
-        print(rep.to_json() if args.json else rep.render())
-    return 1 if any(r.errors for r in result["emitted_reports"]) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,7 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("convert", help="capture, lower, check and emit a Core ML package")
     model_args(v)
-    v.add_argument("-o", "--output", required=True, help="OUT.mlpackage")
+    v.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="OUT.mlpackage (one package), or a folder for the parts and manifest.json",
+    )
     v.add_argument("--force", action="store_true", help="emit even if the graph has errors")
     v.add_argument(
         "--context",
@@ -366,10 +480,42 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --context: output the greedy token id and its logit, not logits",
     )
+    v.add_argument(
+        "--max-chunk-mb",
+        type=float,
+        default=1024.0,
+        help="weights per part at most (MiB, default 1024: the ANE's 1 GB per package); "
+        "the decoder is split into chunks of whole layers, embedding and head apart",
+    )
+    v.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted conversion into the same folder at the first part "
+        "not yet written",
+    )
+    for kind, what in (
+        ("", "every weight"),
+        ("-embed", "the embedding"),
+        ("-ffn", "the decoder layers"),
+        ("-head", "the LM head"),
+    ):
+        v.add_argument(
+            f"--lut{kind}",
+            type=int,
+            default=None,
+            metavar="BITS",
+            help=f"palettize {what} to a BITS-bit lookup table (1, 2, 3, 4, 6, 8"
+            + ("; overrides --lut, 0 keeps fp16)" if kind else ")"),
+        )
     v.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="generate with the lowered graphs (torch, any machine)")
-    g.add_argument("model", help="checkpoint folder or preset:NAME")
+    g.add_argument(
+        "model",
+        help="checkpoint folder or preset:NAME (lowered graphs in torch), or a converted "
+        "artifact: a folder with manifest.json or a stateful .mlpackage (its Core ML program "
+        "on the reference executor)",
+    )
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text (needs tokenizer.json in the checkpoint folder)")
     src.add_argument("--ids", help="comma-separated token ids")
@@ -407,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="execute an emitted package's program (no Mac needed) and compare with transformers",
     )
-    vf.add_argument("package", help="the .mlpackage anefx convert wrote")
+    vf.add_argument(
+        "package", help="the .mlpackage or the folder of parts (manifest.json) anefx convert wrote"
+    )
     vf.add_argument("model", help="the checkpoint folder or preset:NAME it was converted from")
     vf.add_argument("--ids", help="comma-separated prompt token ids (default: 16 random ids)")
     vf.add_argument("--steps", type=int, default=8, help="greedy steps to compare (8)")

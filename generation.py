@@ -27,7 +27,8 @@ class Decoder:
 
     @property
     def vocab(self) -> int:
-        return self.prefill.config.vocab_size
+        config = getattr(self.prefill, "config", None)
+        return config.vocab_size if config is not None else self.prefill.logits_width
 
 
 def lower_decoder(
@@ -46,10 +47,15 @@ def lower_decoder(
 
     if batch > context:
         raise AnefxInputError(f"--batch {batch} must not exceed --context {context}")
+    loaded = None
     if isinstance(model, str):
-        model = load_model(model, dtype=dtype, seed=seed).model
+        loaded = load_model(model, dtype=dtype, seed=seed)
+        model = loaded.model
     prefill = lower(model, seq_len=batch, dtype=dtype, context=context, argmax=argmax)
     decode = lower(model, seq_len=1, dtype=dtype, context=context, argmax=argmax)
+    if loaded is not None:  # name the checkpoint, not the class, in reports and manifests
+        for low in (prefill, decode):
+            low.source, low.random_weights = loaded.source, loaded.random_weights
     return Decoder(prefill, decode, context, batch)
 
 

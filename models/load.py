@@ -7,10 +7,14 @@ device) and turns every malformed input into a one-line AnefxInputError.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import mmap
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +109,7 @@ class _TensorEntry:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in the file
 
 
 def _one_line(text: object) -> str:
@@ -293,7 +298,7 @@ def read_safetensors_header(path: Path) -> dict[str, _TensorEntry]:
                 f"{numel * itemsize}"
             )
         data_end = max(data_end, end)
-        entries[name] = _TensorEntry(path, dtype, tuple(shape))
+        entries[name] = _TensorEntry(path, dtype, tuple(shape), 8 + header_len + begin)
     if data_end != data_len:
         raise corrupt(f"header describes {data_end} data bytes but the file holds {data_len}")
     return entries
@@ -461,11 +466,89 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, meta: bool) -> LoadedM
     model = build_meta_model(config, dtype)
     copies = _validate_tensors(folder, located, model.state_dict(), checkpoint_names(model))
     if not meta:
-        _check_fits(model, dtype, str(folder), "the")
-        materialize_(model)
-        _copy_weights_(model, located, copies)
+        mappable = [c for c in copies if _mappable(located[c[2]], c[1], dtype)]
+        if len(mappable) < len(copies):
+            _check_fits(model, dtype, str(folder), "the")
+        _map_weights_(model, located, mappable)
+        _materialize_meta_(model)  # storage for the rest and for the rotary buffers
+        model.tie_weights()
+        # the rest (another dtype, or experts stored apart) is copied into memory
+        _copy_weights_(model, located, [c for c in copies if c not in mappable])
         reset_rotary_(model)
     return _finish(model, str(folder), False, dtype, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-mapped weights: a tensor stored in the compute dtype is used where it lies in the
+# file, so conversion reads each part's weights from the page cache as it emits that part and
+# holds no copy of the model. The mappings are private (copy-on-write): nothing is written back.
+
+_MAPS: list[weakref.ref] = []
+
+
+def _mappable(entry: _TensorEntry, index: tuple, dtype: torch.dtype) -> bool:
+    return index == () and _ST_FLOAT_DTYPES.get(entry.dtype) == dtype
+
+
+def _map_file(path: Path, cache: dict) -> mmap.mmap:
+    if path not in cache:
+        with open(path, "rb") as fh:
+            cache[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        _MAPS.append(weakref.ref(cache[path]))
+    return cache[path]
+
+
+def _map_weights_(
+    model: PreTrainedModel, located: dict[str, _TensorEntry], copies: list[_Copy]
+) -> None:
+    """Point each parameter in COPIES at its bytes in the safetensors file (no copy)."""
+    cache: dict[Path, mmap.mmap] = {}
+    for name, _, src in copies:
+        entry = located[src]
+        dtype = _ST_FLOAT_DTYPES[entry.dtype]
+        count = math.prod(entry.shape)
+        if count == 0:
+            tensor = torch.empty(entry.shape, dtype=dtype)
+        else:
+            buf = _map_file(entry.file, cache)
+            tensor = torch.frombuffer(buf, dtype=dtype, count=count, offset=entry.offset)
+            tensor = tensor.view(entry.shape)
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
+
+
+def _materialize_meta_(model: PreTrainedModel) -> None:
+    """Give every parameter and buffer still on the meta device (uninitialised) CPU storage."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is not None and t.is_meta:
+                    new = torch.empty_like(t, device="cpu")
+                    store[key] = (
+                        torch.nn.Parameter(new, requires_grad=False)
+                        if isinstance(t, torch.nn.Parameter)
+                        else new
+                    )
+
+
+def release_mapped_pages() -> int:
+    """Drop the memory-mapped weight pages from this process's resident set; returns how
+    many mappings were advised. The data stays in the page cache and is read back on the next
+    touch, so this is safe at any time; the chunked emitter calls it after each part."""
+    advised = 0
+    for ref in list(_MAPS):
+        mm = ref()
+        if mm is None:
+            _MAPS.remove(ref)
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_DONTNEED)
+            advised += 1
+    return advised
 
 
 # One stored tensor and where it goes: (state-dict name, index into that tensor, stored name).

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -438,13 +439,8 @@ def emit_functions(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = tmp / path.name
-        names = ", ".join(lowered_by_name)
-        say(f"building the Core ML program ({names})")
-        _convert(lowered_by_name, default or next(iter(lowered_by_name)), lut).save(str(staged))
-        _describe(staged, lowered_by_name)
+        emitted = write_package(lowered_by_name, staged, default, lut, say)
         seconds_convert = time.perf_counter() - t0
-        say("checking the emitted program")
-        emitted = check_package(staged)
         first = next(iter(lowered_by_name.values()))
         report = {
             "model": first.source,
@@ -460,12 +456,47 @@ def emit_functions(
             report["lowered"] = report["lowered"]["main"]
             report["seq_len"] = first.seq_len
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        _move_into_place(staged, path)
+        move_into_place(staged, path)
         os.replace(tmp / "report.json", path.parent / "report.json")
         report["emitted_reports"] = emitted
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_package(
+    lowered_by_name: dict,
+    path: Path,
+    default: str | None = None,
+    lut: dict[str, int] | None = None,
+    say=None,
+) -> list[Report]:
+    """Convert, save at PATH (a staging location: the caller moves it into place), describe,
+    make the package's own manifest reproducible, and check it; returns the emitted reports."""
+    say = say or (lambda msg: None)
+    say(f"building the Core ML program ({', '.join(lowered_by_name)})")
+    _convert(lowered_by_name, default or next(iter(lowered_by_name)), lut).save(str(path))
+    _describe(path, lowered_by_name)
+    _stable_item_ids(path)
+    say("checking the emitted program")
+    return check_package(path)
+
+
+def _stable_item_ids(package: Path) -> None:
+    """Replace the random UUIDs coremltools gives the package's items (Manifest.json) with
+    ones derived from each item's path, so converting twice gives identical bytes."""
+    manifest = package / "Manifest.json"
+    doc = json.loads(manifest.read_text())
+    renamed = {
+        old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"anefx:{entry['path']}"))
+        for old, entry in doc["itemInfoEntries"].items()
+    }
+    doc["itemInfoEntries"] = {
+        renamed[k]: v
+        for k, v in sorted(doc["itemInfoEntries"].items(), key=lambda kv: renamed[kv[0]])
+    }
+    doc["rootModelIdentifier"] = renamed[doc["rootModelIdentifier"]]
+    manifest.write_text(json.dumps(doc, indent=4, sort_keys=True))
 
 
 def _spec_file(package: Path) -> Path:
@@ -475,7 +506,8 @@ def _spec_file(package: Path) -> Path:
     return found[0]
 
 
-def _move_into_place(staged: Path, path: Path) -> None:
+def move_into_place(staged: Path, path: Path) -> None:
+    """Replace PATH by STAGED (same file system) by renames; the old one is removed."""
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -74,13 +74,65 @@ class PackageFunction:
         return (*logits, *(torch.from_numpy(np.asarray(new[n])) for n in names))
 
 
+def _logits_order(outputs: list[str]) -> list[str]:
+    return sorted(outputs, key=lambda o: int(o.rsplit("_", 1)[1]) if "_" in o else 0)
+
+
+def _logits_width(outputs: list[str], shapes: dict[str, tuple]) -> int:
+    return sum(shapes[o][1] for o in outputs) if len(outputs) > 1 else shapes[outputs[0]][-1]
+
+
+def _check_logits(path, name: str, outputs: list[str]) -> None:
+    if not all(o.startswith(_LOGITS) for o in outputs):
+        raise AnefxInputError(
+            f"{path}: function {name} returns {outputs}; verify compares logits (a package "
+            "emitted with --argmax returns token ids)"
+        )
+
+
+def chained_functions(path: Path) -> dict:
+    """The functions of a chunked artifact (a folder with manifest.json), run part by part."""
+    from anefx.targets.chunked import ChainProgram
+
+    program = ChainProgram(path)
+    out = {}
+    for name in program.functions:
+        final = program.final_outputs(name)
+        shapes = {o["name"]: tuple(o["shape"]) for o in final}
+        outputs = _logits_order(list(shapes))
+        _check_logits(path, name, outputs)
+        ids = next(
+            inp
+            for _, p in program.parts
+            for inp in p["functions"][name]["inputs"]
+            if inp["from"].get("model") == "input_ids"
+        )
+        out[name] = PackageFunction(
+            program,
+            name,
+            ids["shape"][1],
+            ["input_ids", "position_ids", "causal_mask"],
+            outputs,
+            _logits_width(outputs, shapes),
+            [{"name": s["name"], "shape": s["shape"]} for s in program.states(name)],
+        )
+    return out
+
+
 def package_functions(path: str | Path):
-    """The package's functions as PackageFunction objects, by name."""
+    """The package's functions as PackageFunction objects, by name; PATH is a package or the
+    folder of a chunked artifact."""
+    from anefx.targets.chunked import MANIFEST
     from anefx.targets.coreml_exec import load_package
 
     path = Path(path)
+    if (path / MANIFEST).is_file():
+        return chained_functions(path)
     if not (path / "Manifest.json").is_file():
-        raise AnefxInputError(f"{path}: not a Core ML package (no Manifest.json in it)")
+        raise AnefxInputError(
+            f"{path}: not a Core ML package (no Manifest.json in it) nor a chunked artifact "
+            "(no manifest.json)"
+        )
     try:
         spec = read_spec(path)
     except Exception as exc:  # coremltools raises several kinds for a damaged package
@@ -97,15 +149,10 @@ def package_functions(path: str | Path):
                 f"{path}: function {name} has inputs {sorted(inputs)}, not anefx's"
             )
         shapes = {f.name: _shape(f) for f in fn.output}
-        outputs = list(shapes)
-        if not all(o.startswith(_LOGITS) for o in outputs):
-            raise AnefxInputError(
-                f"{path}: function {name} returns {outputs}; verify compares logits (a package "
-                "emitted with --argmax returns token ids)"
-            )
-        outputs.sort(key=lambda o: int(o.rsplit("_", 1)[1]) if "_" in o else 0)
+        outputs = _logits_order(list(shapes))
+        _check_logits(path, name, outputs)
         states = [{"name": f.name, "shape": list(_shape(f))} for f in fn.state]
-        width = sum(shapes[o][1] for o in outputs) if len(outputs) > 1 else shapes[outputs[0]][-1]
+        width = _logits_width(outputs, shapes)
         out[name] = PackageFunction(
             program, name, inputs["input_ids"][1], list(inputs), outputs, width, states
         )
