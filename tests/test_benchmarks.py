@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/convert.py, decode.py and structural.py on small presets: they run
-and their last line is JSON with the promised keys."""
+"""Smoke tests of benchmarks/convert.py, decode.py, structural.py, verify.py and scale.py on small
+presets: they run and their last line is JSON with the promised keys."""
 
 from __future__ import annotations
 
@@ -111,3 +111,49 @@ def test_verify_benchmark_tiny() -> None:
     assert rec["steps"] == 5 and rec["prompt_len"] == 11
     assert rec["psnr_db"] >= 60.0 and rec["top1_agreement"] == 1.0
     assert rec["wall_s"] > 0 and rec["baseline_torch_s"] > 0 and rec["ratio"] > 0
+
+
+def test_scale_benchmark_tiny_in_parts(tmp_path: Path) -> None:
+    rec = _last_json(
+        [str(BENCH / "scale.py"), "--preset", "qwen3-tiny", "--context", "64", "--batch", "8"]
+        + ["--max-chunk-mb", "0.05", "--keep", str(tmp_path)]
+    )
+    for key in (
+        "wall_s", "peak_rss_gb", "parts", "bytes_written", "checkpoint_s", "checkpoint_bytes",
+        "baseline_wall_s", "baseline_peak_rss_gb", "rss_ratio", "preset", "git", "context",
+        "batch", "max_chunk_mb",
+    ):  # fmt: skip
+        assert key in rec, key
+    assert (rec["preset"], rec["context"], rec["batch"], rec["max_chunk_mb"]) == (
+        "qwen3-tiny", 64, 8, 0.05,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    manifest = json.loads((out / "qwen3-tiny" / "manifest.json").read_text())
+    # embedding, one chunk per layer (each is over 0.05 MB), head
+    assert rec["parts"] == len(manifest["parts"]) == 4
+    assert all((out / "qwen3-tiny" / p["file"]).is_dir() for p in manifest["parts"])
+    assert rec["bytes_written"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    ckpt = tmp_path / "checkpoint"
+    assert rec["checkpoint_bytes"] == sum(f.stat().st_size for f in ckpt.iterdir())
+    assert rec["checker_errors"] == 0
+    # a converter process imports torch and coremltools: well over 100 MB, well under 8 GB
+    assert 0.1 < rec["peak_rss_gb"] < 8 and 0.1 < rec["baseline_peak_rss_gb"] < 8
+    assert rec["wall_s"] > 0 and rec["checkpoint_s"] > 0 and rec["baseline_wall_s"] > 0
+    assert math.isclose(
+        rec["rss_ratio"], rec["peak_rss_gb"] / rec["baseline_peak_rss_gb"], rel_tol=0.01
+    )
+
+
+def test_scale_benchmark_fails_clearly_when_the_conversion_fails(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "scale.py"), "--preset", "qwen3-tiny", "--batch", "0"]
+        + ["--no-baseline", "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert proc.stdout.strip() == ""  # no summary, no JSON line
+    message = proc.stderr.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("scale: anefx convert failed (exit 2)")
+    assert "--seq must be between" in message[0]  # anefx's own reason comes along
