@@ -155,7 +155,8 @@ def _weights_by_role(gm: fx.GraphModule, roles: _Roles) -> dict[tuple, int]:
 
 def _min_cap_chunks(sizes: list[int], cap: int) -> list[list[int]]:
     """Contiguous groups of SIZES (indices), fewest groups with sums <= CAP (an item above CAP
-    is a group of its own), balanced: the largest group is as small as that count allows."""
+    is a group of its own), balanced: the largest sum of a group of several items is as small
+    as that count allows."""
 
     def greedy(limit: int) -> list[list[int]]:
         groups: list[list[int]] = []
@@ -172,8 +173,8 @@ def _min_cap_chunks(sizes: list[int], cap: int) -> list[list[int]]:
     if not sizes:
         return []
     count = len(greedy(cap))
-    lo, hi = max(sizes), max(cap, max(sizes))
-    while lo < hi:  # smallest limit that still needs no more groups
+    lo, hi = 1, cap
+    while lo < hi:  # the smallest limit that still needs no more groups
         mid = (lo + hi) // 2
         if len(greedy(mid)) <= count:
             hi = mid

@@ -212,20 +212,19 @@ def emit_chunked(
         raise AnefxInputError(f"output folder {folder} is not writable")
     for stale in folder.glob(".*.mlpackage.*"):  # staging left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    done = _resumable(folder, key) if resume else {}
+    done = _resumable(folder, key) if resume else ({}, {})
     files = [_file_name(i, p) for i, p in enumerate(plans)]
     manifest_path = folder / MANIFEST
     earlier = _listed(folder)
-    if manifest_path.exists() and not (resume and done):
+    if manifest_path.exists() and not (resume and done[0]):
         manifest_path.unlink()  # the folder no longer holds what it describes
-    record = {"key": key, "written": dict(done)}
+    record = {"key": key, "written": dict(done[0]), "emitted": dict(done[1])}
     _write_json(folder / PROGRESS, record)
     part_docs = []
     for i, (p, by_fn) in enumerate(zip(plans, parts, strict=True)):
         target = folder / files[i]
-        if files[i] in done and target.is_dir():
+        if files[i] in done[0] and target.is_dir():
             say(f"part {i + 1}/{len(plans)} {files[i]}: already written, kept (--resume)")
-            emitted = None
         else:
             say(f"part {i + 1}/{len(plans)} {files[i]} ({p.weight_bytes / 2**20:.1f} MB)")
             tmp = Path(tempfile.mkdtemp(prefix=f".{files[i]}.", dir=folder))
@@ -235,12 +234,10 @@ def emit_chunked(
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             record["written"][files[i]] = _tree_digest(target)
+            record["emitted"][files[i]] = [r.to_dict() for r in emitted]
             _write_json(folder / PROGRESS, record)
             release_mapped_pages()  # this part's weights leave the resident set
-        if emitted is None:
-            from anefx.targets.coreml import check_package
-
-            emitted = check_package(target)
+        emitted = record["emitted"][files[i]]
         part_docs.append(
             {
                 "file": files[i],
@@ -257,9 +254,9 @@ def emit_chunked(
                     }
                     for fn, low in by_fn.items()
                 },
-                "emitted": [r.to_dict() for r in emitted],
-                "errors": sum(len(r.errors) for r in emitted),
-                "warnings": sum(len(r.warnings) for r in emitted),
+                "emitted": emitted,
+                "errors": sum(r["errors"] for r in emitted),
+                "warnings": sum(r["warnings"] for r in emitted),
             }
         )
     manifest = _manifest(lowered_by_name, default, key, part_docs, folder, options, lut, max_bytes)
@@ -283,19 +280,24 @@ def _listed(folder: Path) -> set[str]:
     return {n for n in out if n.endswith(".mlpackage") and "/" not in n}
 
 
-def _resumable(folder: Path, key: str) -> dict[str, str]:
-    """Parts an interrupted run of the same conversion wrote (file -> digest), still intact."""
+def _resumable(folder: Path, key: str) -> tuple[dict[str, str], dict[str, list]]:
+    """Parts an earlier run of the same conversion wrote and that are still intact:
+    (file -> digest, file -> its checker reports)."""
     prog = folder / PROGRESS
     if not prog.is_file():
         if (folder / MANIFEST).is_file():
             man = json.loads((folder / MANIFEST).read_text())
             if man.get("conversion_key") == key:
-                return {p["file"]: p["sha256"] for p in man["parts"]}
-        return {}
+                parts = [p for p in man["parts"] if (folder / p["file"]).is_dir()]
+                return (
+                    {p["file"]: p["sha256"] for p in parts},
+                    {p["file"]: p["emitted"] for p in parts},
+                )
+        return {}, {}
     try:
         record = json.loads(prog.read_text())
     except json.JSONDecodeError:
-        return {}
+        return {}, {}
     if record.get("key") != key:
         raise AnefxInputError(
             f"{folder}: --resume, but the parts there come from another model, other options "
@@ -304,9 +306,9 @@ def _resumable(folder: Path, key: str) -> dict[str, str]:
     kept = {}
     for name, digest in record.get("written", {}).items():
         path = folder / name
-        if path.is_dir() and _tree_digest(path) == digest:
+        if path.is_dir() and name in record.get("emitted", {}) and _tree_digest(path) == digest:
             kept[name] = digest
-    return kept
+    return kept, {n: record["emitted"][n] for n in kept}
 
 
 def _manifest(lowered_by_name, default, key, part_docs, folder, options, lut, max_bytes) -> dict:
