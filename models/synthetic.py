@@ -28,13 +28,26 @@ def _stream_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _fill_normal_(tensor: torch.Tensor, seed: int, name: str, mean: float, std: float) -> None:
+def _fill_normal_(
+    tensor: torch.Tensor,
+    seed: int,
+    name: str,
+    mean: float,
+    std: float,
+    scratch: torch.Tensor | None = None,
+) -> None:
+    # `scratch`, float32 of at least _CHUNK elements, is reused across calls by the checkpoint
+    # writer: a fresh 16 MB buffer per chunk fragments the heap between the tensors it keeps.
     gen = torch.Generator(device="cpu").manual_seed(_stream_seed(seed, name))
     flat = tensor.view(-1)
     for start in range(0, flat.numel(), _CHUNK):
         stop = min(start + _CHUNK, flat.numel())
-        scratch = torch.empty(stop - start, dtype=torch.float32).normal_(generator=gen)
-        flat[start:stop].copy_(scratch.mul_(std).add_(mean))
+        if scratch is None:
+            chunk = torch.empty(stop - start, dtype=torch.float32)
+        else:
+            chunk = scratch[: stop - start]
+        chunk.normal_(generator=gen)
+        flat[start:stop].copy_(chunk.mul_(std).add_(mean))
 
 
 def _init_stats(model: nn.Module, name: str, std: float, norm_std: float) -> tuple[float, float]:
@@ -208,12 +221,14 @@ def write_random_checkpoint(
             return "model.safetensors"
         return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
+    scratch = torch.empty(_CHUNK, dtype=torch.float32)
+
     def generate(name: str) -> torch.Tensor:
         # The same values random_init_ puts in the materialised parameter of that name.
         param = params[name]
         tensor = torch.empty(param.shape, dtype=param.dtype)
         mean, std = _init_stats(model, name, _STD, _NORM_STD)
-        _fill_normal_(tensor, seed, name, mean, std)
+        _fill_normal_(tensor, seed, name, mean, std, scratch)
         return tensor
 
     weight_map: dict[str, str] = {}
@@ -238,7 +253,6 @@ def write_random_checkpoint(
             position += 1
         save_file(shard, folder / file_name(index), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file_name(index)))
-        del shard
     if count > 1:
         index_doc = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
