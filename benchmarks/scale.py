@@ -16,8 +16,10 @@ rusage of that one child, so nothing of this process or of another child is coun
    interpreter start-up included; ``peak_rss_gb`` its peak RSS; ``bytes_written`` the size of
    everything it wrote;
 3. the baseline (unless --no-baseline): what the stock route holds before it can do anything,
-   ``AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float16)``; ``rss_ratio`` is the
-   conversion's peak RSS over the baseline's.
+   ``AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float16)`` with every weight read
+   once (transformers memory-maps fp16 safetensors, so the load alone reads nothing; exporting
+   or converting the model reads it all); ``rss_ratio`` is the conversion's peak RSS over the
+   baseline's.
 
 Peak RSS is the larger of the child's ``ru_maxrss`` (which covers the children it waited for,
 one at a time) and the summed RSS of its process tree sampled from /proc every 0.2 s (which
@@ -174,15 +176,28 @@ def write_checkpoint(preset: str, folder: Path, seed: int) -> dict:
 
 
 def load_baseline(folder: Path) -> dict:
-    """Child 3: the stock route's load of the same checkpoint into transformers."""
+    """Child 3: the stock route's load of the same checkpoint into transformers, made resident."""
     import torch
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
     load_s = time.perf_counter() - t0
+    # from_pretrained leaves fp16 weights memory-mapped from the safetensors files, unread; any
+    # use (export, convert, run) reads them all. One element per 4 KB page makes them resident.
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for param in model.parameters():
+            flat = param.detach().reshape(-1)
+            flat[:: max(1, 4096 // flat.element_size())].float().sum()
+    touch_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
-    return {"load_s": round(load_s, 2), "params": params, "peak_rss_gb": round(peak_rss_gb(), 3)}
+    return {
+        "load_s": round(load_s, 2),
+        "touch_s": round(touch_s, 2),
+        "params": params,
+        "peak_rss_gb": round(peak_rss_gb(), 3),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +303,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                 {
                     "baseline_wall_s": round(base.wall_s, 2),
                     "baseline_load_s": inner["load_s"],
+                    "baseline_touch_s": inner["touch_s"],
                     "baseline_peak_rss_gb": _gb(base.peak_rss_bytes),
                     "rss_ratio": round(conv.peak_rss_bytes / base.peak_rss_bytes, 3),
                     "baseline_error": None,
@@ -314,8 +330,9 @@ def render(rec: dict) -> str:
     if rec.get("baseline_peak_rss_gb") is not None:
         lines += [
             f"  baseline    {rec['baseline_wall_s']:8.1f} s   peak RSS "
-            f"{rec['baseline_peak_rss_gb']:6.2f} GB   (transformers from_pretrained fp16, "
-            f"load {rec['baseline_load_s']:.1f} s)",
+            f"{rec['baseline_peak_rss_gb']:6.2f} GB   (transformers from_pretrained fp16 "
+            f"{rec['baseline_load_s']:.1f} s, reading every weight "
+            f"{rec['baseline_touch_s']:.1f} s)",
             f"  anefx / baseline peak RSS = {rec['rss_ratio']:.3f}",
         ]
     elif rec.get("baseline_error"):

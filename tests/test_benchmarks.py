@@ -120,8 +120,8 @@ def test_scale_benchmark_tiny_in_parts(tmp_path: Path) -> None:
     )
     for key in (
         "wall_s", "peak_rss_gb", "parts", "bytes_written", "checkpoint_s", "checkpoint_bytes",
-        "baseline_wall_s", "baseline_peak_rss_gb", "rss_ratio", "preset", "git", "context",
-        "batch", "max_chunk_mb",
+        "baseline_wall_s", "baseline_peak_rss_gb", "baseline_touch_s", "rss_ratio", "preset",
+        "git", "context", "batch", "max_chunk_mb",
     ):  # fmt: skip
         assert key in rec, key
     assert (rec["preset"], rec["context"], rec["batch"], rec["max_chunk_mb"]) == (
