@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import re
+import tempfile
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -467,13 +468,14 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, meta: bool) -> LoadedM
     copies = _validate_tensors(folder, located, model.state_dict(), checkpoint_names(model))
     if not meta:
         mappable = [c for c in copies if _mappable(located[c[2]], c[1], dtype)]
-        if len(mappable) < len(copies):
-            _check_fits(model, dtype, str(folder), "the")
         _map_weights_(model, located, mappable)
-        _materialize_meta_(model)  # storage for the rest and for the rotary buffers
+        # another dtype, or experts stored apart: cast / assembled into a scratch file, mapped
+        rest = _map_converted_(model, located, [c for c in copies if c not in mappable], dtype)
+        if rest:
+            _check_fits(model, dtype, str(folder), "the")
+        _materialize_meta_(model)  # storage for what is left and for the rotary buffers
         model.tie_weights()
-        # the rest (another dtype, or experts stored apart) is copied into memory
-        _copy_weights_(model, located, [c for c in copies if c not in mappable])
+        _copy_weights_(model, located, rest)
         reset_rotary_(model)
     return _finish(model, str(folder), False, dtype, meta)
 
@@ -498,6 +500,21 @@ def _map_file(path: Path, cache: dict) -> mmap.mmap:
     return cache[path]
 
 
+def _bind_(model: PreTrainedModel, name: str, buf, offset: int, dtype, shape) -> None:
+    """Make parameter (or buffer) NAME the tensor at OFFSET of mapping BUF."""
+    count = math.prod(shape)
+    if count == 0:
+        tensor = torch.empty(shape, dtype=dtype)
+    else:
+        tensor = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape)
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
 def _map_weights_(
     model: PreTrainedModel, located: dict[str, _TensorEntry], copies: list[_Copy]
 ) -> None:
@@ -505,20 +522,64 @@ def _map_weights_(
     cache: dict[Path, mmap.mmap] = {}
     for name, _, src in copies:
         entry = located[src]
-        dtype = _ST_FLOAT_DTYPES[entry.dtype]
-        count = math.prod(entry.shape)
-        if count == 0:
-            tensor = torch.empty(entry.shape, dtype=dtype)
+        buf = _map_file(entry.file, cache) if math.prod(entry.shape) else None
+        _bind_(model, name, buf, entry.offset, _ST_FLOAT_DTYPES[entry.dtype], entry.shape)
+
+
+def _map_converted_(
+    model: PreTrainedModel, located: dict[str, _TensorEntry], copies: list[_Copy], dtype
+) -> list[_Copy]:
+    """Write the parameters COPIES fill, cast to DTYPE and assembled, into an unlinked scratch
+    file (in $ANEFX_TMPDIR, else the system temp folder) and map them from it; one tensor is in
+    memory at a time. Returns the copies whose pieces do not lie in order in their parameter
+    (copied into memory instead)."""
+    by_param: dict[str, list[_Copy]] = {}
+    for c in copies:
+        by_param.setdefault(c[0], []).append(c)
+    state = model.state_dict()
+    ordered, left = {}, []
+    for name, group in by_param.items():
+        # the pieces must tile the parameter in memory order (per-expert tensors do)
+        whole = torch.empty(state[name].shape, device="meta")
+        at, ok = 0, True
+        for _, index, src in group:
+            piece = whole[index] if index else whole
+            ok &= piece.storage_offset() == at and piece.is_contiguous()
+            at += math.prod(located[src].shape)
+        if ok and at == whole.numel():
+            ordered[name] = group
         else:
-            buf = _map_file(entry.file, cache)
-            tensor = torch.frombuffer(buf, dtype=dtype, count=count, offset=entry.offset)
-            tensor = tensor.view(entry.shape)
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-        else:
-            owner._buffers[leaf] = tensor
+            left += group
+    if not ordered:
+        return left
+    fd, path = tempfile.mkstemp(prefix="anefx-cast-", dir=os.environ.get("ANEFX_TMPDIR"))
+    os.unlink(path)  # the space is freed when the last mapping of it goes
+    placed = []
+    with os.fdopen(fd, "w+b") as fh, contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for name, group in ordered.items():
+            placed.append((name, fh.tell()))
+            for _, _, src in group:
+                entry = located[src]
+                try:
+                    if entry.file not in handles:
+                        handles[entry.file] = stack.enter_context(
+                            safe_open(str(entry.file), framework="pt", device="cpu")
+                        )
+                    t = handles[entry.file].get_tensor(src).to(dtype).contiguous()
+                except SafetensorError as exc:
+                    raise _input_error(
+                        f"{entry.file}: cannot read safetensors file: {exc}"
+                    ) from None
+                fh.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+            fh.write(b"\0" * (-fh.tell() % 64))
+        fh.flush()
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if fh.tell() else None
+    if buf is not None:
+        _MAPS.append(weakref.ref(buf))
+    for name, offset in placed:
+        _bind_(model, name, buf, offset, dtype, tuple(state[name].shape))
+    return left
 
 
 def _materialize_meta_(model: PreTrainedModel) -> None:
