@@ -23,8 +23,10 @@ rusage of that one child, so nothing of this process or of another child is coun
 
 Peak RSS is the larger of the child's ``ru_maxrss`` (which covers the children it waited for,
 one at a time) and the summed RSS of its process tree sampled from /proc every 0.2 s (which
-catches parts converted concurrently). The checkpoint and the output live in a temporary folder,
-removed at the end, or under --keep DIR (DIR/checkpoint, DIR/out).
+catches parts converted concurrently). RSS counts the pages of memory-mapped checkpoint files
+once read; ``peak_anon_gb`` (sampled the same way) is the anonymous part alone, the memory the
+converter allocated. The checkpoint and the output live in a temporary folder, removed at the
+end, or under --keep DIR (DIR/checkpoint, DIR/out, and the children's output in DIR/logs).
 
 Printed: a readable summary, then as the LAST line one JSON object.
 """
@@ -57,16 +59,19 @@ class Run:
     code: int
     wall_s: float
     peak_rss_bytes: int
+    peak_anon_bytes: int | None  # sampled; None without /proc
     stdout: str
     stderr: str
 
 
-def _tree_rss_bytes(root: int) -> int:
-    """Summed resident memory of `root` and its descendants (Linux /proc; 0 elsewhere)."""
+def _tree_rss_bytes(root: int) -> tuple[int, int] | None:
+    """Summed (resident, anonymous resident) bytes of `root` and its descendants; None when
+    there is no /proc. Resident memory also counts pages of memory-mapped files (safetensors
+    read in place), which the kernel can drop; anonymous memory is what the process allocated."""
     parent: dict[int, int] = {}
     proc = Path("/proc")
     if not proc.is_dir():
-        return 0
+        return None
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -82,13 +87,17 @@ def _tree_rss_bytes(root: int) -> int:
         children = [c for c, p in parent.items() if p == pid and c not in tree]
         tree.update(children)
         frontier.extend(children)
-    total = 0
+    resident = anon = 0
     for pid in tree:
         try:
-            total += int((proc / str(pid) / "statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
+            fields = (proc / str(pid) / "statm").read_text().split()
+        except OSError:
             continue
-    return total * resource.getpagesize()
+        # statm: size resident shared ...; shared = resident file-backed (and shmem) pages
+        resident += int(fields[1])
+        anon += int(fields[1]) - int(fields[2])
+    page = resource.getpagesize()
+    return resident * page, anon * page
 
 
 def run_measured(cmd: list[str], logs: Path, name: str) -> Run:
@@ -98,18 +107,21 @@ def run_measured(cmd: list[str], logs: Path, name: str) -> Run:
         t0 = time.perf_counter()
         # Output to files, not pipes: nobody reads pipes while this loop waits for the child.
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        sampled = 0
+        sampled, anon = 0, None
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            sampled = max(sampled, _tree_rss_bytes(proc.pid))
+            tree = _tree_rss_bytes(proc.pid)
+            if tree is not None:
+                sampled, anon = max(sampled, tree[0]), max(anon or 0, tree[1])
             time.sleep(_SAMPLE_S)
         wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code  # reaped by wait4; keeps Popen from waiting for it again
     maxrss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return Run(code, wall, max(maxrss, sampled), out_path.read_text(), err_path.read_text())
+    out_text, err_text = out_path.read_text(), err_path.read_text()
+    return Run(code, wall, max(maxrss, sampled), anon, out_text, err_text)
 
 
 def folder_bytes(path: Path) -> int:
@@ -289,6 +301,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         "checkpoint_shards": len(list(folder.glob("*.safetensors"))),
         "wall_s": round(conv.wall_s, 2),
         "peak_rss_gb": _gb(conv.peak_rss_bytes),
+        "peak_anon_gb": None if conv.peak_anon_bytes is None else _gb(conv.peak_anon_bytes),
         "parts": parts,
         "bytes_written": folder_bytes(out_dir),
     }
@@ -327,6 +340,11 @@ def render(rec: dict) -> str:
         f"  anefx       {rec['wall_s']:8.1f} s   peak RSS {rec['peak_rss_gb']:6.2f} GB   "
         f"{rec['parts']} part(s), {_human(rec['bytes_written'])} written",
     ]
+    if rec["peak_anon_gb"] is not None:
+        lines.append(
+            f"              of which allocated (not file-backed), sampled: "
+            f"{rec['peak_anon_gb']:.2f} GB at most"
+        )
     if rec.get("baseline_peak_rss_gb") is not None:
         lines += [
             f"  baseline    {rec['baseline_wall_s']:8.1f} s   peak RSS "

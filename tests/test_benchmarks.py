@@ -121,7 +121,7 @@ def test_scale_benchmark_tiny_in_parts(tmp_path: Path) -> None:
     for key in (
         "wall_s", "peak_rss_gb", "parts", "bytes_written", "checkpoint_s", "checkpoint_bytes",
         "baseline_wall_s", "baseline_peak_rss_gb", "baseline_touch_s", "rss_ratio", "preset",
-        "git", "context", "batch", "max_chunk_mb",
+        "git", "context", "batch", "max_chunk_mb", "peak_anon_gb",
     ):  # fmt: skip
         assert key in rec, key
     assert (rec["preset"], rec["context"], rec["batch"], rec["max_chunk_mb"]) == (
@@ -138,6 +138,7 @@ def test_scale_benchmark_tiny_in_parts(tmp_path: Path) -> None:
     assert rec["checker_errors"] == 0
     # a converter process imports torch and coremltools: well over 100 MB, well under 8 GB
     assert 0.1 < rec["peak_rss_gb"] < 8 and 0.1 < rec["baseline_peak_rss_gb"] < 8
+    assert 0 < rec["peak_anon_gb"] <= rec["peak_rss_gb"]
     assert rec["wall_s"] > 0 and rec["checkpoint_s"] > 0 and rec["baseline_wall_s"] > 0
     assert math.isclose(
         rec["rss_ratio"], rec["peak_rss_gb"] / rec["baseline_peak_rss_gb"], rel_tol=0.01
