@@ -388,11 +388,25 @@ _MIL_DTYPES = {
     22: "int16",
     23: "int32",
     24: "int64",
+    25: "int4",
     31: "uint8",
     32: "uint16",
     33: "uint32",
+    34: "uint64",
+    35: "uint4",
+    36: "uint2",
+    37: "uint1",
+    38: "uint6",
+    39: "uint3",
 }
+# bytes per element; the sub-byte index types are packed (bits / 8)
 _MIL_ITEMSIZE = {
+    "uint1": 1 / 8,
+    "uint2": 2 / 8,
+    "uint3": 3 / 8,
+    "uint4": 4 / 8,
+    "int4": 4 / 8,
+    "uint6": 6 / 8,
     "float16": 2,
     "float32": 4,
     "bfloat16": 2,
@@ -400,6 +414,9 @@ _MIL_ITEMSIZE = {
     "uint8": 1,
     "int16": 2,
     "int32": 4,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
     "bool": 1,
     "float64": 8,
     "int64": 8,
@@ -439,12 +456,89 @@ def _tensor_shape(ttype) -> tuple[tuple[int, ...], str, bool]:
     return tuple(dims), _MIL_DTYPES.get(ttype.dataType, str(ttype.dataType)), dynamic
 
 
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.ceil(math.prod(shape) * _MIL_ITEMSIZE.get(dtype, 2))
+
+
+def _value_info(value) -> tuple[tuple[int, ...], str, tuple[str, int] | None]:
+    """(shape, dtype, blob location or None) of a literal MIL value (a const's val, an input)."""
+    shape, dtype, _ = _tensor_shape(value.type.tensorType)
+    blob = None
+    if value.WhichOneof("value") == "blobFileValue":
+        blob = (value.blobFileValue.fileName, int(value.blobFileValue.offset))
+    return shape, dtype, blob
+
+
+def _block(spec, function: str):
+    fn = spec.mlProgram.functions[function]
+    return fn.block_specializations[fn.opset]
+
+
+@dataclass
+class LutInfo:
+    """One constexpr_lut_to_dense op as stored: its indices, its table and their real bytes."""
+
+    name: str
+    module: str | None
+    pass_: str | None
+    indices_shape: tuple[int, ...]
+    indices_dtype: str
+    lut_shape: tuple[int, ...]
+    lut_dtype: str
+    nbytes: int  # the indices and tables stored with the op (0 for inputs read from a const op)
+    blobs: tuple = ()
+
+    @property
+    def bits(self) -> int | None:
+        """Index width, from the indices' dtype (uint<n>), or None if not an unsigned int."""
+        d = self.indices_dtype
+        return int(d[4:]) if d.startswith("uint") and d[4:].isdigit() else None
+
+
+def mil_luts(spec, function: str = "main") -> list[LutInfo]:
+    """The palettized weights (iOS18 constexpr_lut_to_dense ops) of one function.
+
+    coremltools writes the indices and the table as the op's own literal inputs (two blobs);
+    an input can also name another op's output (a const, or a constexpr in joint compression),
+    whose bytes that op already counts.
+    """
+    meta = spec.description.metadata.userDefined
+    modules = json.loads(meta[MODULES_KEY]) if MODULES_KEY in meta else {}
+    produced: dict[str, tuple[tuple[int, ...], str]] = {}
+    out = []
+    for op in _block(spec, function).operations:
+        for o in op.outputs:
+            if o.type.WhichOneof("type") == "tensorType":
+                produced[o.name] = _tensor_shape(o.type.tensorType)[:2]
+        if op.type != "constexpr_lut_to_dense" or not op.outputs:
+            continue
+        parts, nbytes, blobs = {}, 0, []
+        for key in ("indices", "lut"):
+            binding = op.inputs[key].arguments[0] if key in op.inputs else None
+            if binding is None:
+                parts[key] = ((), "missing")
+            elif binding.WhichOneof("binding") == "value":
+                shape, dtype, blob = _value_info(binding.value)
+                parts[key] = (shape, dtype)
+                nbytes += _nbytes(shape, dtype)
+                blobs.append(blob)
+            else:
+                parts[key] = produced.get(binding.name, ((), "unknown"))
+        name = op.outputs[0].name
+        module, pass_, _ = split_op_name(name, modules)
+        out.append(
+            LutInfo(name, module, pass_, *parts["indices"], *parts["lut"], nbytes, tuple(blobs))
+        )
+    return out
+
+
 def mil_ops(spec, function: str = "main") -> list[OpInfo]:
     """The ops of one function of an mlprogram spec as OpInfo records."""
     fn = spec.mlProgram.functions[function]
-    block = fn.block_specializations[fn.opset]
+    block = _block(spec, function)
     meta = spec.description.metadata.userDefined
     modules = json.loads(meta[MODULES_KEY]) if MODULES_KEY in meta else {}
+    luts = {lut.name: lut for lut in mil_luts(spec, function)}
     out = []
     for inp in fn.inputs:
         t = inp.type
@@ -475,11 +569,60 @@ def mil_ops(spec, function: str = "main") -> list[OpInfo]:
         )
         if info.kind == "const" and shapes:
             info.const = True
-            size = _MIL_ITEMSIZE.get(dtypes[0], 2)
-            if op.type == "constexpr_lut_to_dense":
-                size = 0.5  # palettized: indices are far smaller than the dense tensor
-            info.nbytes = int(math.prod(shapes[0]) * size)
+            blobs: tuple = ()
+            if op.type == "constexpr_lut_to_dense" and name in luts:
+                # the stored bytes: packed indices + the tables, not the dense tensor it yields
+                info.nbytes, blobs = luts[name].nbytes, luts[name].blobs
+            elif op.type == "const" and "val" in op.attributes:
+                shape, dtype, blob = _value_info(op.attributes["val"])
+                info.nbytes, blobs = _nbytes(shape, dtype), (blob,)
+            else:
+                info.nbytes = _nbytes(shapes[0], dtypes[0])
+            if blobs and all(blobs):
+                # one blob read by several consts (weights shared by content) counts once
+                info.storage = hash(blobs)
         out.append(info)
+    return out
+
+
+def _lut_violations(luts: list[LutInfo]) -> list[Violation]:
+    """The "lut" rule: the forms of constexpr_lut_to_dense Core ML defines, with an fp16 table."""
+    out = []
+    for lut in luts:
+        problems = []
+        bits = lut.bits
+        if bits not in rules.LUT_BITS:
+            problems.append(
+                f"indices {lut.indices_dtype}: index bits must be one of {rules.LUT_BITS}"
+            )
+        if lut.lut_dtype != rules.LUT_DTYPE:
+            problems.append(f"LUT {lut.lut_dtype}, not {rules.LUT_DTYPE}")
+        k = len(lut.indices_shape)
+        if len(lut.lut_shape) != k + 2:
+            problems.append(f"LUT {lut.lut_shape} is not (groups per axis..., entries, vector)")
+        else:
+            if bits in rules.LUT_BITS and lut.lut_shape[k] != 1 << bits:
+                problems.append(
+                    f"LUT has {lut.lut_shape[k]} entries, {bits}-bit indices need {1 << bits}"
+                )
+            if any(
+                g == 0 or n % g for n, g in zip(lut.indices_shape, lut.lut_shape[:k], strict=True)
+            ):
+                problems.append(f"LUT groups {lut.lut_shape[:k]} do not tile {lut.indices_shape}")
+        if problems:
+            out.append(
+                Violation(
+                    "lut",
+                    rules.RULES_BY_ID["lut"].severity,
+                    "constexpr_lut_to_dense",
+                    lut.name,
+                    list(lut.indices_shape),
+                    lut.indices_dtype,
+                    lut.module,
+                    lut.pass_,
+                    "; ".join(problems),
+                )
+            )
     return out
 
 
@@ -496,7 +639,16 @@ def check_spec(spec) -> list[Report]:
         states = _states(spec, name)
         if states:
             stats["states"] = states
-        reports.append(check_ops(ops, f"emitted:{name}", stats))
+        luts = mil_luts(spec, name)
+        if luts:
+            stats["palettized"] = {
+                "weights": len(luts),
+                "bits": dict(sorted(Counter(str(lut.bits) for lut in luts).items())),
+                "bytes": sum(lut.nbytes for lut in luts),
+            }
+        report = check_ops(ops, f"emitted:{name}", stats)
+        report.violations.extend(_lut_violations(luts))
+        reports.append(report)
     return reports
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RULES_VERSION = "2026.11-2"
+RULES_VERSION = "2026.11-3"
 
 MAX_RANK = 4
 # Rank-4 tensors are read as (N, C, H, W); lower ranks are left-padded with 1s.
@@ -26,6 +26,11 @@ WEIGHTS_WARN_BYTES = 1 << 30
 WEIGHTS_ERROR_BYTES = 2 << 30
 COMPUTE_DTYPE = "float16"
 INDEX_DTYPES = ("int32", "int16", "int8", "uint8", "int64", "bool")
+# Palettized weights (iOS18 constexpr_lut_to_dense): index widths Core ML defines for a LUT
+# (coremltools' OpPalettizerConfig and the MIL op spec: uint1/2/3/4/6/8), and the table itself
+# in fp16, the ANE's compute dtype, with exactly 2**bits entries per group.
+LUT_BITS = (1, 2, 3, 4, 6, 8)
+LUT_DTYPE = COMPUTE_DTYPE
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,12 @@ RULES = [
     Rule("dynamic_shape", "error", "dynamic shape leaves the ANE"),
     Rule(
         "in_graph_mask", "error", "causal mask built in the graph (band_part/triu) leaves the ANE"
+    ),
+    Rule(
+        "lut",
+        "error",
+        f"palettized weight Core ML cannot run: index bits not in {LUT_BITS}, LUT not "
+        f"{LUT_DTYPE} or not 2**bits entries, or LUT groups that do not tile the weight",
     ),
     Rule("gather", "warning", "gather (embedding lookup) runs on the CPU"),
     Rule(
