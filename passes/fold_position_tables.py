@@ -64,7 +64,11 @@ class FoldPositionTables:
             return PassResult(gm, False)
         table_len = self.table_len or seq[1]
         tables = self._evaluate(gm, pos, region, frontier, table_len)
-        if tables is None:
+        # a position-only value that is not one row per position (the KV-cache write
+        # matrix, (context, S), when context == S) stays computed in the graph
+        frontier = [f for f, t in zip(frontier, tables, strict=True) if t is not None]
+        tables = [t for t in tables if t is not None]
+        if not tables:
             return PassResult(gm, False)
 
         g = gm.graph
@@ -100,7 +104,8 @@ class FoldPositionTables:
 
     @staticmethod
     def _evaluate(gm, pos, region, frontier, table_len):
-        """Run the position-only subgraph for positions 0..T-1; check it is row-wise."""
+        """Run the position-only subgraph for positions 0..T-1: each frontier value's table,
+        or None where row p does not depend on position p alone."""
         sub = fx.Graph()
         env = {pos: sub.placeholder("pos")}
         for node in region:
@@ -132,11 +137,10 @@ class FoldPositionTables:
             # rows are the second-to-last axis (checked by _row_shaped); drop the unit axes
             f_full = f_full.reshape(-1, f_full.shape[-1])
             f_direct = f_direct.reshape(-1, f_direct.shape[-1])
-            if f_full.shape[0] != table_len:
-                return None
-            if not torch.equal(f_full[probe[0].long()], f_direct):
-                return None
-            tables.append(f_full.contiguous())
+            if f_full.shape[0] != table_len or not torch.equal(f_full[probe[0].long()], f_direct):
+                tables.append(None)
+            else:
+                tables.append(f_full.contiguous())
         return tables
 
 

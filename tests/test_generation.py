@@ -51,6 +51,16 @@ def test_greedy_matches_transformers_fp32(hf, dec32, n: int, seed: int) -> None:
     assert Session(dec32).generate(prompt, max_new_tokens=NEW) == _hf_greedy(hf, prompt)
 
 
+def test_context_equal_to_batch(ckpt, hf) -> None:
+    """The (context, S) cache-write matrix is square then and looks like a rotary row table:
+    it must stay computed, and the rotary tables must still fold."""
+    dec = lower_decoder(str(ckpt), batch=16, context=16, dtype=torch.float32)
+    for low in (dec.prefill, dec.decode):  # the pass manager checked: no cos/sin are left
+        assert {e.rule for e in low.report.errors} <= {"fp16"}  # fp32 lowering, for parity
+    prompt = _prompt(9, 7)
+    assert Session(dec).generate(prompt, max_new_tokens=7) == _hf_greedy(hf, prompt, 7)
+
+
 def test_continuation_and_multi_turn_equal_one_long_run(hf, dec32) -> None:
     first, second = _prompt(6, 4), _prompt(4, 5)
     s = Session(dec32)
