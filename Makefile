@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/anefx convert preset:qwen3-0.6b -o build/qwen3-0.6b.mlpackage
+	$(VENV)/bin/anefx convert preset:qwen3-0.6b -o build/qwen3-0.6b
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
