@@ -308,6 +308,7 @@ def _convert_chunked(args, lowered: dict, default: str, progress) -> int:
             "kind": p["kind"],
             "layers": f"{p['layers'][0]}-{p['layers'][-1]}" if p["layers"] else "-",
             "weight_mb": round(p["weight_bytes"] / 2**20, 1),
+            "package_mb": round(p["package_bytes"] / 2**20, 1),
             "lut": ",".join(f"{k}:{v}" for k, v in p["lut"].items()) or "-",
             "errors": p["errors"],
             "warnings": p["warnings"],
@@ -317,18 +318,24 @@ def _convert_chunked(args, lowered: dict, default: str, progress) -> int:
     if args.json:
         print(json.dumps({"output": args.output, "parts": rows, **manifest["checker"]}))
     else:
-        print(f"{'part':34} {'kind':8} {'layers':8} {'MB':>8} {'lut':16} errors warnings")
+        print(
+            f"{'part':30} {'kind':8} {'layers':8} {'fp16 MB':>8} {'lut':14} {'file MB':>8} "
+            "errors warnings"
+        )
         for r in rows:
             print(
-                f"{r['file']:34} {r['kind']:8} {r['layers']:8} {r['weight_mb']:8.1f} "
-                f"{r['lut']:16} {r['errors']:6} {r['warnings']:8}"
+                f"{r['file']:30} {r['kind']:8} {r['layers']:8} {r['weight_mb']:8.1f} "
+                f"{r['lut']:14} {r['package_mb']:8.1f} {r['errors']:6} {r['warnings']:8}"
             )
         for p in manifest["parts"]:
             for rep in p["emitted"]:
+                counts = ", ".join(f"{k} {n}" for k, n in sorted(rep["counts"].items()))
+                print(f"  {p['file']} {rep['stage']}: {counts or 'clean'}")
                 for v in rep["violations"]:
-                    print(
-                        f"  {p['file']} {rep['stage']}: {v['severity']} {v['rule']}: {v['message']}"
-                    )
+                    if v["severity"] == "error":
+                        print(
+                            f"    error {v['rule']} at {v['node']} ({v['module']}): {v['message']}"
+                        )
     return 1 if manifest["checker"]["errors"] else 0
 
 

@@ -244,6 +244,7 @@ def emit_chunked(
                 **p.to_dict(),
                 "lut": _part_lut(p, lut) or {},
                 "sha256": record["written"][files[i]],
+                "package_bytes": sum(f.stat().st_size for f in target.rglob("*") if f.is_file()),
                 "modules": by_fn[default].graph_module.meta["anefx_part_modules"],
                 "functions": {fn: _io(low.graph_module) for fn, low in by_fn.items()},
                 "lowered": {
