@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from contextlib import contextmanager
 
@@ -24,7 +23,6 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
-_counter = itertools.count()
 
 
 def is_op(node: object, *targets) -> bool:
@@ -75,9 +73,14 @@ def add_const(
 ) -> fx.Node:
     """Register TENSOR as a new attribute and return a get_attr node for it."""
     base = "".join(c if c.isalnum() else "_" for c in hint)
-    name = f"_anefx_{base}_{next(_counter)}"
+    # numbered per graph, not per process: the same conversion names (and so emits) the same
+    # constants however many graphs this process lowered before
+    count = gm.meta.get("anefx_consts", 0)
+    name = f"_anefx_{base}_{count}"
     while hasattr(gm, name):
-        name = f"_anefx_{base}_{next(_counter)}"
+        count += 1
+        name = f"_anefx_{base}_{count}"
+    gm.meta["anefx_consts"] = count + 1
     gm.register_buffer(name, tensor.detach(), persistent=False)
     node = gm.graph.get_attr(name)
     node.meta["val"] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")

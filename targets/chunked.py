@@ -359,6 +359,11 @@ def read_manifest(folder: str | Path) -> dict:
     """The manifest of a chunked artifact, checked against the files beside it."""
     folder = Path(folder)
     path = folder / MANIFEST
+    if not path.is_file() and (folder / PROGRESS).is_file():
+        raise AnefxInputError(
+            f"{folder}: an interrupted conversion (no manifest.json yet); run the same "
+            "anefx convert again with --resume to finish it"
+        )
     try:
         doc = json.loads(path.read_text())
     except OSError as exc:

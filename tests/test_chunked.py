@@ -259,6 +259,8 @@ def test_resume_after_a_crash_gives_the_same_files(
         emit_chunked(lowered, crashed, cap, default="decode")
     monkeypatch.undo()
     assert not (crashed / "manifest.json").exists()
+    with pytest.raises(anefx.AnefxInputError, match="with --resume to finish it"):
+        read_manifest(crashed)
     assert len(list(crashed.glob("*.mlpackage"))) == 2
     (crashed / ".04_head.mlpackage.leftover").mkdir()  # staging of a killed run
     kept = {p.name: p.stat().st_mtime_ns for p in crashed.glob("*.mlpackage")}
@@ -286,9 +288,12 @@ def test_palettized_parts_check_verify_and_repeat(
     from anefx.targets.coreml import read_spec
 
     lowered = {"prefill": decoder.prefill, "decode": decoder.decode}
+    again = lower_decoder(str(ckpt), batch=BATCH, context=CONTEXT, dtype=torch.float16)
     lut = {"ffn": 4, "head": 8}
     runs = [tmp_path / "a", tmp_path / "b"]
-    for out in runs:
+    # the second conversion lowers the model again in this process: the same bytes anyway
+    for out, dec in zip(runs, (decoder, again), strict=True):
+        lowered = {"prefill": dec.prefill, "decode": dec.decode}
         man = emit_chunked(lowered, out, _three_chunks(layer_bytes), default="decode", lut=lut)
     assert man["checker"]["errors"] == 0 and man["lut"] == lut
     for p in man["parts"]:
