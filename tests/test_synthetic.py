@@ -140,7 +140,7 @@ def test_bad_max_shard_bytes_is_refused(tmp_path: Path) -> None:
 # RSS rose above its resident size before the write (Linux: /proc and ru_maxrss in KB).
 _MEMORY_PROBE = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
     from anefx.models.presets import get_preset
     from anefx.models.synthetic import write_random_checkpoint
@@ -152,11 +152,16 @@ _MEMORY_PROBE = textwrap.dedent(
            "num_hidden_layers": 12, "max_window_layers": 12, "num_attention_heads": 16,
            "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 8192,
            "tie_word_embeddings": False}
-    with open("/proc/self/statm") as fh:
-        before = int(fh.read().split()[1]) * resource.getpagesize()
+    def status(key):
+        with open("/proc/self/status") as fh:
+            return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key))
+
+    # reset the peak (VmHWM) so the imports' and the warm-up's peaks do not count
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = status("VmRSS:")
     write_random_checkpoint(folder + "/big", cfg, torch.float16, max_shard_bytes=16 << 20)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"growth": peak - before}))
+    print(json.dumps({"growth": status("VmHWM:") - before}))
     """
 )
 
@@ -175,5 +180,6 @@ def test_writing_holds_about_one_shard_not_the_model(tmp_path: Path) -> None:
     model_bytes = sum(p.stat().st_size for p in big.glob("*.safetensors"))
     assert model_bytes > 350e6 and len(list(big.glob("*.safetensors"))) > 20
     # Holding the model (the old writer) would add at least model_bytes (~400 MB); one 16 MiB
-    # shard plus the 16 MiB generation scratch and allocator slack stays under four shards.
-    assert growth < 4 * (16 << 20), (growth, model_bytes)
+    # shard plus the 16 MiB generation scratch measure 32-48 MB; the bound leaves room for the
+    # allocator's per-thread arenas (eight shards, still a third of the model).
+    assert growth < 8 * (16 << 20) < model_bytes / 3, (growth, model_bytes)
