@@ -212,24 +212,26 @@ def _lut(args) -> dict[str, int] | None:
     return lut or None
 
 
+def _lower_decoder(args, progress, **kwargs):
+    """Load --model once; lower prefill (S = --batch) and decode (S = 1) with --context."""
+    from anefx.generation import lower_decoder
+
+    progress(
+        f"loading {args.model}; lowering prefill (batch {args.batch}) and decode, "
+        f"context {args.context}"
+    )
+    return lower_decoder(
+        args.model, batch=args.batch, context=args.context, dtype=_dtype(args.dtype), **kwargs
+    )
+
+
 def cmd_convert(args) -> int:
     import anefx
-    from anefx.generation import lower_decoder
 
     progress = _Progress()
     _random_notice(args.model)
     if args.context is not None:
-        progress(
-            f"loading {args.model}; lowering prefill (batch {args.batch}) and decode, "
-            f"context {args.context}"
-        )
-        dec = lower_decoder(
-            args.model,
-            batch=args.batch,
-            context=args.context,
-            dtype=_dtype(args.dtype),
-            argmax=args.argmax,
-        )
+        dec = _lower_decoder(args, progress, argmax=args.argmax)
         lowered, default = {"prefill": dec.prefill, "decode": dec.decode}, "decode"
     else:
         if args.argmax:
@@ -385,7 +387,7 @@ def _artifact_decoder(path: str):
 
 
 def cmd_generate(args) -> int:
-    from anefx.generation import Session, lower_decoder
+    from anefx.generation import Session
 
     progress = _Progress()
     _random_notice(args.model)
@@ -405,17 +407,7 @@ def cmd_generate(args) -> int:
         progress(f"loading {args.model} on the reference executor (the Core ML program itself)")
         dec = _artifact_decoder(args.model)
     else:
-        progress(
-            f"lowering {args.model}: prefill (batch {args.batch}) and decode, "
-            f"context {args.context}"
-        )
-        dec = lower_decoder(
-            args.model,
-            batch=args.batch,
-            context=args.context,
-            dtype=_dtype(args.dtype),
-            seed=args.seed,
-        )
+        dec = _lower_decoder(args, progress, seed=args.seed)
     bad = [i for i in ids if not 0 <= i < dec.vocab]
     if bad:
         raise AnefxInputError(f"token id {bad[0]} is outside the vocabulary (0..{dec.vocab - 1})")
