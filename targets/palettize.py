@@ -5,15 +5,16 @@ Each chosen weight is cut into groups of ``GROUP_SIZE`` output channels (coremlt
 each weight element stores only its index into that table. The tables come from coremltools'
 optimize API (``OpPalettizerConfig(mode="custom")`` with the palettize_weights graph pass) fed
 by :func:`kmeans_lut`, a deterministic one-dimensional k-means: coremltools' own "kmeans" mode
-runs the exact kmeans1d solver (about 40 s per million weights at 8 bits, hours for a 0.6B
-model on two cores) or scikit-learn (not a dependency), and "uniform" loses 10 dB or more on
+runs the exact kmeans1d solver (38-71 s per million weights at 8 bits: 8-15 hours for a
+0.6B model on two cores) or scikit-learn (not a dependency), and "uniform" loses 11-12 dB on
 heavy-tailed weights. docs/palettization.md has the measurements behind every choice here.
 
 Which weights: a const of at least ``MIN_ELEMENTS`` elements whose every reader is a conv (as its
 weight) or a gather (as its table); norm vectors, rotary tables and one-hot constants feed other
 ops and stay dense. Its kind decides its bits: "embed" for a gather table (the embedding, even
 when it is tied to the head and so named after lm_head), "head" for a conv under ``lm_head``,
-"ffn" for a conv under ``model.layers.<i>`` (attention and MLP alike).
+"ffn" for a conv under ``model.layers.<i>`` (attention and MLP alike; a mixture-of-experts
+router, ``mlp.gate``, stays dense).
 
 A weight that several functions of one package share (same ``weight_id``: same bytes) is
 clustered once; the other functions get the same indices and table under shared blob ids, so
@@ -52,24 +53,34 @@ MODE = "kmeans (1-D Lloyd, cube-root density start; coremltools mode=custom)"
 # _MAX_ITERS: past 8 iterations the error measured changes by under 0.1 dB.
 _INIT_BINS = 64
 _MAX_ITERS = 16
+# below this many values a uint16 sort beats counting over all 65536 fp16 keys
+_BINCOUNT_MIN = 8192
 
 
 def _distinct_fp16(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """np.unique(values, return_inverse=True, return_counts=True) for fp16, by counting.
+    """np.unique(values, return_inverse=True, return_counts=True) for fp16, on integer keys.
 
     numpy sorts fp16 without vector instructions (2 ms for 16k values, most of the clustering
-    time); an fp16's 16 bits map to an order-preserving integer key instead, so one bincount
-    over the 65536 keys sorts and counts at once. -0.0 and +0.0 stay two entries.
+    time); an fp16's 16 bits map to an order-preserving integer key instead. Large groups are
+    counted with one bincount over the 65536 keys, small ones (where that fixed cost dominates)
+    sorted as uint16. -0.0 and +0.0 stay two entries.
     """
     bits = values.reshape(-1).view(np.uint16).astype(np.int64)
     # negative: reverse their order below the positives; positive: above 0x8000
     keys = np.where(bits & 0x8000, 0xFFFF - bits, bits | 0x8000)
-    per_key = np.bincount(keys, minlength=1 << 16)
-    present = np.flatnonzero(per_key)
-    rank = np.zeros(1 << 16, np.int64)
-    rank[present] = np.arange(len(present))
+    if keys.size < _BINCOUNT_MIN:
+        present, inverse, counts = np.unique(
+            keys.astype(np.uint16), return_inverse=True, return_counts=True
+        )
+        present = present.astype(np.int64)
+    else:
+        per_key = np.bincount(keys, minlength=1 << 16)
+        present = np.flatnonzero(per_key)
+        rank = np.zeros(1 << 16, np.int64)
+        rank[present] = np.arange(len(present))
+        inverse, counts = rank[keys], per_key[present]
     uniq_bits = np.where(present & 0x8000, present & 0x7FFF, 0xFFFF - present).astype(np.uint16)
-    return uniq_bits.view(np.float16), rank[keys], per_key[present]
+    return uniq_bits.view(np.float16), inverse.reshape(-1), counts
 
 
 def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,15 +102,16 @@ def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
     # prefix sums over the sorted distinct values: a cell's count and mean in O(1)
     csum_n = np.concatenate([[0], np.cumsum(counts)])
     csum_x = np.concatenate([[0.0], np.cumsum(u * counts)])
-    bounds = None
+    bounds = np.empty(k + 1, np.int64)  # cell j holds u[bounds[j]:bounds[j + 1]]
+    bounds[0], bounds[-1] = 0, len(u)
+    cut = None
     for _ in range(_MAX_ITERS):
-        cut = np.searchsorted(u, (centroids[1:] + centroids[:-1]) / 2)
-        new = np.concatenate([[0], cut, [len(u)]])
-        if bounds is not None and np.array_equal(new, bounds):
+        new = np.searchsorted(u, (centroids[1:] + centroids[:-1]) / 2)
+        if cut is not None and (new == cut).all():
             break
-        bounds = new
-        n = csum_n[bounds[1:]] - csum_n[bounds[:-1]]
-        total = csum_x[bounds[1:]] - csum_x[bounds[:-1]]
+        cut = bounds[1:-1] = new
+        n = np.diff(csum_n[bounds])
+        total = np.diff(csum_x[bounds])
         # an empty cell keeps its centroid, which stays between its neighbours: order is kept
         centroids = np.where(n > 0, total / np.maximum(n, 1), centroids)
     lut = centroids.astype(np.float16)
@@ -215,7 +227,9 @@ def _kind(op, modules: dict[str, str]) -> tuple[str | None, str | None]:
     if all(c.op_type == "conv" and c.weight is var for c in readers):
         if module and (module == "lm_head" or module.startswith("lm_head.")):
             return "head", module
-        if module and module.startswith("model.layers."):
+        # a mixture-of-experts router (mlp.gate) stays dense: its scores are compared to pick
+        # the experts, where a small error changes which experts run
+        if module and module.startswith("model.layers.") and not module.endswith(".mlp.gate"):
             return "ffn", module
     return None, module
 

@@ -311,7 +311,11 @@ def _fp16(*shape: int, seed: int = 0) -> np.ndarray:
 
 
 def test_which_consts_become_tables() -> None:
-    modules = {"model_layers_0_mlp": "model.layers.0.mlp", "model_layers_0_ln": "model.layers.0.ln"}
+    modules = {
+        "model_layers_0_mlp": "model.layers.0.mlp",
+        "model_layers_0_ln": "model.layers.0.ln",
+        "model_layers_0_mlp_gate": "model.layers.0.mlp.gate",
+    }
     weights = {
         "model_layers_0_mlp__p__big": (_fp16(32, 256, 1, 1), "conv"),  # palettized
         "model_layers_0_mlp__p__odd": (_fp16(17, 256, 1, 1, seed=1), "conv"),  # groups of 1
@@ -319,6 +323,7 @@ def test_which_consts_become_tables() -> None:
         "model_layers_0_mlp__p__table": (_fp16(256, 32, seed=3), "matmul"),  # not a conv weight
         "model_layers_0_ln__p__gamma": (_fp16(256, seed=4), "layer_norm"),  # a norm vector
         "other__p__w": (_fp16(32, 256, 1, 1, seed=5), "conv"),  # outside every kind
+        "model_layers_0_mlp_gate__p__router": (_fp16(32, 256, 1, 1, seed=6), "conv"),  # MoE router
     }
     for bits, palettized, skipped in [(4, {"big", "odd"}, set()), (8, {"big"}, {"odd"})]:
         prog = _program(weights)
