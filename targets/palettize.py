@@ -37,7 +37,7 @@ from anefx.lowering.rules import LUT_BITS
 
 KINDS = ("embed", "ffn", "head")
 # Output channels that share one table. 16 keeps the table overhead small at 8 bits (512 B per
-# 16 rows: +3% over the indices for a 1024-wide layer) and measured within 0.1-0.4 dB of
+# 16 rows: +3% over the indices for a 1024-wide layer) and measured within 0.04-0.8 dB of
 # 8-channel groups; larger groups lose more on weights whose rows differ in scale.
 GROUP_SIZE = 16
 # Smaller weights save a few KiB at most while their table overhead grows; 4096 elements
@@ -277,6 +277,7 @@ def palettize_program(prog, lut: dict[str, int], modules: dict[str, str]) -> Lut
     t0 = time.perf_counter()
     done: dict[tuple, _Entry] = {}  # (blob id, bits, group) -> its first palettization
     skipped: list[SkippedWeight] = []
+    skipped_ids: set[str] = set()
     for fname, fn in prog.functions.items():
         configs: dict[str, object] = {}
         fresh: list[_Entry] = []
@@ -285,6 +286,7 @@ def palettize_program(prog, lut: dict[str, int], modules: dict[str, str]) -> Lut
             bits = bits_by_kind.get(kind)
             if bits is None:
                 continue
+            ident = op.weight_id or f"{fname}/{op.name}"  # the blob: the same in every function
             group = _group_size(shape[0])
             dense, packed = math.prod(shape) * 2, _palettized_bytes(shape, bits, group)
             if packed >= dense:
@@ -292,9 +294,11 @@ def palettize_program(prog, lut: dict[str, int], modules: dict[str, str]) -> Lut
                     f"{shape[0]} output channels allow groups of {group} only: "
                     f"{packed} palettized bytes >= {dense} dense"
                 )
-                skipped.append(SkippedWeight(op.name, module, kind, shape, reason))
+                if ident not in skipped_ids:  # listed once per package
+                    skipped_ids.add(ident)
+                    skipped.append(SkippedWeight(op.name, module, kind, shape, reason))
                 continue
-            key = (op.weight_id or f"{fname}/{op.name}", bits, group)
+            key = (ident, bits, group)
             if key in done:
                 reuse.append((op, done[key]))
                 done[key].weight.functions.append(fname)
