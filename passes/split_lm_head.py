@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from anefx.lowering.rules import MAX_CONV_OUT_CHANNELS, lm_head_slices
+from anefx.lowering.rules import MAX_CONV_OUT_CHANNELS, lm_head_slice_width
 from anefx.passes._util import (
     PassResult,
     add_const,
@@ -52,8 +52,7 @@ def split_lm_head(gm: fx.GraphModule) -> PassResult:
         if w is None or w.shape[0] <= MAX_CONV_OUT_CHANNELS:
             continue
         width = w.shape[0]
-        k = lm_head_slices(width)
-        step = -(-width // k)
+        step = lm_head_slice_width(width)
         bias = node.args[2] if len(node.args) > 2 else None
         bt = const_value(gm, bias) if bias is not None else None
         parts = []

@@ -392,6 +392,11 @@ def _convert(lowered_by_name: dict, default: str, lut: dict[str, int] | None = N
         prog.add_function(name, _Emitter(low.graph_module, weight_ids).build())
     prog.default_function_name = default
     prog.export_as_multifunction = len(lowered_by_name) > 1
+    summary = None
+    if lut:
+        from anefx.targets.palettize import palettize_program
+
+        summary = palettize_program(prog, lut, _modules(lowered_by_name))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mlmodel = ct.convert(
@@ -404,10 +409,11 @@ def _convert(lowered_by_name: dict, default: str, lut: dict[str, int] | None = N
             # index casts around the gather and cost time on every weight
             pass_pipeline=ct.PassPipeline.EMPTY,
         )
-    if lut:
-        from anefx.targets.palettize import palettize
+    if summary is not None:
+        from anefx.targets.palettize import LUT_KEY
 
-        mlmodel = palettize(mlmodel, lut, _modules(lowered_by_name))
+        meta = mlmodel._spec.description.metadata
+        meta.userDefined[LUT_KEY] = json.dumps(summary.to_metadata(), separators=(",", ":"))
     return mlmodel
 
 

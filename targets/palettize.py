@@ -23,10 +23,8 @@ the package stores it once, as it does dense weights.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -361,37 +359,3 @@ def _reuse(fn, reuse: list) -> None:
                 anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
             )
             fn.remove_ops([op])
-
-
-def palettize(mlmodel, lut: dict[str, int], modules: dict[str, str]):
-    """The in-memory MLModel from ct.convert with LUT's weight kinds palettized (a new MLModel).
-
-    Works on the MIL program ct.convert keeps on the model, then serialises it again as an
-    iOS18 mlprogram. The summary is recorded under the metadata key ``LUT_KEY`` and kept on
-    the returned model as ``anefx_lut`` (a LutSummary).
-    """
-    from anefx.targets.coreml import _ct
-
-    ct = _ct()
-    prog = getattr(mlmodel, "_mil_program", None)
-    if prog is None:
-        raise AnefxGraphError("palettize needs the model ct.convert returned (with its program)")
-    summary = palettize_program(prog, lut, modules)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = ct.convert(
-            prog,
-            convert_to="mlprogram",
-            minimum_deployment_target=ct.target.iOS18,
-            compute_precision=ct.precision.FLOAT16,
-            skip_model_load=True,
-            pass_pipeline=ct.PassPipeline.EMPTY,
-        )
-    meta = out._spec.description.metadata
-    old = mlmodel._spec.description.metadata
-    for k, v in old.userDefined.items():
-        if k not in meta.userDefined:
-            meta.userDefined[k] = v
-    meta.userDefined[LUT_KEY] = json.dumps(summary.to_metadata(), separators=(",", ":"))
-    out.anefx_lut = summary
-    return out
