@@ -209,6 +209,9 @@ def _lut(args) -> dict[str, int] | None:
                 lut[kind] = bits
             else:
                 lut.pop(kind, None)  # 0: keep this kind in fp16
+    from anefx.targets.palettize import check_lut
+
+    check_lut(lut)  # before the minutes of lowering, not after
     return lut or None
 
 
@@ -230,6 +233,7 @@ def cmd_convert(args) -> int:
 
     progress = _Progress()
     _random_notice(args.model)
+    lut = _lut(args)
     if args.context is not None:
         dec = _lower_decoder(args, progress, argmax=args.argmax)
         lowered, default = {"prefill": dec.prefill, "decode": dec.decode}, "decode"
@@ -252,11 +256,11 @@ def cmd_convert(args) -> int:
             + (" (sizes checked per part)" if chunked else "")
         )
     if not chunked:
-        return _convert_package(args, lowered, default, progress)
-    return _convert_chunked(args, lowered, default, progress)
+        return _convert_package(args, lowered, default, progress, lut)
+    return _convert_chunked(args, lowered, default, progress, lut)
 
 
-def _convert_package(args, lowered: dict, default: str, progress) -> int:
+def _convert_package(args, lowered: dict, default: str, progress, lut) -> int:
     """-o OUT.mlpackage: one package holding every function, report.json beside it."""
     from anefx.targets.chunked import plan
     from anefx.targets.coreml import emit_functions
@@ -275,7 +279,7 @@ def _convert_package(args, lowered: dict, default: str, progress) -> int:
         force=args.force,
         progress=progress,
         default=default,
-        lut=_lut(args),
+        lut=lut,
     )
     progress(f"wrote {args.output} and report.json beside it")
     for rep in result["emitted_reports"]:
@@ -283,7 +287,7 @@ def _convert_package(args, lowered: dict, default: str, progress) -> int:
     return 1 if any(r.errors for r in result["emitted_reports"]) else 0
 
 
-def _convert_chunked(args, lowered: dict, default: str, progress) -> int:
+def _convert_chunked(args, lowered: dict, default: str, progress, lut) -> int:
     """-o FOLDER: the parts (embedding, decoder chunks, head) and manifest.json."""
     from anefx.targets.chunked import emit_chunked
 
@@ -297,7 +301,7 @@ def _convert_chunked(args, lowered: dict, default: str, progress) -> int:
         args.output,
         int(args.max_chunk_mb * 2**20),
         default=default,
-        lut=_lut(args),
+        lut=lut,
         force=args.force,
         resume=args.resume,
         progress=progress,

@@ -169,6 +169,9 @@ def emit_chunked(
         )
     if folder.exists() and not folder.is_dir():
         raise AnefxInputError(f"{folder} exists and is not a folder")
+    from anefx.targets.palettize import check_lut
+
+    check_lut(lut)
     plans = plan(lowered_by_name, max_bytes)
     names = list(lowered_by_name)
     default = default or names[0]

@@ -437,8 +437,11 @@ def emit_functions(
     A single graph becomes the function "main"; with several, ``default`` (else the first)
     is the default function.
     """
+    from anefx.targets.palettize import check_lut
+
     path = Path(path)
     say = progress or (lambda msg: None)
+    check_lut(lut)
     _check_writable(path)
     forced = _refuse_or_warn(lowered_by_name, force, say)
     t0 = time.perf_counter()

@@ -317,3 +317,11 @@ def test_palettized_parts_check_verify_and_repeat(
     assert r.per_position_psnr_db == r_one.per_position_psnr_db
     assert r.tokens_package == r_one.tokens_package
     assert r.psnr_db >= 15.0, r.render()  # 4-bit tables on random weights: ~20 dB here
+
+
+def test_bad_lut_bits_fail_before_any_work(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "x"
+    assert main(["convert", "preset:qwen3-tiny", "-o", str(out), "--lut-ffn", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "must be one of 1, 2, 3, 4, 6, 8" in err and "lowering" not in err
+    assert not out.exists()
