@@ -284,7 +284,18 @@ def split_graph(gm: fx.GraphModule, plans: list[PartPlan]) -> list[fx.GraphModul
     return parts
 
 
-def _extract(gm, p, plan, index, crossing, roles, state_names, state_value, outs):
+def _extract(
+    gm: fx.GraphModule,
+    p: int,
+    plan: PartPlan,
+    index: dict[fx.Node, int | None],
+    crossing: dict[fx.Node, str],
+    roles: _Roles,
+    state_names: list[str],
+    state_value: dict[str, fx.Node],
+    outs: list,
+) -> fx.GraphModule:
+    """Part P of GM as a GraphModule of its own (see :func:`split_graph`)."""
     own = [n for n in gm.graph.nodes if index.get(n) == p]
     if not own:
         raise AnefxGraphError(f"part {plan.name} has no nodes")
@@ -312,11 +323,13 @@ def _extract(gm, p, plan, index, crossing, roles, state_names, state_value, outs
     env: dict[fx.Node, fx.Node] = {}
     inputs_from: dict[str, dict] = {}
     for n in external:  # first: the hidden state(s) from earlier parts
-        ph = g.placeholder(crossing[n])
+        # two earlier parts may both call theirs hidden_states: the input names its part then
+        name = crossing[n] if crossing[n] not in inputs_from else f"{crossing[n]}_p{index[n]}"
+        ph = g.placeholder(name)
         ph.meta = dict(n.meta)
         ph.meta.pop("anefx_pass", None)
         env[n] = ph
-        inputs_from[crossing[n]] = {"part": index[n], "output": crossing[n]}
+        inputs_from[ph.name] = {"part": index[n], "output": crossing[n]}
     for n in gm.graph.nodes:
         if n not in needed:
             continue
