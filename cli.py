@@ -266,7 +266,7 @@ def _convert_package(args, lowered: dict, default: str, progress, lut) -> int:
     from anefx.targets.coreml import emit_functions
 
     max_bytes = int(args.max_chunk_mb * 2**20)
-    parts = plan(lowered, max_bytes)
+    parts = plan(lowered, max_bytes, lut)
     if len(parts) > 1 and not args.force:
         raise AnefxInputError(
             f"{args.output}: the weights do not fit one package of --max-chunk-mb "

@@ -34,7 +34,8 @@ class PartPlan:
     kind: str
     layers: tuple[int, ...] = ()
     outputs: tuple[str, ...] = ()  # head: the logits outputs it computes
-    weight_bytes: int = 0
+    weight_bytes: int = 0  # as the lowered graph holds them (fp16)
+    planned_bytes: int = 0  # as the package will store them (palettized: fewer), what sized it
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +44,7 @@ class PartPlan:
             "layers": list(self.layers),
             "outputs": list(self.outputs),
             "weight_bytes": self.weight_bytes,
+            "planned_bytes": self.planned_bytes,
         }
 
 
@@ -183,24 +185,38 @@ def _min_cap_chunks(sizes: list[int], cap: int) -> list[list[int]]:
     return greedy(lo)
 
 
-def plan_parts(gm: fx.GraphModule, max_bytes: int) -> list[PartPlan]:
-    """The parts of GM's model under MAX_BYTES of weights each: one part when all fits,
-    else the embedding, decoder chunks of contiguous layers, and head parts of whole slices."""
+def plan_parts(
+    gm: fx.GraphModule, max_bytes: int, stored: dict[str, float] | None = None
+) -> list[PartPlan]:
+    """The parts of GM's model under MAX_BYTES of stored weights each: one part when all fits,
+    else the embedding, decoder chunks of contiguous layers, and head parts of whole slices.
+
+    STORED maps a part kind (embed, decoder, head) to the fraction of its fp16 bytes the
+    package will store (below 1 for palettized weights); missing kinds store all."""
+    stored = stored or {}
     roles = _roles(gm)
     by_role = _weights_by_role(gm, roles)
     layers = sorted({r[1] for r in roles.role.values() if r and r[0] == "layer"})
     if layers != list(range(len(layers))):
         raise AnefxGraphError(f"decoder layers {layers} are not numbered 0..n-1")
-    total = sum(by_role.values())
-    if total <= max_bytes:
-        return [PartPlan("model", "whole", tuple(layers), tuple(roles.output_names), total)]
-    plans = [PartPlan(EMBED, EMBED, weight_bytes=by_role.get((EMBED,), 0))]
-    rest = by_role.get(("after", None), 0)  # the final norm: in the last chunk
+    embed = by_role.get((EMBED,), 0)
     sizes = [by_role.get(("layer", i), 0) for i in layers]
-    sizes[-1] += rest
-    groups = _min_cap_chunks(sizes, max_bytes)
+    sizes[-1] += by_role.get(("after", None), 0)  # the final norm: in the last chunk
+    heads = [by_role.get((HEAD, i), 0) for i in range(roles.n_user_outputs)]
+
+    def kept(n: float, kind: str) -> int:
+        return int(n * stored.get(kind, 1.0))
+
+    planned = kept(embed, EMBED) + kept(sum(sizes), DECODER) + kept(sum(heads), HEAD)
+    if planned <= max_bytes:
+        total = embed + sum(sizes) + sum(heads)
+        return [
+            PartPlan("model", "whole", tuple(layers), tuple(roles.output_names), total, planned)
+        ]
+    plans = [PartPlan(EMBED, EMBED, weight_bytes=embed, planned_bytes=kept(embed, EMBED))]
+    layer_kept = [kept(n, DECODER) for n in sizes]
     width = len(str(len(layers) - 1))
-    for g in groups:
+    for g in _min_cap_chunks(layer_kept, max_bytes):
         first, last = layers[g[0]], layers[g[-1]]
         plans.append(
             PartPlan(
@@ -208,10 +224,11 @@ def plan_parts(gm: fx.GraphModule, max_bytes: int) -> list[PartPlan]:
                 DECODER,
                 tuple(layers[i] for i in g),
                 weight_bytes=sum(sizes[i] for i in g),
+                planned_bytes=sum(layer_kept[i] for i in g),
             )
         )
-    heads = [by_role.get((HEAD, i), 0) for i in range(roles.n_user_outputs)]
-    head_groups = _min_cap_chunks(heads, max_bytes)
+    head_kept = [kept(n, HEAD) for n in heads]
+    head_groups = _min_cap_chunks(head_kept, max_bytes)
     for k, g in enumerate(head_groups):
         plans.append(
             PartPlan(
@@ -219,6 +236,7 @@ def plan_parts(gm: fx.GraphModule, max_bytes: int) -> list[PartPlan]:
                 HEAD,
                 outputs=tuple(roles.output_names[i] for i in g),
                 weight_bytes=sum(heads[i] for i in g),
+                planned_bytes=sum(head_kept[i] for i in g),
             )
         )
     return plans

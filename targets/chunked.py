@@ -51,11 +51,23 @@ _MODEL_INPUTS = ("input_ids", "position_ids", "causal_mask")
 _LUT_KINDS = {"embed": "embed", "decoder": "ffn", "head": "head"}
 
 
-def plan(lowered_by_name: dict, max_bytes: int) -> list[PartPlan]:
-    """The parts for LOWERED_BY_NAME (planned on its first graph; every graph splits alike)."""
+# A palettized weight is stored at bits/16 of its fp16 size; the tables (2**bits fp16 values per
+# 16 rows: under 1% at 8 bits for a 1024-wide matrix) and the weights left dense (norms, biases)
+# are covered by this margin when sizing parts. The emitted reports give the real bytes.
+LUT_MARGIN = 1.05
+
+
+def plan(lowered_by_name: dict, max_bytes: int, lut: dict[str, int] | None = None):
+    """The parts for LOWERED_BY_NAME (planned on its first graph; every graph splits alike),
+    sized by the bytes the packages will store under palettization LUT."""
     if max_bytes <= 0:
         raise AnefxInputError(f"--max-chunk-mb must be positive, got {max_bytes / 2**20:g}")
-    return plan_parts(next(iter(lowered_by_name.values())).graph_module, max_bytes)
+    stored = {
+        part: min(1.0, lut[kind] / 16 * LUT_MARGIN)
+        for part, kind in _LUT_KINDS.items()
+        if lut and lut.get(kind)
+    }
+    return plan_parts(next(iter(lowered_by_name.values())).graph_module, max_bytes, stored)
 
 
 def _file_name(i: int, p: PartPlan) -> str:
@@ -172,7 +184,7 @@ def emit_chunked(
     from anefx.targets.palettize import check_lut
 
     check_lut(lut)
-    plans = plan(lowered_by_name, max_bytes)
+    plans = plan(lowered_by_name, max_bytes, lut)
     names = list(lowered_by_name)
     default = default or names[0]
     split = {n: split_graph(low.graph_module, plans) for n, low in lowered_by_name.items()}
@@ -229,7 +241,7 @@ def emit_chunked(
         if files[i] in done[0] and target.is_dir():
             say(f"part {i + 1}/{len(plans)} {files[i]}: already written, kept (--resume)")
         else:
-            say(f"part {i + 1}/{len(plans)} {files[i]} ({p.weight_bytes / 2**20:.1f} MB)")
+            say(f"part {i + 1}/{len(plans)} {files[i]} ({p.planned_bytes / 2**20:.1f} MB)")
             tmp = Path(tempfile.mkdtemp(prefix=f".{files[i]}.", dir=folder))
             try:
                 emitted = write_package(by_fn, tmp / files[i], default, _part_lut(p, lut), say)

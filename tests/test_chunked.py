@@ -294,8 +294,16 @@ def test_palettized_parts_check_verify_and_repeat(
     # the second conversion lowers the model again in this process: the same bytes anyway
     for out, dec in zip(runs, (decoder, again), strict=True):
         lowered = {"prefill": dec.prefill, "decode": dec.decode}
-        man = emit_chunked(lowered, out, _three_chunks(layer_bytes), default="decode", lut=lut)
+        man = emit_chunked(lowered, out, layer_bytes, default="decode", lut=lut)
     assert man["checker"]["errors"] == 0 and man["lut"] == lut
+    # sized by the bytes stored: 4-bit layers at about a quarter, so several per chunk where
+    # fp16 layers take one chunk each
+    chunks = [p for p in man["parts"] if p["kind"] == "decoder"]
+    assert len(chunks) < len(plan_parts(decoder.decode.graph_module, layer_bytes)) - 2
+    assert all(p["planned_bytes"] <= layer_bytes < p["weight_bytes"] for p in chunks)
+    for p in man["parts"]:  # the planned bytes hold: the checker measures what was stored
+        stored = max(r["stats"]["weight_bytes"] for r in p["emitted"])
+        assert stored <= layer_bytes, (p["file"], stored)
     for p in man["parts"]:
         spec = read_spec(runs[0] / p["file"])
         ops = {
