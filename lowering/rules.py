@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RULES_VERSION = "2026.11-3"
+RULES_VERSION = "2026.11-4"
 
 MAX_RANK = 4
 # Rank-4 tensors are read as (N, C, H, W); lower ranks are left-padded with 1s.
