@@ -377,6 +377,23 @@ def _modules(lowered_by_name: dict) -> dict[str, str]:
     }
 
 
+def convert_program(prog):
+    """A final MIL program -> an in-memory fp16 iOS18 mlprogram, with no graph passes."""
+    ct = _ct()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ct.convert(
+            prog,
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            compute_precision=ct.precision.FLOAT16,
+            skip_model_load=True,
+            # the program is already final: coremltools' graph passes would only add int16
+            # index casts around the gather and cost time on every weight
+            pass_pipeline=ct.PassPipeline.EMPTY,
+        )
+
+
 def _convert(lowered_by_name: dict, default: str, lut: dict[str, int] | None = None):
     """Lowered graphs -> one in-memory MLModel with a function per graph, weights shared.
 
@@ -384,7 +401,7 @@ def _convert(lowered_by_name: dict, default: str, lut: dict[str, int] | None = N
     functions read (by content: same shape, dtype and bytes) is written to the blob once.
     LUT (weight kind "embed" / "ffn" / "head" -> bits) palettizes those weights.
     """
-    ct = _ct()
+    _ct()  # quiets coremltools before its first import
     from coremltools.converters.mil.mil import Program
 
     prog, weight_ids = Program(), {}
@@ -397,18 +414,7 @@ def _convert(lowered_by_name: dict, default: str, lut: dict[str, int] | None = N
         from anefx.targets.palettize import palettize_program
 
         summary = palettize_program(prog, lut, _modules(lowered_by_name))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mlmodel = ct.convert(
-            prog,
-            convert_to="mlprogram",
-            minimum_deployment_target=ct.target.iOS18,
-            compute_precision=ct.precision.FLOAT16,
-            skip_model_load=True,
-            # the program is already final: coremltools' graph passes would only add int16
-            # index casts around the gather and cost time on every weight
-            pass_pipeline=ct.PassPipeline.EMPTY,
-        )
+    mlmodel = convert_program(prog)
     if summary is not None:
         from anefx.targets.palettize import LUT_KEY
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from anefx.errors import AnefxGraphError, AnefxInputError
 from anefx.lowering.checker import split_op_name
+from anefx.lowering.partition import layer_of
 from anefx.lowering.rules import LUT_BITS
 
 KINDS = ("embed", "ffn", "head")
@@ -88,7 +89,10 @@ def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
     With at most 2**nbits distinct values the table holds them exactly (zero-padded).
     """
     k = 1 << nbits
-    uniq, inverse, counts = _distinct_fp16(np.asarray(values, np.float16))
+    values = np.asarray(values, np.float16)
+    # -0.0 equals +0.0: one table entry serves both (the counting sort would keep two)
+    values = np.where(values == 0, np.float16(0), values)
+    uniq, inverse, counts = _distinct_fp16(values)
     if len(uniq) <= k:
         lut = np.zeros(k, np.float16)
         lut[: len(uniq)] = uniq
@@ -227,7 +231,7 @@ def _kind(op, modules: dict[str, str]) -> tuple[str | None, str | None]:
             return "head", module
         # a mixture-of-experts router (mlp.gate) stays dense: its scores are compared to pick
         # the experts, where a small error changes which experts run
-        if module and module.startswith("model.layers.") and not module.endswith(".mlp.gate"):
+        if layer_of(module) is not None and not module.endswith(".mlp.gate"):
             return "ffn", module
     return None, module
 

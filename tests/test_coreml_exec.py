@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from anefx.errors import AnefxInputError
+from anefx.targets.coreml import convert_program
 from anefx.targets.coreml_exec import IMPLEMENTED_OPS, ExecError, load_package
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -68,16 +69,7 @@ def build(
         func.set_outputs([mb.identity(x=o, name=f"out{i}") for i, o in enumerate(outs)])
     prog = MilProgram()
     prog.add_function("main", func)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = ct.convert(
-            prog,
-            convert_to="mlprogram",
-            minimum_deployment_target=ct.target.iOS18,
-            compute_precision=ct.precision.FLOAT16,
-            skip_model_load=True,
-            pass_pipeline=ct.PassPipeline.EMPTY,
-        )
+    model = convert_program(prog)
     path = tmp_path / f"m{len(list(tmp_path.glob('*.mlpackage')))}.mlpackage"
     model.save(str(path))
     return load_package(path)
