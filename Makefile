@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(VENV)/bin/anefx convert preset:qwen3-0.6b -o build/qwen3-0.6b
 
+# two workers for the machine's two cores; a test file stays on one worker, so its module
+# fixtures (converted artifacts, lowered models) are built once
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

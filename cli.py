@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 
 from anefx.errors import AnefxGraphError, AnefxInputError
-
-DEFAULT_MODEL = "preset:qwen3-0.6b"
+from anefx.lowering import rules
 
 
 def _quiet() -> None:
@@ -40,6 +41,68 @@ class _Progress:
     def __call__(self, msg: str) -> None:
         if self.enabled:
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag values: each checked when parsed, so a bad one fails before anything is loaded, with one
+# line naming the flag (argparse adds "argument --flag:" to the message).
+
+
+def int_range(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [LO, HI]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            span = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    return parse
+
+
+def float_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    """An argparse type: a finite float in [LO, HI] (an open end excludes it)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo)
+        ok = ok and (value < hi if hi_open else value <= hi)
+        if not ok:
+            span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
+        return value
+
+    return parse
+
+
+def exit_codes(ok: str = "done", one: str | None = None, bad_input: str = "") -> dict:
+    """``epilog`` and ``formatter_class`` for a sub-parser: its exit codes, in its --help."""
+    lines = ["exit codes:", f"  0    {ok}"]
+    if one:
+        lines.append(f"  1    {one}")
+    lines += [
+        "  2    bad input: a model, artifact, flag or path, named in one line" + bad_input,
+        "  3    internal error (a bug in anefx: ANEFX_DEBUG=1 shows the traceback)",
+        "  130  interrupted (Ctrl-C)",
+    ]
+    return {
+        "epilog": "\n".join(textwrap.fill(ln, 96, subsequent_indent=" " * 7) for ln in lines),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line and exit code 2 (as every bad input)."""
+
+    def error(self, message: str):
+        self.exit(2, f"anefx: error: {message} (see {self.prog} --help)\n")
 
 
 def _dtype(name: str):
@@ -138,6 +201,7 @@ def cmd_inspect(args) -> int:
 def cmd_check(args) -> int:
     import anefx
 
+    args.seq = 64 if args.seq is None else args.seq
     progress = _Progress(not args.json)
     _random_notice(args.model)
     progress(f"loading and capturing {args.model} (seq {args.seq})")
@@ -155,28 +219,33 @@ def cmd_diff(args) -> int:
 
     from anefx.lowering.diff import diff
 
-    ids = _parse_ids(args.ids) if args.ids else None
+    ids = _parse_ids(args.ids) if args.ids is not None else None
     dtypes = {
         "both": (torch.float32, torch.float16),
         "float32": (torch.float32,),
         "float16": (torch.float16,),
     }[args.dtype]
+    given = {torch.float32: args.min_psnr_fp32, torch.float16: args.min_psnr_fp16}
+    thresholds = {dt: v for dt, v in given.items() if v is not None}  # else diff's defaults
     _random_notice(args.model)
-    result = diff(args.model, ids=ids, dtypes=dtypes)
-    print(json.dumps(result.to_dict()) if args.json else result.render())
-    return 1 if any(result.first_bad.values()) else 0
+    result = diff(args.model, ids=ids, dtypes=dtypes, min_psnr=thresholds)
+    # allow_nan=False: to_dict already wrote every non-finite number as null
+    print(json.dumps(result.to_dict(), allow_nan=False) if args.json else result.render())
+    return 0 if result.passed else 1
 
 
 def cmd_verify(args) -> int:
     from anefx.targets.verify import verify
 
-    ids = _parse_ids(args.ids) if args.ids else None
+    ids = _parse_ids(args.ids) if args.ids is not None else None
     _random_notice(args.model)
-    result = verify(args.package, args.model, ids=ids, steps=args.steps)
+    given = {"min_psnr": args.min_psnr, "min_top1": args.min_top1}
+    thresholds = {k: v for k, v in given.items() if v is not None}  # else verify's defaults
+    result = verify(args.package, args.model, ids=ids, steps=args.steps, **thresholds)
     print(result.render())
-    if args.json:
-        print(json.dumps(result.to_dict()))
-    return 0
+    if args.json:  # non-finite numbers are null in to_dict: valid JSON
+        print(json.dumps(result.to_dict(), allow_nan=False))
+    return 0 if result.passed else 1
 
 
 def cmd_matrix(args) -> int:
@@ -228,40 +297,107 @@ def _lower_decoder(args, progress, **kwargs):
     )
 
 
-def cmd_convert(args) -> int:
-    import anefx
-
-    progress = _Progress()
-    _random_notice(args.model)
-    lut = _lut(args)
-    if args.context is not None:
-        dec = _lower_decoder(args, progress, argmax=args.argmax)
-        lowered, default = {"prefill": dec.prefill, "decode": dec.decode}, "decode"
-    else:
+def _convert_flags(args, kind: str) -> None:
+    """Flags that only make sense together (each flag's own range is checked when parsed)."""
+    if args.context is None:
+        if args.batch is not None:
+            raise AnefxInputError("--batch is the prefill batch of --context: give --context too")
         if args.argmax:
             raise AnefxInputError("--argmax needs --context (the stateful decoder)")
-        progress(f"loading {args.model}")
-        lowered, default = (
-            {"main": anefx.lower(args.model, seq_len=args.seq, dtype=_dtype(args.dtype))},
-            "main",
+    else:
+        if args.seq is not None:
+            raise AnefxInputError(
+                "--seq is the length of a stateless package; with --context use --batch"
+            )
+        args.batch = 64 if args.batch is None else args.batch
+        if args.batch > args.context:
+            raise AnefxInputError(f"--batch {args.batch} must not exceed --context {args.context}")
+    args.seq = 64 if args.seq is None else args.seq
+    if args.resume and kind == "package":
+        raise AnefxInputError(
+            f"--resume continues a conversion into a folder of parts; {args.output} is a single "
+            "package, which is written whole"
         )
-    chunked = not args.output.endswith(".mlpackage")
-    for name, low in lowered.items():
-        # in parts, the package-size rule applies to each part, not to the whole model
-        errors = [e for e in low.report.errors if not (chunked and e.rule == "weights_size")]
-        progress(
-            f"{name}: captured and lowered ({low.seconds.get('export', 0):.1f}s export, "
-            f"{low.log.seconds:.2f}s passes): {len(errors)} error(s), "
-            f"{len(low.report.warnings)} warning(s)"
-            + (" (sizes checked per part)" if chunked else "")
-        )
-    if not chunked:
-        return _convert_package(args, lowered, default, progress, lut)
-    return _convert_chunked(args, lowered, default, progress, lut)
 
 
-def _convert_package(args, lowered: dict, default: str, progress, lut) -> int:
-    """-o OUT.mlpackage: one package holding every function, report.json beside it."""
+def _estimated_bytes(plan, lut: dict[str, int] | None, kind: str) -> int:
+    """The artifact's bytes from the config alone (fp16, shrunk by --lut where every kind is
+    palettized; a tied embedding is stored again in the head part)."""
+    config = plan.config
+    total = plan.parameters * 2
+    if kind == "parts" and getattr(config, "tie_word_embeddings", False):
+        total += config.vocab_size * config.hidden_size * 2
+    if lut and {"embed", "ffn", "head"} <= set(lut):
+        total = int(total * max(b / 16 for b in lut.values()))
+    return total
+
+
+def cmd_convert(args) -> int:
+    from anefx.models.load import load_model, preflight
+    from anefx.targets.artifact import PACKAGE_SUFFIX, prepare_output
+
+    kind = "package" if args.output.rstrip("/").endswith(PACKAGE_SUFFIX) else "parts"
+    _convert_flags(args, kind)
+    lut = _lut(args)
+    progress = _Progress()
+    # everything that can be checked without the weights, before any weight is read
+    plan = preflight(args.model, dtype=_dtype(args.dtype))
+    if args.context is not None:
+        from anefx.models.capture import check_state_bytes
+
+        check_state_bytes(plan.config, args.context)
+    out = prepare_output(args.output, kind, plan.protected, resume=args.resume)
+    try:
+        with out:
+            out.check_space(_estimated_bytes(plan, lut, kind), "the artifact (from the config)")
+            _random_notice(args.model)
+            if args.context is not None:
+                progress(
+                    f"loading {args.model}; lowering prefill (batch {args.batch}) and decode, "
+                    f"context {args.context}"
+                )
+                dec = lower_decoder_of(load_model(plan), args)
+                lowered, default = {"prefill": dec.prefill, "decode": dec.decode}, "decode"
+            else:
+                import anefx
+
+                progress(f"loading {args.model}")
+                low = anefx.lower(load_model(plan), seq_len=args.seq, dtype=_dtype(args.dtype))
+                lowered, default = {"main": low}, "main"
+            for name, low in lowered.items():
+                # in parts, the package-size rule applies to each part, not the whole model
+                errors = [
+                    e for e in low.report.errors if kind == "package" or e.rule != "weights_size"
+                ]
+                progress(
+                    f"{name}: captured and lowered ({low.seconds.get('export', 0):.1f}s export, "
+                    f"{low.log.seconds:.2f}s passes): {len(errors)} error(s), "
+                    f"{len(low.report.warnings)} warning(s)"
+                    + (" (sizes checked per part)" if kind == "parts" else "")
+                )
+            if kind == "package":
+                return _convert_package(args, lowered, default, progress, lut, out)
+            return _convert_chunked(args, lowered, default, progress, lut, out)
+    finally:
+        for note in out.notes:
+            print(f"anefx: {note}", file=sys.stderr)
+
+
+def lower_decoder_of(loaded, args):
+    """Prefill (S = --batch) and decode (S = 1) of LOADED with --context."""
+    from anefx.generation import lower_decoder
+
+    return lower_decoder(
+        loaded,
+        batch=args.batch,
+        context=args.context,
+        dtype=_dtype(args.dtype),
+        argmax=args.argmax,
+    )
+
+
+def _convert_package(args, lowered: dict, default: str, progress, lut, out) -> int:
+    """-o OUT.mlpackage: one package holding every function and its report."""
     from anefx.targets.chunked import plan
     from anefx.targets.coreml import emit_functions
 
@@ -280,14 +416,15 @@ def _convert_package(args, lowered: dict, default: str, progress, lut) -> int:
         progress=progress,
         default=default,
         lut=lut,
+        output=out,
     )
-    progress(f"wrote {args.output} and report.json beside it")
+    progress(f"wrote {args.output} (its report inside: Data/anefx/report.json)")
     for rep in result["emitted_reports"]:
         print(rep.to_json() if args.json else rep.render())
     return 1 if any(r.errors for r in result["emitted_reports"]) else 0
 
 
-def _convert_chunked(args, lowered: dict, default: str, progress, lut) -> int:
+def _convert_chunked(args, lowered: dict, default: str, progress, lut, out) -> int:
     """-o FOLDER: the parts (embedding, decoder chunks, head) and manifest.json."""
     from anefx.targets.chunked import emit_chunked
 
@@ -296,6 +433,8 @@ def _convert_chunked(args, lowered: dict, default: str, progress, lut) -> int:
         for k in ("seq", "context", "batch", "argmax", "dtype", "max_chunk_mb")
         if getattr(args, k, None) is not None
     }
+    if args.context is not None:
+        options.pop("seq", None)  # not a choice the user made
     manifest = emit_chunked(
         lowered,
         args.output,
@@ -306,6 +445,7 @@ def _convert_chunked(args, lowered: dict, default: str, progress, lut) -> int:
         resume=args.resume,
         progress=progress,
         options=options,
+        output=out,
     )
     progress(f"wrote {len(manifest['parts'])} part(s) and manifest.json into {args.output}")
     rows = [
@@ -345,18 +485,34 @@ def _convert_chunked(args, lowered: dict, default: str, progress, lut) -> int:
     return 1 if manifest["checker"]["errors"] else 0
 
 
-def _tokenizer(model: str):
+def _tokenizer(model: str, artifact: str | None = None):
+    """The tokenizer.json of MODEL, or None: of a checkpoint folder (read through links: a
+    Hugging Face cache snapshot is links to its blobs), or of a parts folder whose manifest
+    lists it (never through a link); a package (ARTIFACT "package") carries none."""
     from pathlib import Path
 
-    path = Path(model) / "tokenizer.json"
-    if model.startswith("preset:") or not path.is_file():
-        return None
-    from tokenizers import Tokenizer
+    from anefx.generation import TokenizerFile
 
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:
-        raise AnefxInputError(f"{path}: not a readable tokenizer ({exc})") from None
+    limit = 256 << 20  # Qwen's tokenizer.json is 11 MB
+    path = Path(model) / "tokenizer.json"
+    if model.startswith("preset:") or artifact == "package":
+        return None
+    if artifact == "parts":
+        from anefx.targets.reader import read_bounded, read_manifest
+
+        if path.name not in read_manifest(model)["tokenizer_files"]:
+            return None
+        data = read_bounded(path, limit, "tokenizer")
+    else:
+        if not os.path.lexists(path):
+            return None
+        from anefx.models.checkpoint_files import confined, confinement_root
+        from anefx.targets.reader import read_bounded
+
+        # confined like the weights: a link out of the checkpoint (or its cache repo) is refused
+        real = confined(path.parent, path.name, str(path), confinement_root(path.parent))
+        data = read_bounded(real, limit, "tokenizer")
+    return TokenizerFile(data, str(path))
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -367,24 +523,34 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _is_artifact(model: str) -> bool:
-    """A converted artifact: a chunked folder (manifest.json) or a package."""
+    """A converted artifact, or an interrupted conversion of one (not a checkpoint): a package,
+    a folder with manifest.json or a progress record, or a path whose conversion is staged
+    beside it."""
     from pathlib import Path
 
-    from anefx.targets.chunked import MANIFEST
+    from anefx.targets.artifact import MANIFEST, PACKAGE_SUFFIX, PROGRESS, staging_path
 
-    return (Path(model) / MANIFEST).is_file() or model.rstrip("/").endswith(".mlpackage")
+    if model.startswith("preset:"):
+        return False
+    path = Path(model)
+    if path.suffix == PACKAGE_SUFFIX:
+        return True
+    if path.is_dir():
+        return any(os.path.lexists(path / name) for name in (MANIFEST, PROGRESS))
+    return not path.exists() and os.path.lexists(staging_path(path))
 
 
 def _artifact_decoder(path: str):
-    """A Decoder over an artifact's prefill and decode functions (run on the executor)."""
+    """A Decoder over an artifact's prefill and decode functions (run on the executor), after
+    the artifact is checked against its digests."""
     from anefx.generation import Decoder
     from anefx.targets.verify import package_functions
 
     fns = package_functions(path)
-    if not {"prefill", "decode"} <= set(fns):
+    if not {"prefill", "decode"} <= set(fns) or not fns["decode"].states:
         raise AnefxInputError(
             f"{path}: functions {sorted(fns)}; generate needs a stateful artifact (prefill and "
-            "decode: convert with --context)"
+            "decode with a KV cache: convert with --context)"
         )
     pre, dec = fns["prefill"], fns["decode"]
     return Decoder(pre, dec, dec.states[0]["shape"][2], pre.seq_len)
@@ -394,23 +560,48 @@ def cmd_generate(args) -> int:
     from anefx.generation import Session
 
     progress = _Progress()
-    _random_notice(args.model)
-    tok = _tokenizer(args.model)
+    artifact = _is_artifact(args.model)
+    if artifact:
+        from anefx.targets.reader import artifact_kind
+
+        progress(f"checking {args.model}; loading it on the reference executor")
+        dec = _artifact_decoder(args.model)  # the Core ML program itself
+        flags = (("--context", args.context), ("--batch", args.batch))
+        given = [flag for flag, value in flags if value is not None]
+        if given:
+            raise AnefxInputError(
+                f"{' and '.join(given)}: fixed by the artifact {args.model}: context "
+                f"{dec.context}, batch {dec.batch}; leave {'them' if given[1:] else 'it'} out"
+            )
+        context = dec.context
+        tok = _tokenizer(args.model, artifact_kind(args.model))
+    else:
+        context = 512 if args.context is None else args.context
+        batch = min(64, context) if args.batch is None else args.batch
+        if batch > context:
+            where = "--context" if args.context is not None else "the default --context"
+            raise AnefxInputError(f"--batch {batch} must not exceed {where} {context}")
+        args.context, args.batch = context, batch
+        _random_notice(args.model)
+        tok = _tokenizer(args.model)
     if args.ids is not None:
         ids = _parse_ids(args.ids)
     else:
         if tok is None:
             raise AnefxInputError(
-                f"--prompt needs a tokenizer.json in the checkpoint folder ({args.model}); "
-                "use --ids"
+                f"--prompt needs a tokenizer.json in the checkpoint folder or the parts folder "
+                f"({args.model}); use --ids"
             )
-        ids = tok.encode(args.prompt).ids
+        ids = tok.encode(args.prompt)
     if not ids:
         raise AnefxInputError("the prompt is empty")
-    if _is_artifact(args.model):
-        progress(f"loading {args.model} on the reference executor (the Core ML program itself)")
-        dec = _artifact_decoder(args.model)
-    else:
+    # the prompt and every generated token but the last go through the KV cache
+    if len(ids) + args.max_new_tokens - 1 > context:
+        raise AnefxInputError(
+            f"a prompt of {len(ids)} tokens and --max-new-tokens {args.max_new_tokens} need "
+            f"{len(ids) + args.max_new_tokens - 1} positions; the context holds {context}"
+        )
+    if not artifact:
         dec = _lower_decoder(args, progress, seed=args.seed)
     bad = [i for i in ids if not 0 <= i < dec.vocab]
     if bad:
@@ -437,20 +628,22 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="anefx",
         description="Compile a stock Hugging Face Qwen model into an ANE-ready Core ML package.",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
+    width = rules.DIM_LIMITS["W"]  # a sequence or a context beyond it breaks dim_hw
+
     def model_args(sp):
+        sp.add_argument("model", help="checkpoint folder or preset:NAME (e.g. preset:qwen3-0.6b)")
         sp.add_argument(
-            "model",
-            nargs="?",
-            default=DEFAULT_MODEL,
-            help="checkpoint folder or preset:NAME (default %(default)s)",
+            "--seq",
+            type=int_range(1, width),
+            default=None,
+            help=f"sequence length of the stateless graph, 1..{width} (default 64)",
         )
-        sp.add_argument("--seq", type=int, default=64, help="sequence length (default 64)")
         sp.add_argument(
             "--dtype",
             choices=["float16", "float32"],
@@ -459,29 +652,51 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    c = sub.add_parser("check", help="report ANE rule violations of the lowered graph")
+    c = sub.add_parser(
+        "check",
+        help="report ANE rule violations of the lowered graph",
+        **exit_codes("no ANE errors in the reported graph", "ANE errors in it"),
+    )
     model_args(c)
     c.add_argument("--raw", action="store_true", help="report the captured graph instead")
     c.add_argument("--meta", action="store_true", help="structure only: no weight memory")
     c.set_defaults(func=cmd_check)
 
-    v = sub.add_parser("convert", help="capture, lower, check and emit a Core ML package")
+    v = sub.add_parser(
+        "convert",
+        help="capture, lower, check and emit a Core ML package",
+        **exit_codes(
+            "written, no ANE errors in the emitted programs",
+            "refused because of ANE errors (--force emits anyway), or emitted with errors",
+            "; also an output path that is not new, empty or an anefx artifact, a checkpoint "
+            "folder as output, too little free space or a disk that filled up (nothing is left "
+            "behind)",
+        ),
+    )
     model_args(v)
     v.add_argument(
         "-o",
         "--output",
         required=True,
-        help="OUT.mlpackage (one package), or a folder for the parts and manifest.json",
+        help="OUT.mlpackage (one package), or a folder for the parts and manifest.json; it "
+        "must be new, an empty folder, or an artifact anefx wrote (replaced whole, only once "
+        "the new one is complete)",
     )
     v.add_argument("--force", action="store_true", help="emit even if the graph has errors")
     v.add_argument(
         "--context",
-        type=int,
+        type=int_range(1, width),
         default=None,
         help="emit the stateful decoder: KV cache of N positions as Core ML state, "
-        "functions prefill and decode (without it: one stateless function of --seq)",
+        f"functions prefill and decode, N in 1..{width} (without it: one stateless function "
+        "of --seq)",
     )
-    v.add_argument("--batch", type=int, default=64, help="prefill batch with --context (64)")
+    v.add_argument(
+        "--batch",
+        type=int_range(1, width),
+        default=None,
+        help="prefill batch with --context, at most the context (default 64)",
+    )
     v.add_argument(
         "--argmax",
         action="store_true",
@@ -489,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument(
         "--max-chunk-mb",
-        type=float,
+        type=float_range(0, float(1 << 30), lo_open=True),
         default=1024.0,
         help="weights per part at most (MiB, default 1024: the ANE's 1 GB per package); "
         "the decoder is split into chunks of whole layers, embedding and head apart",
@@ -497,8 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted conversion into the same folder at the first part "
-        "not yet written",
+        help="continue an interrupted conversion into the same folder: keep the parts it "
+        "finished (staged beside the folder) and write the rest",
     )
     for kind, what in (
         ("", "every weight"),
@@ -508,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         v.add_argument(
             f"--lut{kind}",
-            type=int,
+            type=int_range(0, 8),
             default=None,
             metavar="BITS",
             help=f"palettize {what} to a BITS-bit lookup table (1, 2, 3, 4, 6, 8"
@@ -516,7 +731,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
     v.set_defaults(func=cmd_convert)
 
-    g = sub.add_parser("generate", help="generate with the lowered graphs (torch, any machine)")
+    from anefx.models.limits import MAX_STEPS  # no torch in it: parsing stays fast
+
+    g = sub.add_parser(
+        "generate",
+        help="generate text: with the lowered graphs (torch) or a converted artifact's program",
+        **exit_codes(
+            "generated",
+            "the program computed non-finite logits (NaN or inf)",
+            "; also a damaged, modified or unfinished artifact (checked against its digests "
+            "before anything runs), or --context/--batch given with an artifact, which fixes "
+            "them",
+        ),
+    )
     g.add_argument(
         "model",
         help="checkpoint folder or preset:NAME (lowered graphs in torch), or a converted "
@@ -524,56 +751,156 @@ def build_parser() -> argparse.ArgumentParser:
         "on the reference executor)",
     )
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text (needs tokenizer.json in the checkpoint folder)")
+    src.add_argument(
+        "--prompt", help="text (needs tokenizer.json in the checkpoint or parts folder)"
+    )
     src.add_argument("--ids", help="comma-separated token ids")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--context", type=int, default=512, help="KV cache length (default 512)")
-    g.add_argument("--batch", type=int, default=64, help="prefill batch (default 64)")
-    g.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int_range(1, MAX_STEPS),
+        default=32,
+        metavar="N",
+        help=f"tokens to generate, 1..{MAX_STEPS} (default 32); the prompt and N - 1 of them "
+        "must fit the context",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float_range(0.0, math.inf),
+        default=0.0,
+        metavar="T",
+        help="sampling temperature, a finite number >= 0; 0 is greedy (default)",
+    )
+    g.add_argument(
+        "--top-k",
+        type=int_range(1),
+        default=None,
+        metavar="K",
+        help="sample among the K most likely tokens only, K >= 1 (default: all)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=float_range(0.0, 1.0, lo_open=True),
+        default=None,
+        metavar="P",
+        help="sample among the most likely tokens holding probability P, in (0, 1] (default: all)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int_range(0, 2**64 - 1),
+        default=0,
+        help="seed of the sampling (and of a preset's random weights), 0..2**64-1 (default 0)",
+    )
+    g.add_argument(
+        "--context",
+        type=int_range(1, width),
+        default=None,
+        metavar="N",
+        help=f"KV cache length with a checkpoint, 1..{width} (default 512); an artifact fixes "
+        "its own",
+    )
+    g.add_argument(
+        "--batch",
+        type=int_range(1, width),
+        default=None,
+        metavar="B",
+        help="prefill batch with a checkpoint, at most the context (default 64, or the context "
+        "if smaller); an artifact fixes its own",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="compute dtype of the lowered graphs with a checkpoint (default float16)",
+    )
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser(
         "inspect",
         help="print a model's config (declared, preset or inferred from tensor shapes), "
         "its parameter count and weight bytes; reads headers only",
+        **exit_codes(),
     )
     i.add_argument("model", help="checkpoint folder or preset:NAME")
     i.add_argument("--json", action="store_true", help="one JSON object on the last line")
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser(
-        "diff", help="per-layer parity: transformers vs the lowered graph (fp32 and fp16)"
+        "diff",
+        help="per-layer parity: transformers vs the lowered graph (fp32 and fp16)",
+        **exit_codes(
+            "every stage at or above its threshold",
+            "a stage below it (a NaN is below every threshold), named",
+        ),
     )
     d.add_argument("model", help="checkpoint folder or preset:NAME")
     d.add_argument("--ids", help="comma-separated token ids (default: 16 random ids)")
     d.add_argument(
         "--dtype", choices=("both", "float32", "float16"), default="both", help="lowered dtypes"
     )
+    # the defaults are lowering.diff.DEFAULT_MIN_PSNR's (not imported here: it needs torch)
+    for dt, default in (("fp32", 80), ("fp16", 50)):
+        d.add_argument(
+            f"--min-psnr-{dt}",
+            type=float_range(0.0, 1000.0),
+            default=None,
+            metavar="DB",
+            help=f"a stage of the {dt} graph passes at or above DB (default {default})",
+        )
     d.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     d.set_defaults(func=cmd_diff)
 
     vf = sub.add_parser(
         "verify",
         help="execute an emitted package's program (no Mac needed) and compare with transformers",
+        **exit_codes(
+            "passed: lowest logits PSNR >= --min-psnr and top-1 agreement >= --min-top1",
+            "below either threshold (a NaN never passes)",
+            "; also a damaged, modified or unfinished artifact (checked against its digests "
+            "before anything runs), the wrong model, or steps beyond the artifact's context",
+        ),
     )
     vf.add_argument(
         "package", help="the .mlpackage or the folder of parts (manifest.json) anefx convert wrote"
     )
     vf.add_argument("model", help="the checkpoint folder or preset:NAME it was converted from")
     vf.add_argument("--ids", help="comma-separated prompt token ids (default: 16 random ids)")
-    vf.add_argument("--steps", type=int, default=8, help="greedy steps to compare (8)")
+    vf.add_argument(
+        "--steps",
+        type=int_range(1, MAX_STEPS),
+        default=8,
+        metavar="N",
+        help="greedy steps to compare, 1..; the prompt and N - 1 steps must fit the context (8)",
+    )
+    # the defaults are targets.verify's DEFAULT_MIN_PSNR_DB and DEFAULT_MIN_TOP1 (not imported
+    # here: that module needs torch, and parsing the flags must not)
+    vf.add_argument(
+        "--min-psnr",
+        type=float_range(0.0, 1000.0),
+        default=None,
+        metavar="DB",
+        help="pass at or above this lowest logits PSNR (default 50)",
+    )
+    vf.add_argument(
+        "--min-top1",
+        type=float_range(0.0, 1.0),
+        default=None,
+        metavar="FRACTION",
+        help="pass at or above this top-1 agreement (default 0.9)",
+    )
     vf.add_argument("--json", action="store_true", help="end with one JSON object")
     vf.set_defaults(func=cmd_verify)
 
     mx = sub.add_parser(
-        "matrix", help="lower every preset on the meta device: the conversion matrix"
+        "matrix",
+        help="lower every preset on the meta device: the conversion matrix",
+        **exit_codes(
+            "every preset lowers with no ANE errors (package size aside)", "some preset has"
+        ),
     )
     mx.add_argument("--presets", help="comma-separated preset names (default: all but tiny)")
-    mx.add_argument("--seq", type=int, default=64, help="captured sequence length (64)")
+    mx.add_argument(
+        "--seq", type=int_range(1, width), default=64, help="captured sequence length (64)"
+    )
     mx.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     mx.set_defaults(func=cmd_matrix)
 
@@ -583,20 +910,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends in one line on stderr and its exit code."""
     args = build_parser().parse_args(argv)
     _quiet()
     try:
         return args.func(args)
     except AnefxInputError as exc:
-        print(f"anefx: error: {exc}", file=sys.stderr)
+        print(f"anefx: error: {_line(exc)}", file=sys.stderr)
         return 2
     except AnefxGraphError as exc:
-        print(f"anefx: graph error: {exc}", file=sys.stderr)
+        print(f"anefx: graph error: {_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("anefx: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system said no: a path the user gave, or a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        why = os.strerror(exc.errno) if exc.errno else _line(exc)
+        print(f"anefx: error: {where}{why}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(
+            "anefx: error: out of memory (the model or --context is too large here)",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as exc:
+        if os.environ.get("ANEFX_DEBUG"):
+            raise
+        print(
+            f"anefx: internal error: {type(exc).__name__}: {_line(exc)[:300]} (a bug in anefx; "
+            "ANEFX_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

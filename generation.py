@@ -8,14 +8,16 @@ continues from it, new ``input_ids`` are appended first (multi-turn).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from anefx.errors import AnefxInputError
+from anefx.errors import AnefxGraphError, AnefxInputError
 from anefx.lowering.api import Lowered, lower
 from anefx.models.capture import context_mask
+from anefx.models.limits import MAX_STEPS
 
 
 @dataclass
@@ -43,13 +45,19 @@ def lower_decoder(
 
     ARGMAX makes both graphs return the greedy token id and its logit instead of logits (for
     packages; a Session needs the logits graphs)."""
-    from anefx.models.load import load_model
+    from anefx.models.capture import check_state_bytes
+    from anefx.models.load import LoadedModel, load_model, preflight
 
-    if batch > context:
-        raise AnefxInputError(f"--batch {batch} must not exceed --context {context}")
-    loaded = None
+    if context < 1:
+        raise AnefxInputError(f"--context must be at least 1, got {context}")
+    if not 1 <= batch <= context:
+        raise AnefxInputError(f"--batch must be between 1 and --context {context}, got {batch}")
+    loaded = model if isinstance(model, LoadedModel) else None
     if isinstance(model, str):
-        loaded = load_model(model, dtype=dtype, seed=seed)
+        plan = preflight(model, dtype=dtype)
+        check_state_bytes(plan.config, context)  # before a weight or a cache is allocated
+        loaded = load_model(plan, seed=seed)
+    if loaded is not None:
         model = loaded.model
     prefill = lower(model, seq_len=batch, dtype=dtype, context=context, argmax=argmax)
     decode = lower(model, seq_len=1, dtype=dtype, context=context, argmax=argmax)
@@ -126,6 +134,7 @@ class Session:
         seed: int | None = None,
     ) -> Iterator[int]:
         """Like :meth:`generate`, yielding each new token as it is chosen."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         gen = torch.Generator().manual_seed(seed if seed is not None else 0)
         todo = ([self._pending] if self._pending is not None else []) + list(input_ids or [])
         self._pending = None
@@ -134,6 +143,12 @@ class Session:
         if self._last_logits is None:
             raise AnefxInputError("nothing to continue from: give input_ids")
         for step in range(max_new_tokens):
+            if not bool(torch.isfinite(self._last_logits).all()):
+                # a token chosen from NaN logits is noise printed as if it were text
+                raise AnefxGraphError(
+                    f"the logits after {self.position} tokens are not finite (NaN or inf): the "
+                    "program overflowed fp16 or its weights are damaged; anefx verify measures it"
+                )
             token = sample(self._last_logits, temperature, top_k, top_p, gen)
             yield token
             if step + 1 < max_new_tokens:
@@ -158,6 +173,57 @@ class Session:
             if on_token:
                 on_token(t)
         return out
+
+
+class TokenizerFile:
+    """A ``tokenizers`` tokenizer read from one file's bytes, whose failures become one
+    AnefxInputError naming the file (the Rust library panics on some malformed files, and its
+    PanicException is a BaseException, not an Exception)."""
+
+    def __init__(self, data: bytes, where: str):
+        from tokenizers import Tokenizer
+
+        self.where = where
+        self.tok = self._guard("read", lambda: Tokenizer.from_str(data.decode("utf-8")))
+
+    def _guard(self, what: str, fn):
+        try:
+            return fn()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # see the class docstring
+            reason = " ".join(str(exc).split())[:120]
+            raise AnefxInputError(
+                f"{self.where}: not a readable tokenizer ({what}: {type(exc).__name__}: {reason})"
+            ) from None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._guard("encode", lambda: self.tok.encode(text).ids))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._guard("decode", lambda: self.tok.decode(ids))
+
+
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+) -> None:
+    """Raise AnefxInputError naming the first generation parameter out of its range."""
+    if not 1 <= max_new_tokens <= MAX_STEPS:
+        raise AnefxInputError(
+            f"max_new_tokens must be between 1 and {MAX_STEPS}, got {max_new_tokens}"
+        )
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise AnefxInputError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise AnefxInputError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:  # also false for NaN
+        raise AnefxInputError(f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise AnefxInputError(f"seed must be between 0 and 2**64 - 1, got {seed}")
 
 
 def sample(

@@ -216,17 +216,34 @@ def load_baseline(folder: Path) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from anefx.cli import float_range, int_range
+    from anefx.lowering.rules import DIM_LIMITS
+    from anefx.models.presets import PRESETS
+
+    # the same ranges anefx convert checks, checked here first: a bad value fails in a second,
+    # not after the minutes of writing the checkpoint
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="qwen3-8b", help="model preset (random fp16 weights)")
-    p.add_argument("--context", type=int, default=512, help="KV cache length (default 512)")
-    p.add_argument("--batch", type=int, default=64, help="prefill batch (default 64)")
+    p.add_argument(
+        "--preset", default="qwen3-8b", choices=PRESETS, help="model preset (random fp16 weights)"
+    )
+    width = DIM_LIMITS["W"]
+    p.add_argument(
+        "--context", type=int_range(1, width), default=512, help="KV cache length (default 512)"
+    )
+    p.add_argument(
+        "--batch", type=int_range(1, width), default=64, help="prefill batch (default 64)"
+    )
     p.add_argument(
         "--max-chunk-mb",
-        type=float,
+        type=float_range(0, float(1 << 30), lo_open=True),
         default=1024,
         help="weights per converted part, in MB (default 1024; fractions allowed)",
     )
-    p.add_argument("--lut", type=int, help="palettize weights to N-bit lookup tables")
+    p.add_argument(
+        "--lut",
+        type=int_range(1, 8),
+        help="palettize weights to N-bit lookup tables (anefx convert checks the bit widths)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument(
         "--keep", type=Path, help="write the checkpoint and the output under DIR and keep them"
@@ -236,8 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=("checkpoint", "baseline"), help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.max_chunk_mb <= 0:
-        p.error("--max-chunk-mb must be positive")
+    if args.batch > args.context:
+        p.error(f"--batch {args.batch} must not exceed --context {args.context}")
     return args
 
 

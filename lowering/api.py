@@ -103,13 +103,14 @@ def lower(
     argmax: bool = False,
     repeat: bool = True,
 ) -> Lowered:
-    """Load MODEL (folder, ``preset:NAME`` or a transformers model), capture, lower, check.
+    """Load MODEL (folder, ``preset:NAME``, a LoadedModel or a transformers model), capture,
+    lower, check.
 
     With CONTEXT the graph holds a KV cache of that many positions as state (inputs and
     outputs listed in ``graph_module.meta["anefx_states"]``); the rotary tables cover it.
     REPEAT=False exports every decoder layer instead of repeating the first ones in the graph.
     """
-    from anefx.models.load import load_model
+    from anefx.models.load import LoadedModel, load_model
 
     dtype = dtype or torch.float16
     if dtype not in SUPPORTED_DTYPES:
@@ -128,7 +129,10 @@ def lower(
         source, random_weights, config = type(model).__name__, False, model.config
         meta = next(model.parameters()).is_meta
     else:
-        loaded = load_model(model, dtype=dtype, meta=meta, seed=seed)
+        loaded = model if isinstance(model, LoadedModel) else None
+        if loaded is None or loaded.dtype != dtype or loaded.meta != meta:
+            spec = loaded.source if loaded is not None else model
+            loaded = load_model(spec, dtype=dtype, meta=meta, seed=seed)
         hf, source, random_weights, config = (
             loaded.model,
             loaded.source,

@@ -49,7 +49,8 @@ class Violation:
     dtype: str | None
     module: str | None
     pass_: str | None
-    message: str
+    message: str  # what breaks the rule, with the limit: "W=151936 > 16384"
+    limit: str | None = None  # the rule table's bound, as text
 
 
 @dataclass
@@ -133,7 +134,10 @@ class Report:
                 r = rules.RULES_BY_ID[rid]
                 lines.append(f"  {rid:<15} {r.severity:<8} {n:>6}  {r.summary}")
             lines.append("")
-            head = f"  {'severity':<8} {'rule':<14} {'op':<26} {'shape':<22} {'module':<36} pass"
+            head = (
+                f"  {'severity':<8} {'rule':<14} {'op':<26} {'shape':<22} {'module':<36} "
+                f"{'pass':<22} why"
+            )
             lines.append(head)
             shown = Counter()
             for v in sorted(self.violations, key=lambda v: (v.severity != "error", v.rule)):
@@ -144,7 +148,7 @@ class Report:
                 origin = v.pass_ or ("capture" if v.node != "-" else "-")
                 lines.append(
                     f"  {v.severity:<8} {v.rule:<14} {v.op[:26]:<26} {shape[:22]:<22} "
-                    f"{(v.module or '-')[:36]:<36} {origin}"
+                    f"{(v.module or '-')[:36]:<36} {origin[:22]:<22} {v.message}"
                 )
             for rid, n in shown.items():
                 if n > limit_per_rule:
@@ -165,7 +169,7 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
     report = Report(stage, stats=dict(stats or {}))
     add = report.violations.append
 
-    def violation(rule_id: str, op: OpInfo, shape, dtype, message: str) -> None:
+    def violation(rule_id: str, op: OpInfo, shape, dtype, message: str, limit: str) -> None:
         add(
             Violation(
                 rule=rule_id,
@@ -177,7 +181,14 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
                 module=op.module,
                 pass_=op.pass_,
                 message=message,
+                limit=limit,
             )
+        )
+
+    def over(names: str, values: tuple[int, ...], bound: int) -> str:
+        """ "W=151936 > 16384" for the axes above BOUND."""
+        return ", ".join(
+            f"{n}={v} > {bound}" for n, v in zip(names, values, strict=True) if v > bound
         )
 
     weight_bytes = 0
@@ -195,29 +206,61 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
                 op,
                 op.shapes[0] if op.shapes else None,
                 op.dtypes[0] if op.dtypes else None,
-                f"{op.op}: {rules.RULES_BY_ID[rid].summary}",
+                rules.RULES_BY_ID[rid].summary,
+                "not on the ANE",
             )
         if op.dynamic:
-            violation("dynamic_shape", op, None, None, f"{op.op} has a symbolic shape")
+            violation(
+                "dynamic_shape", op, None, None, f"{op.op} has a symbolic shape", "static shapes"
+            )
         for shape, dtype in zip(op.shapes, op.dtypes, strict=False):
             if dtype in _FLOAT and dtype != rules.COMPUTE_DTYPE:
-                violation("fp16", op, shape, dtype, f"{dtype} tensor")
+                violation(
+                    "fp16",
+                    op,
+                    shape,
+                    dtype,
+                    f"{dtype} tensor, not {rules.COMPUTE_DTYPE}",
+                    rules.COMPUTE_DTYPE,
+                )
             if len(shape) > rules.MAX_RANK:
-                violation("rank", op, shape, dtype, f"rank {len(shape)} > {rules.MAX_RANK}")
+                violation(
+                    "rank",
+                    op,
+                    shape,
+                    dtype,
+                    f"rank {len(shape)} > {rules.MAX_RANK}",
+                    f"rank <= {rules.MAX_RANK}",
+                )
                 continue
             if op.const:
                 continue  # weights are read by ops, not laid out as ANE activations
             n, c, h, w = rules.rank4(shape)
-            if n > rules.DIM_LIMITS["N"] or c > rules.DIM_LIMITS["C"]:
-                violation("dim_nc", op, shape, dtype, f"N={n}, C={c}")
-            if h > rules.DIM_LIMITS["H"] or w > rules.DIM_LIMITS["W"]:
-                violation("dim_hw", op, shape, dtype, f"H={h}, W={w}")
+            nc, hw = rules.DIM_LIMITS["C"], rules.DIM_LIMITS["W"]
+            if n > rules.DIM_LIMITS["N"] or c > nc:
+                violation("dim_nc", op, shape, dtype, over("NC", (n, c), nc), f"N, C <= {nc}")
+            if h > rules.DIM_LIMITS["H"] or w > hw:
+                violation("dim_hw", op, shape, dtype, over("HW", (h, w), hw), f"H, W <= {hw}")
             if shape and shape[-1] < rules.MIN_TRAILING_DIM and op.kind not in ("input",):
-                violation("trailing_dim", op, shape, dtype, f"last axis {shape[-1]}")
+                violation(
+                    "trailing_dim",
+                    op,
+                    shape,
+                    dtype,
+                    f"last axis {shape[-1]} < {rules.MIN_TRAILING_DIM}",
+                    f"last axis >= {rules.MIN_TRAILING_DIM}",
+                )
         if op.kind == "conv" and op.shapes and len(op.shapes[0]) == 4:
             cout = op.shapes[0][1]
             if cout > rules.MAX_CONV_OUT_CHANNELS:
-                violation("conv_width", op, op.shapes[0], op.dtypes[0], f"{cout} output channels")
+                violation(
+                    "conv_width",
+                    op,
+                    op.shapes[0],
+                    op.dtypes[0],
+                    f"{cout} output channels > {rules.MAX_CONV_OUT_CHANNELS}",
+                    f"output channels <= {rules.MAX_CONV_OUT_CHANNELS}",
+                )
     for st in report.stats.get("states") or []:
         shape = tuple(st["shape"])
         bad = [d for d in shape[-2:] if d % rules.STATE_ALIGN]
@@ -234,10 +277,12 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
                     None,
                     f"state {st['name']} {'x'.join(map(str, shape))}: {bad} not a multiple of "
                     f"{rules.STATE_ALIGN} (ANE state binding)",
+                    f"multiple of {rules.STATE_ALIGN}",
                 )
             )
     if weight_bytes > rules.WEIGHTS_WARN_BYTES:
         sev = "error" if weight_bytes > rules.WEIGHTS_ERROR_BYTES else "warning"
+        bound = rules.WEIGHTS_ERROR_BYTES if sev == "error" else rules.WEIGHTS_WARN_BYTES
         report.violations.append(
             Violation(
                 "weights_size",
@@ -248,7 +293,9 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
                 None,
                 None,
                 None,
-                f"{weight_bytes / 2**30:.2f} GiB of weights in one package",
+                f"{weight_bytes / 2**30:.2f} GiB of weights in one package > {bound >> 30} GiB",
+                f"<= {rules.WEIGHTS_WARN_BYTES >> 30} GiB (error above "
+                f"{rules.WEIGHTS_ERROR_BYTES >> 30} GiB)",
             )
         )
     report.stats.setdefault("weight_bytes", weight_bytes)
@@ -621,6 +668,7 @@ def _lut_violations(luts: list[LutInfo]) -> list[Violation]:
                     lut.module,
                     lut.pass_,
                     "; ".join(problems),
+                    f"{sorted(rules.LUT_BITS)}-bit indices, {rules.LUT_DTYPE} tables of 2**bits",
                 )
             )
     return out
@@ -629,7 +677,7 @@ def _lut_violations(luts: list[LutInfo]) -> list[Violation]:
 def check_spec(spec) -> list[Report]:
     """Check every function of an mlprogram spec; one report per function."""
     reports = []
-    for name in spec.mlProgram.functions:
+    for name in sorted(spec.mlProgram.functions):  # a protobuf map: no stable order
         ops = mil_ops(spec, name)
         stats = {
             "function": name,

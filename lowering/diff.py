@@ -3,7 +3,8 @@
 Stages: the embedding output, each decoder layer's output (the residual stream after it), the
 final norm, the logits. transformers' values come from forward hooks on those modules; the
 lowered graph's from the last node each stage's module produced (its ``anefx_module``), read
-back in the (1, S, C) layout whatever layout the passes chose.
+back in the (1, S, C) layout whatever layout the passes chose. A stage passes at or above its
+dtype's threshold; a NaN never passes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,23 @@ from anefx.errors import AnefxGraphError, AnefxInputError
 # a stage is bad below this PSNR (dB), per lowered dtype: fp32 should agree to rounding level,
 # fp16 to the precision of its datapath (healthy models: 60-80 dB per stage here)
 DEFAULT_MIN_PSNR = {torch.float32: 80.0, torch.float16: 50.0}
+
+
+def json_safe(value):
+    """VALUE with every NaN or infinite float replaced by None: JSON has no such numbers
+    (``json.dumps`` would write the invalid tokens NaN and Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def below(psnr_db: float, threshold: float) -> bool:
+    """Whether a stage fails THRESHOLD; NaN (no comparison with it is true) always fails."""
+    return not psnr_db >= threshold
 
 
 @dataclass
@@ -40,15 +58,23 @@ class DiffResult:
     min_psnr: dict[str, float] = field(default_factory=dict)
     first_bad: dict[str, str | None] = field(default_factory=dict)
 
+    @property
+    def passed(self) -> bool:
+        """Every stage of every dtype at or above its threshold."""
+        return not any(self.first_bad.values())
+
     def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "seq_len": self.seq_len,
-            "stages": self.stages,
-            "min_psnr_db": self.min_psnr,
-            "first_bad_stage": self.first_bad,
-            "results": {d: [vars(s) for s in diffs] for d, diffs in self.by_dtype.items()},
-        }
+        """The result as JSON-ready data (NaN and infinite numbers as null)."""
+        return json_safe(
+            {
+                "model": self.model,
+                "seq_len": self.seq_len,
+                "stages": self.stages,
+                "min_psnr_db": self.min_psnr,
+                "first_bad_stage": self.first_bad,
+                "results": {d: [vars(s) for s in diffs] for d, diffs in self.by_dtype.items()},
+            }
+        )
 
     def render(self) -> str:
         dtypes = list(self.by_dtype)
@@ -61,7 +87,7 @@ class DiffResult:
             cells = ""
             for d in dtypes:
                 s = self.by_dtype[d][i]
-                flag = "<" if s.psnr_db < self.min_psnr[d] else " "
+                flag = "<" if below(s.psnr_db, self.min_psnr[d]) else " "
                 cells += f" | {s.max_abs:14.3e} {s.psnr_db:7.1f}{flag} {s.cosine:9.6f}"
             lines.append(f"  {stage:<28}{cells}")
         lines.append("")
@@ -218,6 +244,6 @@ def diff(
         result.by_dtype[key] = diffs
         result.min_psnr[key] = thresholds[dtype]
         result.first_bad[key] = next(
-            (d.stage for d in diffs if d.psnr_db < thresholds[dtype]), None
+            (d.stage for d in diffs if below(d.psnr_db, thresholds[dtype])), None
         )
     return result

@@ -14,6 +14,7 @@ are shared.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from anefx.errors import AnefxInputError
+from anefx.models.limits import MAX_STATE_BYTES
 from anefx.models.repeat_layers import (
     RepeatError,
     decoder_layers,
@@ -100,6 +102,19 @@ def kv_cache_shape(config, context: int) -> tuple[int, int, int, int]:
         config.num_attention_heads
     )
     return (1, config.num_key_value_heads, context, head_dim)
+
+
+def check_state_bytes(config, context: int) -> int:
+    """The bytes of every layer's K and V state at CONTEXT (fp16); AnefxInputError above
+    ``limits.MAX_STATE_BYTES``, before anything is allocated."""
+    total = 2 * config.num_hidden_layers * math.prod(kv_cache_shape(config, context)) * 2
+    if total > MAX_STATE_BYTES:
+        raise AnefxInputError(
+            f"--context {context}: the KV cache of {config.num_hidden_layers} layers would hold "
+            f"{total / 1e9:.1f} GB, above the {MAX_STATE_BYTES / 1e9:.1f} GB anefx allocates "
+            "(MAX_STATE_BYTES, models/limits.py)"
+        )
+    return total
 
 
 class StatefulWrapper(torch.nn.Module):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from anefx.errors import AnefxInputError
+from anefx.models.limits import MAX_LAYERS
 from anefx.models.presets import PRESETS
 
 QWEN2, QWEN3, QWEN3_MOE = "qwen2", "qwen3", "qwen3_moe"
@@ -102,8 +103,9 @@ DEFAULTS: tuple[Default, ...] = (
 )
 
 _ST_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# at most 9 digits: a longer index is no layer (and int() of thousands of digits would fail)
+_LAYER = re.compile(r"^model\.layers\.(\d{1,9})\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(\d{1,9})\.(gate_proj|up_proj|down_proj)\.weight$")
 EMBED = "model.embed_tokens.weight"
 
 
@@ -206,6 +208,13 @@ def infer_from_tensors(tensors: Mapping[str, _Tensor], where: str) -> InferredCo
     if not layer_tensors:
         raise _fail(where, "no 'model.layers.<i>.*' tensors")
     layers = max(layer_tensors) + 1
+    if layers > MAX_LAYERS:  # before anything below walks every layer index
+        name = next(iter(layer_tensors[layers - 1]))
+        raise _fail(
+            where,
+            f"tensor 'model.layers.{layers - 1}.{name}' names layer {layers - 1}, above the "
+            f"bound of {MAX_LAYERS} layers (anefx.models.limits.MAX_LAYERS)",
+        )
     gaps = [i for i in range(layers) if i not in layer_tensors]
     if gaps:
         raise _fail(where, f"layer {gaps[0]} has no tensors but layer {layers - 1} has")
@@ -261,20 +270,31 @@ def infer_from_tensors(tensors: Mapping[str, _Tensor], where: str) -> InferredCo
     expert_count: dict[int, int] = {}
     expert_width: dict[int, int] = {}
     for i, per_layer in layer_tensors.items():
+
+        def shape(suffix: str, rank: int, i: int = i, per_layer: dict = per_layer) -> tuple:
+            found = tuple(per_layer[suffix].shape)
+            if len(found) != rank:
+                raise _fail(
+                    where,
+                    f"tensor 'model.layers.{i}.{suffix}' has shape {list(found)}, expected "
+                    f"rank {rank}",
+                )
+            return found
+
         if "mlp.gate_proj.weight" in per_layer:
-            dense_width[i] = per_layer["mlp.gate_proj.weight"].shape[0]
+            dense_width[i] = shape("mlp.gate_proj.weight", 2)[0]
         if "mlp.gate.weight" in per_layer:  # the router, (E, H)
-            expert_count[i] = per_layer["mlp.gate.weight"].shape[0]
+            expert_count[i] = shape("mlp.gate.weight", 2)[0]
         if "mlp.experts.down_proj" in per_layer:  # fused, (E, H, I)
-            shape = per_layer["mlp.experts.down_proj"].shape
-            expert_count.setdefault(i, shape[0])
-            expert_width[i] = shape[-1]
+            fused = shape("mlp.experts.down_proj", 3)
+            expert_count.setdefault(i, fused[0])
+            expert_width[i] = fused[-1]
         per_expert = [m for s in per_layer if (m := _EXPERT.match(s))]
         if per_expert:  # (I, H) gate/up, (H, I) down per expert
             expert_count.setdefault(i, max(int(m.group(1)) for m in per_expert) + 1)
-            first = per_layer[per_expert[0].group(0)]
+            first = shape(per_expert[0].group(0), 2)
             down = per_expert[0].group(2) == "down_proj"
-            expert_width.setdefault(i, first.shape[-1] if down else first.shape[0])
+            expert_width.setdefault(i, first[-1] if down else first[0])
     intermediate = _one_value(where, dense_width, "intermediate_size")
     if intermediate is not None:
         fields["intermediate_size"] = intermediate
@@ -320,10 +340,11 @@ def infer_config(folder: str | os.PathLike[str], warn: bool = True) -> InferredC
 
     With `warn`, one ConfigDefaultsWarning names every field set from DEFAULTS.
     """
-    from anefx.models.load import _locate_tensors
+    from anefx.models.checkpoint_files import check_folder, locate_tensors
 
     folder = Path(folder)
-    result = infer_from_tensors(_locate_tensors(folder), str(folder))
+    check_folder(folder)
+    result = infer_from_tensors(locate_tensors(folder), str(folder))
     if warn:
         warnings.warn(result.warning_text(str(folder)), ConfigDefaultsWarning, stacklevel=2)
     return result
@@ -360,46 +381,25 @@ def inspect_model(spec: str | os.PathLike[str]) -> dict[str, Any]:
     stored tensors; for a preset, of its parameters in its dtype) and `_tensors`. Headers and
     the meta device only: no weight is read or allocated.
     """
-    import torch
     from transformers import PreTrainedConfig
 
     from anefx.models import load
-    from anefx.models.presets import get_preset
 
-    spec = os.fspath(spec)
-    located: dict[str, Any] | None = None
-    declared: list[str] = []
-    result: InferredConfig | None = None
-    if spec.startswith(load.PRESET_PREFIX):
-        raw = get_preset(spec[len(load.PRESET_PREFIX) :])
-        origin, declared = "preset", list(raw)
-    else:
-        folder = Path(spec)
-        load.check_folder(folder)
-        config_path = folder / "config.json"
-        located = load._locate_tensors(folder)
-        if config_path.is_file():
-            raw = load._read_json(config_path)
-            origin, declared = "config.json", list(raw) if isinstance(raw, dict) else []
-        else:
-            result = infer_from_tensors(located, str(folder))
-            raw, origin = result.config, "inferred"
-    config = load.build_config(raw, spec if origin != "config.json" else f"{spec}/config.json")
-    dtype = load._config_dtype(config) or torch.bfloat16
-    model = load.build_meta_model(config, dtype)
-    if located is not None:
-        load._validate_tensors(
-            Path(spec), located, model.state_dict(), load.checkpoint_names(model)
-        )
+    # the same validation and bounds as loading: config, files and layers, before the model
+    plan = load.preflight(spec)
+    config, result = plan.config, plan.inferred
+    model = load.build_meta_model(config, plan.dtype)
+    if plan.tensors is not None:
+        load.check_tensors(plan, model)
     params = sum(p.numel() for p in model.parameters())
 
     by_dtype: Counter[str] = Counter()
-    if located is not None:
-        for entry in located.values():
-            by_dtype[entry.dtype] += math.prod(entry.shape) * load._ST_ITEMSIZE.get(entry.dtype, 0)
+    if plan.tensors is not None:
+        for entry in plan.tensors.values():
+            by_dtype[entry.dtype] += entry.nbytes
     else:
-        name = str(dtype).removeprefix("torch.")
-        by_dtype[_TORCH_TO_ST.get(name, name)] = params * dtype.itemsize
+        name = str(plan.dtype).removeprefix("torch.")
+        by_dtype[_TORCH_TO_ST.get(name, name)] = params * plan.dtype.itemsize
 
     # The model's own fields; the generic PreTrainedConfig ones (return_dict, id2label, ...) say
     # nothing about it. Qwen3MoeConfig's to_dict spells num_experts by its alias
@@ -411,9 +411,9 @@ def inspect_model(spec: str | os.PathLike[str]) -> dict[str, Any]:
             out["num_experts" if key == "num_local_experts" else key] = value
     out.update(
         {
-            "_source": spec,
-            "_config": origin,
-            "_declared": declared,
+            "_source": plan.source,
+            "_config": plan.origin,
+            "_declared": list(plan.declared),
             "_inferred": result.inferred if result else [],
             "_defaulted": result.defaulted if result else {},
             "_reasons": result.reasons if result else {},
@@ -421,7 +421,7 @@ def inspect_model(spec: str | os.PathLike[str]) -> dict[str, Any]:
             "_active_parameters": params - _idle_expert_parameters(model, config),
             "_weight_bytes": sum(by_dtype.values()),
             "_weight_bytes_by_dtype": dict(by_dtype),
-            "_tensors": len(located) if located is not None else None,
+            "_tensors": len(plan.tensors) if plan.tensors is not None else None,
         }
     )
     return out

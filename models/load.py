@@ -3,12 +3,18 @@
 The model always comes from transformers' own classes; this module only decides where its
 weights come from (safetensors shards, seeded random values, or nothing at all on the meta
 device) and turns every malformed input into a one-line AnefxInputError.
+
+`preflight` does everything that needs neither the model nor the weights (the files located,
+confined and validated, the config validated and bounded, the sizes counted); `load_model`
+goes through it, or takes its result.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import copy
+import dataclasses
+import inspect
 import math
 import mmap
 import os
@@ -19,17 +25,40 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from anefx.errors import AnefxInputError
-from anefx.models.infer_config import ConfigDefaultsWarning, infer_from_tensors
-from anefx.models.presets import get_preset
+from anefx.models import limits
+from anefx.models.checkpoint_files import (
+    CONFIG_NAME,
+    TensorEntry,
+    check_folder,
+    confined,
+    confinement_root,
+    input_error,
+    locate_tensors,
+    read_json,
+)
+from anefx.models.infer_config import ConfigDefaultsWarning, InferredConfig, infer_from_tensors
+from anefx.models.presets import count_parameters, get_preset
 from anefx.models.synthetic import random_init_
+
+__all__ = [
+    "LoadedModel",
+    "Preflight",
+    "build_config",
+    "build_meta_model",
+    "check_folder",
+    "load_model",
+    "preflight",
+]
 
 PRESET_PREFIX = "preset:"
 
@@ -60,37 +89,76 @@ _POSITIVE_INT_FIELDS = (
     "num_experts_per_tok",
     "moe_intermediate_size",
     "decoder_sparse_step",
+    "sliding_window",
 )
+# ... of which these may be null (the class then derives them: KV heads = heads, no window)
+_NULLABLE_INT_FIELDS = ("num_key_value_heads", "sliding_window")
 # Per family, fields its config class would otherwise default (Qwen3MoeConfig: 128 experts of
 # width 768); each entry lists the accepted spellings (transformers itself writes
 # num_experts as num_local_experts, its attribute_map alias).
 _FAMILY_REQUIRED: dict[str, tuple[tuple[str, ...], ...]] = {
     "qwen3_moe": (("num_experts", "num_local_experts"), ("moe_intermediate_size",)),
 }
+# The strict config classes check these are bools, but only after building per-layer lists;
+# checked first for a message naming the field.
+_BOOL_FIELDS = (
+    "tie_word_embeddings",
+    "attention_bias",
+    "use_sliding_window",
+    "use_cache",
+    "norm_topk_prob",
+    "is_encoder_decoder",
+)
+# field -> (lowest allowed, whether the lowest is excluded, highest allowed); None: no bound
+_FLOAT_FIELDS: dict[str, tuple[float | None, bool, float | None]] = {
+    "rms_norm_eps": (0.0, True, None),  # divides nothing but 0 or NaN turns RMSNorm into NaN
+    "initializer_range": (0.0, False, None),
+    "attention_dropout": (0.0, False, 1.0),
+    "router_aux_loss_coef": (None, False, None),
+}
+# Keys anefx decides itself: the attention (eager) and experts implementation it lowers; a
+# config.json asking for another (or a bogus one) must not reach the model class.
+_DROPPED_KEYS = frozenset(
+    {
+        "attn_implementation",
+        "_attn_implementation",
+        "experts_implementation",
+        "_experts_implementation",
+    }
+)
+# How the model returns its outputs: switches for its caller, and anefx is the caller (the
+# capture needs a dict of logits, no router logits, no extra outputs). A config.json saved
+# during training may hold others (or anything at all): replaced, not refused.
+_RUNTIME_SWITCHES = {
+    "return_dict": True,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "output_router_logits": False,
+}
+# Rope types transformers can compute (the Qwen rotary embedding looks its type up there).
+KNOWN_ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
+# ... and those of them anefx cannot capture, with the reason
+_UNLOWERED_ROPE_TYPES = {
+    "longrope": "its rotary table switches between two sets of factors with the sequence "
+    "length at run time, which torch.export cannot capture",
+}
+# rope parameter -> (lowest allowed, lowest excluded); every one must be a finite number
+_ROPE_NUMBERS: dict[str, tuple[float | None, bool]] = {
+    "rope_theta": (0.0, True),
+    "factor": (0.0, True),
+    "attention_factor": (0.0, True),
+    "beta_fast": (0.0, True),  # yarn takes log(max_positions / beta): 0 or less fails
+    "beta_slow": (0.0, True),
+    "mscale": (0.0, True),
+    "mscale_all_dim": (0.0, True),
+    "low_freq_factor": (0.0, True),
+    "high_freq_factor": (0.0, True),
+}
 
 LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# safetensors dtype tag -> bytes per element (used to check the header before reading).
-_ST_ITEMSIZE = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
 _ST_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-_MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 _RAM_FRACTION = 0.8
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d{1,9})\.")
 
 
 @dataclass
@@ -103,26 +171,15 @@ class LoadedModel:
     random_weights: bool
     dtype: torch.dtype
     meta: bool
+    plan: Preflight | None = None  # what preflight() found before the model was built
 
 
-@dataclass(frozen=True)
-class _TensorEntry:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int = 0  # absolute byte offset of the data in the file
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _input_error(message: str) -> AnefxInputError:
-    return AnefxInputError(_one_line(message))
+_TensorEntry = TensorEntry  # the name this module used before checkpoint_files existed
+_input_error = input_error
 
 
 # ---------------------------------------------------------------------------------------------
-# Config and model construction
+# Config validation and model construction
 
 
 def _family_classes(model_type: object, where: str) -> tuple[type, type]:
@@ -131,7 +188,7 @@ def _family_classes(model_type: object, where: str) -> tuple[type, type]:
         raise _input_error(f"{where}: field 'model_type' missing; supported: {supported}")
     if not isinstance(model_type, str) or model_type not in SUPPORTED_FAMILIES:
         raise _input_error(
-            f"{where}: model_type {model_type!r} is not supported; supported: {supported}"
+            f"{where}: model_type {_shown(model_type)} is not supported; supported: {supported}"
         )
     config_name, model_name = SUPPORTED_FAMILIES[model_type]
     return getattr(transformers, config_name), getattr(transformers, model_name)
@@ -142,34 +199,285 @@ def model_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
     return _family_classes(config.model_type, "config")[1]
 
 
+def _shown(value: object, width: int = 60) -> str:
+    """repr(VALUE) cut to WIDTH characters: a hostile value must not flood the message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_float(value: object) -> float | None:
+    """VALUE as a float if it is a JSON number (never a bool), else None. An int too large for
+    a float becomes an infinity (so it fails the finiteness checks, not float())."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int):
+        return float(value) if abs(value) < 1 << 1000 else math.copysign(math.inf, value)
+    return value
+
+
+def _wanted(low: float | None, open_low: bool, high: float | None) -> str:
+    if low is None and high is None:
+        return "a finite number"
+    if low == 0 and high is None:
+        return "a finite positive number" if open_low else "a finite non-negative number"
+    start = "(-inf" if low is None else f"{'(' if open_low else '['}{low:g}"
+    end = "inf)" if high is None else f"{high:g}]"
+    return f"a finite number in {start}, {end}"
+
+
+def _check_number(
+    where: str, name: str, value: object, low: float | None, open_low: bool, high: float | None
+) -> None:
+    """Raise unless VALUE is a finite number (not a bool) above LOW (excluded if OPEN_LOW) and
+    at most HIGH."""
+    number = _as_float(value)
+    ok = number is not None and math.isfinite(number)
+    ok = ok and (low is None or (number > low if open_low else number >= low))
+    ok = ok and (high is None or number <= high)
+    if not ok:
+        raise _input_error(
+            f"{where}: field '{name}' must be {_wanted(low, open_low, high)}, got {_shown(value)}"
+        )
+
+
+def _check_keys(raw: dict[str, Any], config_cls: type, where: str) -> None:
+    """Refuse keys that would overwrite a method or class setting of the config object rather
+    than set a field (config.json keys become attributes), and inputs anefx cannot load."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key in raw:
+        if not isinstance(key, str):
+            raise _input_error(f"{where}: field name {_shown(key)} is not a string")
+        if key in fields or key == "model_type":
+            continue
+        static = inspect.getattr_static(config_cls, key, None)
+        settable = isinstance(static, property) and static.fset is not None
+        if key.startswith("__") or (static is not None and not settable):
+            raise _input_error(
+                f"{where}: field '{key}' is not a config field (it names "
+                f"{'a method' if callable(static) else 'a setting'} of {config_cls.__name__})"
+            )
+    if "quantization_config" in raw:
+        raise _input_error(
+            f"{where}: field 'quantization_config': quantized checkpoints are not supported; "
+            "anefx reads float16, bfloat16 or float32 weights"
+        )
+    if "per_layer_config" in raw:
+        raise _input_error(
+            f"{where}: field 'per_layer_config': per-layer configs are not supported (Qwen "
+            "layers share one config)"
+        )
+
+
+def _check_ints(raw: dict[str, Any], where: str) -> None:
+    """Positive integers, each below its bound (limits.CONFIG_BOUNDS) before the config class
+    builds anything per layer."""
+    for field in _POSITIVE_INT_FIELDS:
+        if field not in raw or (raw[field] is None and field in _NULLABLE_INT_FIELDS):
+            continue
+        value = raw[field]
+        if not _is_int(value) or value <= 0:
+            raise _input_error(
+                f"{where}: field '{field}' must be a positive integer, got {_shown(value)}"
+            )
+    for field, (bound, name) in limits.CONFIG_BOUNDS.items():
+        value = raw.get(field)
+        if _is_int(value) and value > bound:
+            raise _input_error(
+                f"{where}: field '{field}' is {_shown(value)}, above the bound {bound} "
+                f"(anefx.models.limits.{name})"
+            )
+    labels = raw.get("num_labels")
+    if labels is not None and (not _is_int(labels) or not 0 <= labels <= limits.MAX_LABELS):
+        # transformers builds an id2label entry per label
+        raise _input_error(
+            f"{where}: field 'num_labels' must be an integer in [0, {limits.MAX_LABELS}] "
+            f"(anefx.models.limits.MAX_LABELS), got {_shown(labels)}"
+        )
+    if "max_window_layers" in raw and not _is_int(raw["max_window_layers"]):
+        raise _input_error(
+            f"{where}: field 'max_window_layers' must be an integer, got "
+            f"{_shown(raw['max_window_layers'])}"
+        )
+
+
+def _check_fields(raw: dict[str, Any], where: str) -> None:
+    """Bools, numbers, the activation, the dtype and the per-layer lists."""
+    pad = raw.get("pad_token_id")
+    if pad is not None and (not _is_int(pad) or not 0 <= pad < raw["vocab_size"]):
+        # the embedding takes it as its padding row
+        raise _input_error(
+            f"{where}: field 'pad_token_id' must be a token id below vocab_size "
+            f"({raw['vocab_size']}) or null, got {_shown(pad)}"
+        )
+    for field in _BOOL_FIELDS:
+        if field in raw and not isinstance(raw[field], bool):
+            raise _input_error(
+                f"{where}: field '{field}' must be true or false, got {_shown(raw[field])}"
+            )
+    for field, (low, open_low, high) in _FLOAT_FIELDS.items():
+        if field in raw:
+            _check_number(where, field, raw[field], low, open_low, high)
+    act = raw.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise _input_error(
+            f"{where}: field 'hidden_act' is {_shown(act)}, not an activation transformers "
+            "knows (e.g. 'silu', 'gelu')"
+        )
+    for field in ("dtype", "torch_dtype"):
+        value = raw.get(field)
+        if value is None or isinstance(value, torch.dtype):  # the latter from Python callers
+            continue
+        # transformers turns the string into getattr(torch, value): only a dtype's name may pass
+        if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype):
+            raise _input_error(
+                f"{where}: field '{field}' is {_shown(value)}, not a torch dtype name "
+                "(e.g. 'bfloat16')"
+            )
+    layers = raw["num_hidden_layers"]
+    kinds = raw.get("layer_types")
+    if kinds is not None and (not isinstance(kinds, list) or len(kinds) != layers):
+        got = f"{len(kinds)} entries" if isinstance(kinds, list) else _shown(kinds)
+        raise _input_error(
+            f"{where}: field 'layer_types' must list one entry per layer ({layers}), got {got}"
+        )
+    dense = raw.get("mlp_only_layers")
+    if dense is not None:
+        if not isinstance(dense, list):
+            raise _input_error(
+                f"{where}: field 'mlp_only_layers' must be a list of layer indices, got "
+                f"{_shown(dense)}"
+            )
+        bad = [i for i in dense if not _is_int(i) or not 0 <= i < layers]
+        if bad:
+            raise _input_error(
+                f"{where}: field 'mlp_only_layers' holds {_shown(bad[0])}, not a layer index "
+                f"(0..{layers - 1})"
+            )
+
+
+def _head_dim(raw: dict[str, Any], config_cls: type) -> tuple[int, str]:
+    """The head_dim the model will use and the field it comes from."""
+    if raw.get("head_dim") is not None:
+        return raw["head_dim"], "head_dim"
+    fields = dataclasses.fields(config_cls)
+    default = next((f.default for f in fields if f.name == "head_dim"), None)
+    if _is_int(default):
+        return default, "head_dim"  # Qwen3Config defaults it to 128
+    return raw["hidden_size"] // raw["num_attention_heads"], "hidden_size / num_attention_heads"
+
+
+def _check_rope(raw: dict[str, Any], where: str, head_dim: int) -> None:
+    """The rope parameters in either spelling, as transformers will read them.
+
+    transformers takes `rope_scaling` (legacy) if set, else `rope_parameters`; the theta from
+    there, else the top-level `rope_theta`; the type from `rope_type`, else `type`. An unknown
+    type or a bad number would fail (or silently give NaN tables) when the model is built.
+    """
+    spelled = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    params = raw.get(spelled)
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise _input_error(
+            f"{where}: field '{spelled}' must be an object (rope_type, rope_theta, ...), got "
+            f"{_shown(params)}"
+        )
+    nested = [k for k, v in params.items() if isinstance(v, dict)]
+    if nested:
+        raise _input_error(
+            f"{where}: field '{spelled}.{nested[0]}': per-layer-type rope parameters are not "
+            "supported (Qwen layers share one rotary embedding)"
+        )
+    if "rope_theta" in raw:
+        _check_number(where, "rope_theta", raw["rope_theta"], 0.0, True, limits.MAX_ROPE_THETA)
+    for key, (low, open_low) in _ROPE_NUMBERS.items():
+        if params.get(key) is not None or (key == "rope_theta" and key in params):
+            high = limits.MAX_ROPE_THETA if key == "rope_theta" else limits.MAX_ROPE_SCALE
+            _check_number(where, f"{spelled}.{key}", params[key], low, open_low, high)
+    kind_key = "rope_type" if "rope_type" in params else "type"
+    kind = params.get(kind_key, "default")
+    if not isinstance(kind, str) or kind not in KNOWN_ROPE_TYPES:
+        raise _input_error(
+            f"{where}: field '{spelled}.{kind_key}' is {_shown(kind)}, not a rope type "
+            f"transformers knows ({', '.join(KNOWN_ROPE_TYPES)})"
+        )
+    if kind in _UNLOWERED_ROPE_TYPES:
+        raise _input_error(
+            f"{where}: field '{spelled}.{kind_key}' is '{kind}', which anefx does not lower: "
+            f"{_UNLOWERED_ROPE_TYPES[kind]}"
+        )
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if partial is not None and partial != 1:
+        # Qwen attention rotates the whole head; a partial rotary table would not fit it
+        raise _input_error(
+            f"{where}: field 'partial_rotary_factor' is {_shown(partial)}; Qwen models rotate "
+            "the whole head (1.0)"
+        )
+    if head_dim % 2 or (kind == "dynamic" and head_dim <= 2):
+        # the tables hold head_dim / 2 frequencies (dynamic rope divides by head_dim - 2)
+        raise _input_error(
+            f"{where}: head_dim {head_dim} does not suit rope type '{kind}' (it must be even"
+            + (" and above 2)" if kind == "dynamic" else ")")
+        )
+    original = params.get("original_max_position_embeddings")
+    if original is not None and (not _is_int(original) or not 0 < original <= limits.MAX_POSITIONS):
+        raise _input_error(
+            f"{where}: field '{spelled}.original_max_position_embeddings' must be a positive "
+            f"integer up to {limits.MAX_POSITIONS}, got {_shown(original)}"
+        )
+    low, high = params.get("low_freq_factor"), params.get("high_freq_factor")
+    if kind == "llama3" and low is not None and high is not None and not high > low:
+        raise _input_error(
+            f"{where}: field '{spelled}.high_freq_factor' ({_shown(high)}) must exceed "
+            f"'low_freq_factor' ({_shown(low)})"
+        )
+    if "truncate" in params and not isinstance(params["truncate"], bool):
+        raise _input_error(
+            f"{where}: field '{spelled}.truncate' must be true or false, got "
+            f"{_shown(params['truncate'])}"
+        )
+
+
 def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig:
     """Validate a config dict and build its transformers config class, set to eager attention.
 
-    `where` names the source (a config.json path or "preset:NAME") in error messages.
+    Every field the model reads is checked (types, finite and positive numbers, known rope
+    type and activation, the bounds in models/limits.py) before the config class runs, so a
+    malformed or hostile config ends in one AnefxInputError naming the field, and nothing is
+    allocated from it. `where` names the source (a config.json path or "preset:NAME").
     """
     if not isinstance(raw, dict):
         raise _input_error(f"{where}: expected a JSON object, got {type(raw).__name__}")
     config_cls, _ = _family_classes(raw.get("model_type"), where)
+    _check_keys(raw, config_cls, where)
     required = [(f,) for f in REQUIRED_FIELDS] + list(_FAMILY_REQUIRED.get(raw["model_type"], ()))
     for spellings in required:
         if not any(f in raw for f in spellings):
             raise _input_error(
                 f"{where}: field '{spellings[0]}' missing (needed by {config_cls.__name__})"
             )
-    for field in _POSITIVE_INT_FIELDS:
-        if field not in raw or (raw[field] is None and field not in REQUIRED_FIELDS):
-            continue
-        value = raw[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise _input_error(
-                f"{where}: field '{field}' must be a positive integer, got {value!r}"
-            )
+    _check_ints(raw, where)
+    _check_fields(raw, where)
     heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or 0
     if kv_heads and heads % kv_heads:
         raise _input_error(
             f"{where}: field 'num_attention_heads' ({heads}) must be a multiple of "
             f"'num_key_value_heads' ({kv_heads})"
         )
+    head_dim, head_from = _head_dim(raw, config_cls)
+    if head_dim < 1:
+        raise _input_error(
+            f"{where}: {head_from} is {head_dim}: num_attention_heads ({heads}) exceeds "
+            f"hidden_size ({raw['hidden_size']})"
+        )
+    _check_rope(raw, where, head_dim)
 
     experts = raw.get("num_experts", raw.get("num_local_experts"))
     top_k = raw.get("num_experts_per_tok")
@@ -178,7 +486,11 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
             f"{where}: field 'num_experts_per_tok' ({top_k}) exceeds 'num_experts' ({experts})"
         )
 
-    kwargs = {k: v for k, v in raw.items() if k != "model_type"}
+    kwargs = {k: v for k, v in raw.items() if k != "model_type" and k not in _DROPPED_KEYS}
+    kwargs.update({k: v for k, v in _RUNTIME_SWITCHES.items() if k in kwargs})
+    for field in ("rms_norm_eps", "initializer_range", "router_aux_loss_coef"):
+        if _is_int(kwargs.get(field)):  # JSON may write 0.0 as 0; the strict class wants a float
+            kwargs[field] = float(kwargs[field])
     try:
         config = config_cls(**kwargs)
     except Exception as exc:  # the strict config dataclasses raise several error types
@@ -186,7 +498,40 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     # Eager attention is plain matmul/softmax with an additive mask, the form we lower; it
     # takes a prepared (B, 1, S, S) float mask as is.
     config._attn_implementation = "eager"
+    params = count_config_parameters(config)
+    if params > limits.MAX_PARAMETERS:
+        raise _input_error(
+            f"{where}: the config describes {params:,} parameters, above the bound "
+            f"{limits.MAX_PARAMETERS:,} (anefx.models.limits.MAX_PARAMETERS)"
+        )
     return config
+
+
+def count_config_parameters(config: PreTrainedConfig) -> int:
+    """The parameter count of the model CONFIG builds (tied weights once), from the config alone
+    (presets.count_parameters over the fields the model class reads)."""
+    fields = {
+        "model_type": config.model_type,
+        "head_dim": getattr(config, "head_dim", None),
+        "num_experts": getattr(config, "num_experts", 0),
+    }
+    for key in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "num_hidden_layers",
+        "attention_bias",
+        "tie_word_embeddings",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    ):
+        if getattr(config, key, None) is not None:
+            fields[key] = getattr(config, key)
+    return count_parameters(fields)
 
 
 def build_meta_model(config: PreTrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
@@ -201,6 +546,10 @@ def build_meta_model(config: PreTrainedConfig, dtype: torch.dtype) -> PreTrained
     try:
         with torch.device("meta"):
             model = model_cls(config)
+    except (ValueError, TypeError, KeyError, ArithmeticError, RuntimeError) as exc:
+        # the config passed build_config; whatever the model class still refuses is the
+        # config's fault too, and must not surface as a traceback
+        raise _input_error(f"config: transformers cannot build the model: {exc}") from exc
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -237,145 +586,7 @@ def checkpoint_names(model: PreTrainedModel) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# safetensors inspection
-
-
-def read_safetensors_header(path: Path) -> dict[str, _TensorEntry]:
-    """Parse and sanity-check a safetensors header without reading tensor data.
-
-    Layout: 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to
-    dtype, shape and [begin, end) data_offsets relative to the data that follows.
-    """
-
-    def corrupt(detail: str) -> AnefxInputError:
-        return _input_error(f"{path}: truncated or corrupt safetensors file ({detail})")
-
-    size = path.stat().st_size
-    if size < 8:
-        raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        if header_len > size - 8:
-            raise corrupt(f"header length {header_len} but only {size - 8} bytes follow")
-        if header_len > _MAX_HEADER_BYTES:
-            raise corrupt(f"header length {header_len} is implausibly large")
-        raw = fh.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise corrupt(f"header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-
-    data_len = size - 8 - header_len
-    data_end = 0
-    entries: dict[str, _TensorEntry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (
-                isinstance(dtype, str)
-                and isinstance(shape, list)
-                and all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(begin, int)
-                and isinstance(end, int)
-                and 0 <= begin <= end
-            )
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise corrupt(f"malformed header entry for tensor '{name}'")
-        if end > data_len:
-            raise corrupt(f"tensor '{name}' ends at data byte {end} but the file holds {data_len}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        itemsize = _ST_ITEMSIZE.get(dtype)
-        if itemsize is not None and end - begin != numel * itemsize:
-            raise corrupt(
-                f"tensor '{name}' spans {end - begin} bytes but {dtype}{shape} needs "
-                f"{numel * itemsize}"
-            )
-        data_end = max(data_end, end)
-        entries[name] = _TensorEntry(path, dtype, tuple(shape), 8 + header_len + begin)
-    if data_end != data_len:
-        raise corrupt(f"header describes {data_end} data bytes but the file holds {data_len}")
-    return entries
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise _input_error(f"{path}: not valid UTF-8 text ({exc.reason})") from exc
-    except OSError as exc:
-        raise _input_error(f"{path}: cannot read ({exc.strerror})") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _input_error(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from exc
-
-
-def _find_index(folder: Path) -> Path | None:
-    preferred = folder / "model.safetensors.index.json"
-    if preferred.is_file():
-        return preferred
-    candidates = sorted(folder.glob("*.safetensors.index.json"))
-    return candidates[0] if candidates else None
-
-
-def _locate_tensors(folder: Path) -> dict[str, _TensorEntry]:
-    """Map every tensor name to its shard, from the index if there is one, else the headers."""
-    index_path = _find_index(folder)
-    if index_path is not None:
-        index = _read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) for v in weight_map.values()
-        ):
-            raise _input_error(f"{index_path}: field 'weight_map' missing or not a name->file map")
-        headers: dict[str, dict[str, _TensorEntry]] = {}
-        for shard in dict.fromkeys(weight_map.values()):
-            shard_path = folder / shard
-            if not shard_path.is_file():
-                tensor = next(k for k, v in weight_map.items() if v == shard)
-                raise _input_error(
-                    f"{index_path}: references missing shard '{shard}' (e.g. for tensor '{tensor}')"
-                )
-            headers[shard] = read_safetensors_header(shard_path)
-        located = {}
-        for name, shard in weight_map.items():
-            entry = headers[shard].get(name)
-            if entry is None:
-                raise _input_error(
-                    f"{folder / shard}: tensor '{name}' listed in {index_path.name} is not in "
-                    "this file"
-                )
-            located[name] = entry
-        return located
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise _input_error(f"{folder}: no *.safetensors files in checkpoint folder")
-    located = {}
-    for path in files:
-        for name, entry in read_safetensors_header(path).items():
-            if name in located:
-                warnings.warn(
-                    f"{path}: tensor '{name}' also in {located[name].file.name}; using the latter",
-                    stacklevel=3,
-                )
-                continue
-            located[name] = entry
-    return located
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
+# Preflight: everything that needs neither the model nor the weights
 
 
 def _check_dtype(dtype: torch.dtype | None) -> None:
@@ -389,6 +600,176 @@ def _config_dtype(config: PreTrainedConfig) -> torch.dtype | None:
     return dtype if dtype in LOADABLE_DTYPES else None
 
 
+def _resolve_dtype(
+    dtype: torch.dtype | None,
+    config: PreTrainedConfig,
+    tensors: dict[str, TensorEntry] | None,
+) -> torch.dtype:
+    """DTYPE, else the config's, else (a folder) the first stored float tensor's, else bf16 for
+    a preset (as published) or fp32."""
+    if dtype is not None:
+        return dtype
+    dtype = _config_dtype(config)
+    if dtype is not None:
+        return dtype
+    if tensors is None:
+        return torch.bfloat16
+    found = (_ST_FLOAT_DTYPES.get(e.dtype) for e in tensors.values())
+    return next((d for d in found if d is not None), torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Preflight:
+    """What `preflight` found: everything known about a model before it is built.
+
+    No weight is read or allocated for it. `load_model(plan)` builds the model from it
+    without reading the config or any header again.
+    """
+
+    source: str  # the folder as given, or "preset:NAME" (LoadedModel.source)
+    config: PreTrainedConfig  # validated and bounded, eager attention
+    dtype: torch.dtype  # the dtype load_model(plan) builds in
+    parameters: int  # of the model, tied weights counted once
+    origin: str  # "config.json", "preset" or "inferred" (from tensor shapes)
+    declared: tuple[str, ...] = ()  # the fields config.json or the preset sets
+    folder: Path | None = None  # the resolved checkpoint folder; None for a preset
+    root: Path | None = None  # where its files may resolve: the folder, or an HF cache repo
+    tensors: dict[str, TensorEntry] | None = None  # stored tensor -> where; None for a preset
+    inferred: InferredConfig | None = None  # origin "inferred": the fields and defaults
+
+    @property
+    def random_weights(self) -> bool:
+        """A preset: seeded random weights, no files."""
+        return self.folder is None
+
+    @property
+    def protected(self) -> tuple[Path, ...]:
+        """The folders anefx must never write into: the checkpoint folder and the folder its
+        files resolve into (the repository of a Hugging Face cache snapshot); () for a preset."""
+        return tuple(dict.fromkeys(p for p in (self.folder, self.root) if p is not None))
+
+    def bytes_at(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the model's weights in DTYPE (default: the plan's)."""
+        return self.parameters * (dtype or self.dtype).itemsize
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as load_model(plan) holds them (in `dtype`)."""
+        return self.bytes_at(self.dtype)
+
+    @property
+    def stored_bytes(self) -> int | None:
+        """Bytes of the tensors stored in the checkpoint files; None for a preset."""
+        return None if self.tensors is None else sum(e.nbytes for e in self.tensors.values())
+
+    def with_dtype(self, dtype: torch.dtype | None) -> Preflight:
+        """This plan for loading in DTYPE (None: the checkpoint's own); nothing is re-read."""
+        _check_dtype(dtype)
+        return dataclasses.replace(self, dtype=_resolve_dtype(dtype, self.config, self.tensors))
+
+
+def _layer_span(named: set[int]) -> str:
+    if not named:
+        return "no 'model.layers.<i>.*' tensor"
+    low, high = min(named), max(named)
+    if len(named) == high - low + 1:
+        return f"tensors for layers {low}..{high} only"
+    return f"tensors for {len(named)} layers between {low} and {high}"
+
+
+def _check_layers(
+    config: PreTrainedConfig, tensors: dict[str, TensorEntry], where: str, folder: Path
+) -> None:
+    """The stored tensors name every layer the config declares: checked on names alone, before
+    a model of that many layers is built."""
+    layers = config.num_hidden_layers
+    named = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.match(name))}
+    missing = next((i for i in range(layers) if i not in named), None)
+    if missing is not None:
+        raise _input_error(
+            f"{where}: num_hidden_layers is {layers} but {folder} holds {_layer_span(named)} "
+            f"(no tensor 'model.layers.{missing}.*')"
+        )
+
+
+def preflight(spec: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Preflight:
+    """Validate checkpoint folder or "preset:NAME" SPEC without building the model or reading
+    a weight: raise AnefxInputError (one line naming the file, field or tensor) if anything is
+    wrong, else return what `load_model` needs.
+
+    For a folder: every file it opens is confined to the folder (a Hugging Face cache snapshot:
+    to its repository), config.json is validated and bounded before any safetensors header is
+    read, every safetensors file is validated by the safetensors library, and the tensors must
+    name every declared layer. DTYPE is the dtype to load in (None: the config's, else the
+    stored tensors'); `plan.weight_bytes` is the weights' size in it, `plan.bytes_at(d)` in
+    any other. Use:
+
+        plan = preflight(path, dtype=torch.float16)  # cheap: headers and config only
+        ...  # check the output path against plan.protected, the disk against plan.weight_bytes
+        loaded = load_model(plan)  # builds in plan.dtype; nothing is read twice
+    """
+    _check_dtype(dtype)
+    spec_str = os.fspath(spec)
+    if spec_str.startswith(PRESET_PREFIX):
+        raw = get_preset(spec_str[len(PRESET_PREFIX) :])
+        config = build_config(raw, spec_str)
+        return Preflight(
+            spec_str,
+            config,
+            _resolve_dtype(dtype, config, None),
+            count_config_parameters(config),
+            "preset",
+            tuple(raw),
+        )
+
+    folder = Path(spec_str)
+    check_folder(folder)
+    root = confinement_root(folder)
+    config_path = folder / CONFIG_NAME
+    inferred = None
+    if os.path.lexists(config_path):
+        raw = read_json(confined(folder, CONFIG_NAME, str(config_path), root), config_path)
+        where = str(config_path)
+        # the config first: a bad one is refused before any header is read
+        config = build_config(raw, where)
+        tensors = locate_tensors(folder, root)
+        origin, declared = "config.json", tuple(raw)
+    else:
+        # Without config.json the tensor shapes give the config; what they cannot tell comes
+        # from the defaults table (load_model names those fields in one warning).
+        tensors = locate_tensors(folder, root)
+        inferred = infer_from_tensors(tensors, str(folder))
+        where = f"{folder} (config inferred from tensor shapes)"
+        config = build_config(inferred.config, where)
+        origin, declared = "inferred", ()
+    _check_layers(config, tensors, where, folder)
+    return Preflight(
+        str(folder),
+        config,
+        _resolve_dtype(dtype, config, tensors),
+        count_config_parameters(config),
+        origin,
+        declared,
+        Path(os.path.realpath(folder)),
+        root,
+        tensors,
+        inferred,
+    )
+
+
+def check_tensors(plan: Preflight, model: PreTrainedModel) -> list[_Copy]:
+    """Check every tensor MODEL (built from PLAN's config) needs is stored with its shape and a
+    float dtype; returns the copy plan. No tensor data is read."""
+    assert plan.tensors is not None, "a preset has no stored tensors"
+    return _validate_tensors(
+        Path(plan.source), plan.tensors, model.state_dict(), checkpoint_names(model)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
 def _total_ram_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -400,84 +781,56 @@ def _human_bytes(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def _check_fits(model: PreTrainedModel, dtype: torch.dtype, source: str, what: str) -> None:
-    need = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+def _check_fits(plan: Preflight, what: str) -> None:
+    need = plan.weight_bytes
     ram = _total_ram_bytes()
     if ram is not None and need > _RAM_FRACTION * ram:
-        name = str(dtype).removeprefix("torch.")
+        name = str(plan.dtype).removeprefix("torch.")
         raise _input_error(
-            f"{source}: {what} {name} weights need {_human_bytes(need)} but this machine has "
-            f"{_human_bytes(ram)} of RAM; use --meta to build the structure only"
+            f"{plan.source}: {what} {name} weights need {_human_bytes(need)} but this machine "
+            f"has {_human_bytes(ram)} of RAM; use --meta to build the structure only"
         )
 
 
-def _finish(
-    model: PreTrainedModel, source: str, random_weights: bool, dtype: torch.dtype, meta: bool
-) -> LoadedModel:
-    model.config.dtype = dtype
+def _finish(model: PreTrainedModel, plan: Preflight, meta: bool) -> LoadedModel:
+    model.config.dtype = plan.dtype
     model.eval()
-    return LoadedModel(model, model.config, source, random_weights, dtype, meta)
+    return LoadedModel(
+        model, model.config, plan.source, plan.random_weights, plan.dtype, meta, plan
+    )
 
 
-def _load_preset(name: str, dtype: torch.dtype | None, meta: bool, seed: int) -> LoadedModel:
-    source = f"{PRESET_PREFIX}{name}"
-    config = build_config(get_preset(name), source)
-    dtype = dtype or _config_dtype(config) or torch.bfloat16
-    model = build_meta_model(config, dtype)
+def _load_preset(plan: Preflight, meta: bool, seed: int) -> LoadedModel:
     if not meta:
-        _check_fits(model, dtype, source, "random")
+        _check_fits(plan, "random")  # from the config: before anything is built
+    # a copy: the model owns its config (and _finish sets its dtype), the plan stays as found
+    model = build_meta_model(copy.deepcopy(plan.config), plan.dtype)
+    if not meta:
         materialize_(model)
         random_init_(model, seed)
         reset_rotary_(model)
-    return _finish(model, source, True, dtype, meta)
+    return _finish(model, plan, meta)
 
 
-def check_folder(folder: Path) -> None:
-    """Raise AnefxInputError unless `folder` is a folder with config.json or safetensors."""
-    if not folder.exists():
-        raise _input_error(f"{folder}: checkpoint folder does not exist")
-    if not folder.is_dir():
-        raise _input_error(f"{folder}: not a folder; expected a checkpoint folder")
-    if not (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
-        raise _input_error(
-            f"{folder}: config.json and *.safetensors files missing from checkpoint folder"
-        )
-
-
-def _load_folder(folder: Path, dtype: torch.dtype | None, meta: bool) -> LoadedModel:
-    check_folder(folder)
-    config_path = folder / "config.json"
-    if config_path.is_file():
-        config = build_config(_read_json(config_path), str(config_path))
-        located = _locate_tensors(folder)
-    else:
-        # Without config.json the tensor shapes give the config; what they cannot tell comes
-        # from the defaults table, named in one warning.
-        located = _locate_tensors(folder)
-        inferred = infer_from_tensors(located, str(folder))
-        warnings.warn(inferred.warning_text(str(folder)), ConfigDefaultsWarning, stacklevel=3)
-        config = build_config(inferred.config, f"{folder} (config inferred from tensor shapes)")
-
-    if dtype is None:
-        dtype = _config_dtype(config)
-    if dtype is None:
-        found = (_ST_FLOAT_DTYPES.get(e.dtype) for e in located.values())
-        dtype = next((d for d in found if d is not None), torch.float32)
-
-    model = build_meta_model(config, dtype)
-    copies = _validate_tensors(folder, located, model.state_dict(), checkpoint_names(model))
+def _load_folder(plan: Preflight, meta: bool) -> LoadedModel:
+    located, dtype = plan.tensors, plan.dtype
+    assert located is not None
+    if plan.inferred is not None:
+        warnings.warn(plan.inferred.warning_text(plan.source), ConfigDefaultsWarning, stacklevel=3)
+    model = build_meta_model(copy.deepcopy(plan.config), dtype)
+    copies = check_tensors(plan, model)
     if not meta:
         mappable = [c for c in copies if _mappable(located[c[2]], c[1], dtype)]
         _map_weights_(model, located, mappable)
         # another dtype, or experts stored apart: cast / assembled into a scratch file, mapped
         rest = _map_converted_(model, located, [c for c in copies if c not in mappable], dtype)
         if rest:
-            _check_fits(model, dtype, str(folder), "the")
+            _check_fits(plan, "the")
         _materialize_meta_(model)  # storage for what is left and for the rotary buffers
         model.tie_weights()
         _copy_weights_(model, located, rest)
         reset_rotary_(model)
-    return _finish(model, str(folder), False, dtype, meta)
+    return _finish(model, plan, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +841,7 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, meta: bool) -> LoadedM
 _MAPS: list[weakref.ref] = []
 
 
-def _mappable(entry: _TensorEntry, index: tuple, dtype: torch.dtype) -> bool:
+def _mappable(entry: TensorEntry, index: tuple, dtype: torch.dtype) -> bool:
     return index == () and _ST_FLOAT_DTYPES.get(entry.dtype) == dtype
 
 
@@ -522,7 +875,7 @@ def _map_weights_(
     cache: dict[Path, mmap.mmap] = {}
     for name, _, src in copies:
         entry = located[src]
-        buf = _map_file(entry.file, cache) if math.prod(entry.shape) else None
+        buf = _map_file(entry.path, cache) if math.prod(entry.shape) else None
         _bind_(model, name, buf, entry.offset, _ST_FLOAT_DTYPES[entry.dtype], entry.shape)
 
 
@@ -562,11 +915,11 @@ def _map_converted_(
             for _, _, src in group:
                 entry = located[src]
                 try:
-                    if entry.file not in handles:
-                        handles[entry.file] = stack.enter_context(
-                            safe_open(str(entry.file), framework="pt", device="cpu")
+                    if entry.path not in handles:
+                        handles[entry.path] = stack.enter_context(
+                            safe_open(str(entry.path), framework="pt", device="cpu")
                         )
-                    t = handles[entry.file].get_tensor(src).to(dtype).contiguous()
+                    t = handles[entry.path].get_tensor(src).to(dtype).contiguous()
                 except SafetensorError as exc:
                     raise _input_error(
                         f"{entry.file}: cannot read safetensors file: {exc}"
@@ -693,22 +1046,23 @@ def _copy_weights_(
 ) -> None:
     targets = model.state_dict(keep_vars=True)
     by_file: dict[Path, list[_Copy]] = {}
-    for copy in copies:
-        by_file.setdefault(located[copy[2]].file, []).append(copy)
+    for one in copies:
+        by_file.setdefault(located[one[2]].file, []).append(one)
     # HF keeps the tie when a checkpoint stores the tied copy too, but only if they agree.
     redundant = [t for t in tied_targets(model) if t in located]
     with torch.no_grad():
         for path, group in by_file.items():
             try:
                 # safe_open memory-maps the file, so only one tensor is materialised at a time.
-                with safe_open(str(path), framework="pt", device="cpu") as fh:
+                real = located[group[0][2]].path
+                with safe_open(str(real), framework="pt", device="cpu") as fh:
                     for name, index, src in group:
                         targets[name][index].copy_(fh.get_tensor(src))
             except SafetensorError as exc:
                 raise _input_error(f"{path}: cannot read safetensors file: {exc}") from exc
         for name in redundant:
             entry = located[name]
-            with safe_open(str(entry.file), framework="pt", device="cpu") as fh:
+            with safe_open(str(entry.path), framework="pt", device="cpu") as fh:
                 stored = fh.get_tensor(name)
             if stored.shape != targets[name].shape or not torch.equal(
                 stored.to(targets[name].dtype), targets[name]
@@ -721,21 +1075,31 @@ def _copy_weights_(
 
 
 def load_model(
-    spec: str | os.PathLike[str],
-    dtype: torch.dtype | None = torch.float16,
+    spec: str | os.PathLike[str] | Preflight,
+    dtype: torch.dtype | None | EllipsisType = ...,
     meta: bool = False,
     seed: int = 0,
 ) -> LoadedModel:
     """Load a checkpoint folder or "preset:NAME" into the stock transformers causal LM.
 
-    A folder without config.json gets the config its tensor shapes give (models/infer_config.py),
-    with one ConfigDefaultsWarning naming the fields set to defaults. Experts stored per expert
-    (as published) or fused (E, ...) both load. dtype None keeps the checkpoint's own dtype.
-    meta=True builds the structure only, on the meta device. Presets get seeded random weights
+    SPEC is a folder, "preset:NAME", or the Preflight that `preflight(spec, dtype)` returned:
+    then its validated config and located tensors are used as they are (nothing is read
+    twice) and the model is built in the plan's dtype:
+
+        plan = preflight(path, dtype=torch.float16)
+        loaded = load_model(plan, meta=False)
+
+    DTYPE defaults to float16 for a spec and to the plan's dtype for a Preflight; None keeps
+    the checkpoint's own dtype. A folder without config.json gets the config its tensor shapes
+    give (models/infer_config.py), with one ConfigDefaultsWarning naming the fields set to
+    defaults. Experts stored per expert (as published) or fused (E, ...) both load. meta=True
+    builds the structure only, on the meta device. Presets get seeded random weights
     (`seed`). Bad input raises AnefxInputError.
     """
-    _check_dtype(dtype)
-    spec_str = os.fspath(spec)
-    if spec_str.startswith(PRESET_PREFIX):
-        return _load_preset(spec_str[len(PRESET_PREFIX) :], dtype, meta, seed)
-    return _load_folder(Path(spec_str), dtype, meta)
+    if isinstance(spec, Preflight):
+        plan = spec if dtype is ... or dtype == spec.dtype else spec.with_dtype(dtype)
+    else:
+        plan = preflight(spec, torch.float16 if dtype is ... else dtype)
+    if plan.random_weights:
+        return _load_preset(plan, meta, seed)
+    return _load_folder(plan, meta)

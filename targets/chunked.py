@@ -2,16 +2,18 @@
 
 The lowered graphs (``prefill`` and ``decode``, or ``main``) are cut by
 :mod:`anefx.lowering.partition` into the embedding, decoder chunks of contiguous layers sized by
-weight bytes, and the LM head; each part is one package holding every function, written
-atomically (staged beside the target, then renamed) and followed by a progress record, so an
-interrupted conversion resumes at the first part not written. ``manifest.json`` is written last:
+weight bytes, and the LM head; each part is one package holding every function. The whole
+folder is built in the output's staging folder (:class:`anefx.targets.artifact.Output`), each
+finished part followed by a progress record, so an interrupted conversion resumes at the first
+part not written, and swapped into place when complete. ``manifest.json`` is written last:
 the parts in order, each function's inputs (and where each comes from), outputs and states,
 the context, the tokenizer files, the rule table version and the checker results. It holds no
 timings, so an interrupted-and-resumed conversion and an uninterrupted one give the same bytes.
 
-:class:`ChainProgram` runs such a folder on the reference executor with the interface of one
-program (``run(function, inputs, states)``), which is how ``anefx verify`` and
-``anefx generate`` run a chunked artifact.
+:class:`anefx.targets.reader.ChainProgram` reads such a folder back (checked against its
+digests) and runs it on the reference executor with the interface of one program
+(``run(function, inputs, states)``), which is how ``anefx verify`` and ``anefx generate`` run a
+chunked artifact.
 """
 
 from __future__ import annotations
@@ -21,11 +23,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from anefx.errors import AnefxGraphError, AnefxInputError
@@ -33,10 +33,18 @@ from anefx.lowering import rules
 from anefx.lowering.checker import check_graph
 from anefx.lowering.partition import PartPlan, plan_parts, split_graph
 from anefx.models.load import release_mapped_pages
+from anefx.targets.artifact import (
+    MANIFEST,
+    PACKAGE_SUFFIX,
+    PARTS_FORMAT,
+    PROGRESS,
+    Output,
+    copy_new,
+    prepare_output,
+    tree_digest,
+    write_json,
+)
 
-MANIFEST = "manifest.json"
-PROGRESS = ".anefx-progress.json"
-FORMAT = "anefx-chunked/1"
 # copied from a checkpoint folder next to the parts, so the artifact is self-contained
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,7 +55,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
-_MODEL_INPUTS = ("input_ids", "position_ids", "causal_mask")
 _LUT_KINDS = {"embed": "embed", "decoder": "ffn", "head": "head"}
 
 
@@ -137,21 +144,8 @@ def _source_identity(source: str) -> dict:
     }
 
 
-def _tree_digest(path: Path) -> str:
-    """sha256 over a package's files (relative path and bytes), in a fixed order."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+# a part being written inside the staged folder, renamed to its file name when complete
+_PARTIAL = ".partial-"
 
 
 def emit_chunked(
@@ -164,25 +158,27 @@ def emit_chunked(
     resume: bool = False,
     progress: Callable[[str], None] | None = None,
     options: dict | None = None,
+    output: Output | None = None,
 ) -> dict:
-    """Write the parts of LOWERED_BY_NAME into FOLDER, then ``manifest.json``; return it.
+    """Write the parts of LOWERED_BY_NAME and ``manifest.json`` as the artifact FOLDER; return
+    the manifest.
 
-    RESUME keeps the parts an earlier run of the same conversion (same model files, options
-    and lowered graphs) recorded as written and emits the rest; without it every part is
-    written again. OPTIONS (the command line's) are recorded in the manifest.
+    Everything is written into FOLDER's staging folder and swapped into place when complete
+    (:class:`anefx.targets.artifact.Output`; OUTPUT when the caller checked FOLDER already), so
+    FOLDER is never half old, half new. After each part a progress record is written: RESUME
+    keeps the parts an interrupted run of the same conversion (same model files, options and
+    lowered graphs) finished, and emits the rest. OPTIONS (the command line's) are recorded in
+    the manifest.
     """
-    from anefx.targets.coreml import move_into_place, write_package
+    from anefx.targets.coreml import source_folders, write_package
+    from anefx.targets.palettize import check_lut
 
     say = progress or (lambda msg: None)
     folder = Path(folder)
-    if folder.suffix == ".mlpackage":
+    if folder.suffix == PACKAGE_SUFFIX:
         raise AnefxInputError(
             f"{folder}: this model is written as several parts; -o must name a folder"
         )
-    if folder.exists() and not folder.is_dir():
-        raise AnefxInputError(f"{folder} exists and is not a folder")
-    from anefx.targets.palettize import check_lut
-
     check_lut(lut)
     plans = plan(lowered_by_name, max_bytes, lut)
     names = list(lowered_by_name)
@@ -205,8 +201,9 @@ def emit_chunked(
             f"{e.node} in part {part}, function {fn}); use --force to emit anyway"
         )
     first = lowered_by_name[names[0]]
+    tokenizer = tokenizer_files(first.source)  # checked before any part is written
     key_doc = {
-        "format": FORMAT,
+        "format": PARTS_FORMAT,
         "model": _source_identity(first.source),
         "options": options or {},
         "lut": lut or {},
@@ -219,126 +216,133 @@ def emit_chunked(
         "plans": [p.to_dict() for p in plans],
     }
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AnefxInputError(f"cannot create output folder {folder}: {exc.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise AnefxInputError(f"output folder {folder} is not writable")
-    for stale in folder.glob(".*.mlpackage.*"):  # staging left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    done = _resumable(folder, key) if resume else ({}, {})
-    files = [_file_name(i, p) for i, p in enumerate(plans)]
-    manifest_path = folder / MANIFEST
-    earlier = _listed(folder)
-    if manifest_path.exists() and not (resume and done[0]):
-        manifest_path.unlink()  # the folder no longer holds what it describes
-    record = {"key": key, "written": dict(done[0]), "emitted": dict(done[1])}
-    _write_json(folder / PROGRESS, record)
-    part_docs = []
-    for i, (p, by_fn) in enumerate(zip(plans, parts, strict=True)):
-        target = folder / files[i]
-        if files[i] in done[0] and target.is_dir():
-            say(f"part {i + 1}/{len(plans)} {files[i]}: already written, kept (--resume)")
-        else:
-            say(f"part {i + 1}/{len(plans)} {files[i]} ({p.planned_bytes / 2**20:.1f} MB)")
-            tmp = Path(tempfile.mkdtemp(prefix=f".{files[i]}.", dir=folder))
-            try:
-                emitted = write_package(by_fn, tmp / files[i], default, _part_lut(p, lut), say)
-                move_into_place(tmp / files[i], target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            record["written"][files[i]] = _tree_digest(target)
-            record["emitted"][files[i]] = [r.to_dict() for r in emitted]
-            _write_json(folder / PROGRESS, record)
-            release_mapped_pages()  # this part's weights leave the resident set
-        emitted = record["emitted"][files[i]]
-        part_docs.append(
-            {
-                "file": files[i],
-                **p.to_dict(),
-                "lut": _part_lut(p, lut) or {},
-                "sha256": record["written"][files[i]],
-                "package_bytes": sum(f.stat().st_size for f in target.rglob("*") if f.is_file()),
-                "modules": by_fn[default].graph_module.meta["anefx_part_modules"],
-                "functions": {fn: _io(low.graph_module) for fn, low in by_fn.items()},
-                "lowered": {
-                    fn: {
-                        "errors": len(low.report.errors),
-                        "warnings": len(low.report.warnings),
-                        "counts": low.report.counts(),
-                    }
-                    for fn, low in by_fn.items()
-                },
-                "emitted": emitted,
-                "errors": sum(r["errors"] for r in emitted),
-                "warnings": sum(r["warnings"] for r in emitted),
-            }
+    out = output or prepare_output(folder, "parts", source_folders(lowered_by_name), resume)
+    with out:
+        staged = out.staged
+        staged.mkdir(exist_ok=True)
+        done = _resumable(staged, key) if resume else ({}, {})
+        files = [_file_name(i, p) for i, p in enumerate(plans)]
+        out.check_space(
+            sum(p.planned_bytes for f, p in zip(files, plans, strict=True) if f not in done[0]),
+            f"{len(plans) - len(done[0])} part(s)",
         )
-    manifest = _manifest(lowered_by_name, default, key, part_docs, folder, options, lut, max_bytes)
-    _write_json(manifest_path, manifest)
-    (folder / PROGRESS).unlink(missing_ok=True)
-    for name in earlier - set(files):  # parts of an earlier conversion into this folder
-        shutil.rmtree(folder / name, ignore_errors=True)
+        for stale in staged.iterdir():  # parts not recorded as finished, partial ones
+            if stale.name in done[0] or stale.name == PROGRESS:
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        record = {"key": key, "written": dict(done[0]), "emitted": dict(done[1])}
+        write_json(staged / PROGRESS, record)
+        part_docs = []
+        for i, (p, by_fn) in enumerate(zip(plans, parts, strict=True)):
+            target = staged / files[i]
+            if files[i] in done[0]:
+                say(f"part {i + 1}/{len(plans)} {files[i]}: already written, kept (--resume)")
+            else:
+                say(f"part {i + 1}/{len(plans)} {files[i]} ({p.planned_bytes / 2**20:.1f} MB)")
+                partial = staged / f"{_PARTIAL}{files[i]}"
+                emitted = write_package(by_fn, partial, default, _part_lut(p, lut), say, out)
+                os.replace(partial, target)
+                record["written"][files[i]] = tree_digest(target)
+                record["emitted"][files[i]] = [r.to_dict() for r in emitted]
+                write_json(staged / PROGRESS, record)
+                out.keep_on_failure = True  # finished parts survive an interruption
+                release_mapped_pages()  # this part's weights leave the resident set
+            emitted = record["emitted"][files[i]]
+            part_docs.append(
+                {
+                    "file": files[i],
+                    **p.to_dict(),
+                    "lut": _part_lut(p, lut) or {},
+                    "sha256": record["written"][files[i]],
+                    "package_bytes": sum(
+                        f.stat().st_size for f in target.rglob("*") if f.is_file()
+                    ),
+                    "modules": by_fn[default].graph_module.meta["anefx_part_modules"],
+                    "functions": {fn: _io(low.graph_module) for fn, low in by_fn.items()},
+                    "lowered": {
+                        fn: {
+                            "errors": len(low.report.errors),
+                            "warnings": len(low.report.warnings),
+                            "counts": low.report.counts(),
+                        }
+                        for fn, low in by_fn.items()
+                    },
+                    "emitted": emitted,
+                    "errors": sum(r["errors"] for r in emitted),
+                    "warnings": sum(r["warnings"] for r in emitted),
+                }
+            )
+        manifest = _manifest(
+            lowered_by_name, default, key, part_docs, staged, options, lut, max_bytes, tokenizer
+        )
+        write_json(staged / MANIFEST, manifest)
+        (staged / PROGRESS).unlink()
+        out.commit()
     return manifest
 
 
-def _listed(folder: Path) -> set[str]:
-    """Part files an earlier conversion's manifest or progress record lists in FOLDER."""
-    out: set[str] = set()
-    for name, field in ((MANIFEST, "parts"), (PROGRESS, "written")):
-        try:
-            doc = json.loads((folder / name).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        entries = doc.get(field) or []
-        out |= {e["file"] for e in entries} if field == "parts" else set(entries)
-    return {n for n in out if n.endswith(".mlpackage") and "/" not in n}
-
-
-def _resumable(folder: Path, key: str) -> tuple[dict[str, str], dict[str, list]]:
-    """Parts an earlier run of the same conversion wrote and that are still intact:
-    (file -> digest, file -> its checker reports)."""
-    prog = folder / PROGRESS
+def _resumable(staged: Path, key: str) -> tuple[dict[str, str], dict[str, list]]:
+    """Parts an interrupted run of the same conversion finished in STAGED and that are still
+    intact: (file -> digest, file -> its checker reports)."""
+    prog = staged / PROGRESS
     if not prog.is_file():
-        if (folder / MANIFEST).is_file():
-            man = json.loads((folder / MANIFEST).read_text())
-            if man.get("conversion_key") == key:
-                parts = [p for p in man["parts"] if (folder / p["file"]).is_dir()]
-                return (
-                    {p["file"]: p["sha256"] for p in parts},
-                    {p["file"]: p["emitted"] for p in parts},
-                )
         return {}, {}
     try:
         record = json.loads(prog.read_text())
-    except json.JSONDecodeError:
-        return {}, {}
+        written, emitted = record["written"], record["emitted"]
+        if not (isinstance(written, dict) and isinstance(emitted, dict)):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, {}  # a damaged record: every part is written again
     if record.get("key") != key:
         raise AnefxInputError(
-            f"{folder}: --resume, but the parts there come from another model, other options "
-            "or another anefx; convert without --resume to replace them"
+            f"{staged.parent}: --resume, but the parts staged there come from another model, "
+            "other options or another anefx; convert without --resume to start again"
         )
     kept = {}
-    for name, digest in record.get("written", {}).items():
-        path = folder / name
-        if path.is_dir() and name in record.get("emitted", {}) and _tree_digest(path) == digest:
+    for name, digest in written.items():
+        path = staged / name
+        if (
+            isinstance(name, str)
+            and "/" not in name
+            and not name.startswith(".")
+            and path.is_dir()
+            and not path.is_symlink()
+            and name in emitted
+            and tree_digest(path) == digest
+        ):
             kept[name] = digest
-    return kept, {n: record["emitted"][n] for n in kept}
+    return kept, {n: emitted[n] for n in kept}
 
 
-def _manifest(lowered_by_name, default, key, part_docs, folder, options, lut, max_bytes) -> dict:
+def tokenizer_files(source: str) -> dict[str, Path]:
+    """The tokenizer files of checkpoint folder SOURCE that travel with the artifact (name ->
+    the file, confined to the checkpoint like its weights: a link out of it is refused)."""
+    from anefx.models.checkpoint_files import confined, confinement_root
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return {}
+    root = confinement_root(folder)
+    return {
+        name: confined(folder, name, str(folder / name), root)
+        for name in TOKENIZER_FILES
+        if os.path.lexists(folder / name)
+    }
+
+
+def _manifest(
+    lowered_by_name, default, key, part_docs, folder, options, lut, max_bytes, tokenizer
+) -> dict:
     first = next(iter(lowered_by_name.values()))
     cfg = first.config
-    source = Path(first.source)
-    tokenizer = []
-    if source.is_dir():
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, folder / name)
-                tokenizer.append(name)
+    for name, src in tokenizer.items():
+        copy_new(src, folder / name)
     return {
-        "format": FORMAT,
+        "format": PARTS_FORMAT,
         "conversion_key": key,
         "model": {
             "source": first.source,
@@ -357,131 +361,10 @@ def _manifest(lowered_by_name, default, key, part_docs, folder, options, lut, ma
         "max_chunk_mb": max_bytes / 2**20,
         "lut": lut or {},
         "options": options or {},
-        "tokenizer_files": tokenizer,
+        "tokenizer_files": list(tokenizer),
         "checker": {
             "errors": sum(p["errors"] for p in part_docs),
             "warnings": sum(p["warnings"] for p in part_docs),
         },
         "parts": part_docs,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a chunked artifact
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a chunked artifact, checked against the files beside it."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file() and (folder / PROGRESS).is_file():
-        raise AnefxInputError(
-            f"{folder}: an interrupted conversion (no manifest.json yet); run the same "
-            "anefx convert again with --resume to finish it"
-        )
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as exc:
-        raise AnefxInputError(f"{path}: cannot read ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise AnefxInputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    validate_manifest(doc, folder)
-    return doc
-
-
-def validate_manifest(doc: dict, folder: Path) -> None:
-    """Raise AnefxInputError naming the first field or file of DOC that is wrong."""
-    where = folder / MANIFEST
-
-    def bad(msg: str) -> AnefxInputError:
-        return AnefxInputError(f"{where}: {msg}")
-
-    if doc.get("format") != FORMAT:
-        raise bad(f"field 'format' is {doc.get('format')!r}, expected {FORMAT!r}")
-    parts = doc.get("parts")
-    if not isinstance(parts, list) or not parts:
-        raise bad("field 'parts' missing or empty")
-    fns = doc.get("functions")
-    if not isinstance(fns, list) or doc.get("default_function") not in fns:
-        raise bad("fields 'functions' / 'default_function' missing or inconsistent")
-    produced: list[dict[str, dict]] = []
-    layers: list[int] = []
-    for i, part in enumerate(parts):
-        if not (folder / part.get("file", "")).is_dir():
-            raise bad(f"part {i} file {part.get('file')!r} is not in the folder")
-        layers += part.get("layers", [])
-        outs = {}
-        for fn in fns:
-            io = (part.get("functions") or {}).get(fn)
-            if io is None:
-                raise bad(f"part {part['file']} has no function {fn!r}")
-            for inp in io["inputs"]:
-                src = inp["from"]
-                if "model" in src:
-                    if src["model"] not in _MODEL_INPUTS:
-                        raise bad(f"{part['file']} input {inp['name']}: unknown model input")
-                elif not (0 <= src["part"] < i and src["output"] in produced[src["part"]][fn]):
-                    raise bad(f"{part['file']} input {inp['name']}: no earlier part gives it")
-            outs[fn] = {o["name"] for o in io["outputs"]}
-        produced.append(outs)
-    n = doc["model"]["num_hidden_layers"]
-    if sorted(layers) != list(range(n)) or len(layers) != n:
-        raise bad(f"the parts hold layers {layers}, expected each of 0..{n - 1} once")
-
-
-class ChainProgram:
-    """A chunked artifact on the reference executor, with the interface of one program:
-    ``run(function, inputs, states)`` runs every part in order, wiring each part's inputs
-    from the model inputs or from an earlier part's outputs."""
-
-    def __init__(self, folder: str | Path):
-        from anefx.targets.coreml_exec import load_package
-
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        self.parts = [(load_package(self.folder / p["file"]), p) for p in self.manifest["parts"]]
-
-    @property
-    def functions(self) -> list[str]:
-        return list(self.manifest["functions"])
-
-    def final_outputs(self, function: str) -> list[dict]:
-        """The outputs no later part reads (the logits), in part order."""
-        read = {
-            (inp["from"]["part"], inp["from"]["output"])
-            for _, p in self.parts
-            for inp in p["functions"][function]["inputs"]
-            if "part" in inp["from"]
-        }
-        return [
-            o
-            for i, (_, p) in enumerate(self.parts)
-            for o in p["functions"][function]["outputs"]
-            if (i, o["name"]) not in read
-        ]
-
-    def states(self, function: str) -> list[dict]:
-        return [s for _, p in self.parts for s in p["functions"][function]["states"]]
-
-    def zero_states(self, function: str) -> dict[str, np.ndarray]:
-        return {s["name"]: np.zeros(s["shape"], np.float16) for s in self.states(function)}
-
-    def run(self, function: str, inputs: dict, states: dict | None = None):
-        states = states or {}
-        produced: list[dict] = []
-        new_states: dict = {}
-        for program, part in self.parts:
-            io = part["functions"][function]
-            feeds = {}
-            for inp in io["inputs"]:
-                src = inp["from"]
-                if "model" in src:
-                    feeds[inp["name"]] = inputs[src["model"]]
-                else:
-                    feeds[inp["name"]] = produced[src["part"]][src["output"]]
-            mine = {s["name"]: states[s["name"]] for s in io["states"] if s["name"] in states}
-            outs, new = program.run(function, feeds, mine)
-            produced.append(outs)
-            new_states.update(new)
-        final = {o["name"] for o in self.final_outputs(function)}
-        return {k: v for outs in produced for k, v in outs.items() if k in final}, new_states

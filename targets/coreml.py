@@ -1,19 +1,18 @@
 """Core ML emission: the lowered fx graph -> an mlprogram (fp16, iOS18) written atomically.
 
-This is the only module that imports coremltools. It translates the lowered graph op by op with
-the MIL builder (the graph holds only ops the ANE runs, so the translation is one-to-one and
-needs no converter heuristics), names every MIL op "<module>|<pass>|<node>" so the checker can
-point back to the source, saves the package to a temporary folder beside the target, checks the
-saved program, and only then moves it into place together with ``report.json``.
+It translates the lowered graph op by op with the MIL builder (the graph holds only ops the ANE
+runs, so the translation is one-to-one and needs no converter heuristics), names every MIL op
+"<module>|<pass>|<node>" so the checker can point back to the source, writes the package into
+the output's staging folder (:mod:`anefx.targets.artifact`), checks the saved program, stores
+the report inside the package, and only then swaps it into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 import uuid
 import warnings
@@ -23,9 +22,21 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from anefx.errors import AnefxGraphError, AnefxInputError
+from anefx.errors import AnefxGraphError
+from anefx.lowering import rules
 from anefx.lowering.checker import MODULES_KEY, NAME_SEP, Report, check_spec, encode_module
 from anefx.lowering.ops import LAYER_NORM
+from anefx.targets.artifact import (
+    PACKAGE_FORMAT,
+    PACKAGE_MANIFEST,
+    REPORT_AUTHOR,
+    REPORT_ITEM,
+    REPORT_NAME,
+    Output,
+    package_files,
+    prepare_output,
+    write_new,
+)
 
 aten = torch.ops.aten
 
@@ -330,22 +341,12 @@ class _Emitter:
         )
 
 
-def _check_writable(path: Path) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not path.name.endswith(".mlpackage"):
-        raise AnefxInputError(f"output path {path} must end in .mlpackage")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True)
-        except OSError as exc:
-            raise AnefxInputError(f"cannot create output folder {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise AnefxInputError(f"output folder {parent} is not writable")
-
-
 def read_spec(path: str | Path):
-    """The spec protobuf of a saved package (works on Linux)."""
-    return _ct().models.MLModel(str(path), skip_model_load=True).get_spec()
+    """The spec protobuf of a saved package (works on Linux), read without modifying the package
+    (coremltools' MLModel rewrites its Manifest.json)."""
+    from anefx.targets.reader import read_spec as read
+
+    return read(path)
 
 
 def check_package(path: str | Path) -> list[Report]:
@@ -377,8 +378,9 @@ def _modules(lowered_by_name: dict) -> dict[str, str]:
     }
 
 
-def convert_program(prog):
-    """A final MIL program -> an in-memory fp16 iOS18 mlprogram, with no graph passes."""
+def convert_program(prog, package_dir: Path | None = None):
+    """A final MIL program -> an fp16 iOS18 mlprogram, with no graph passes; with PACKAGE_DIR
+    the package is written there directly (no temporary copy)."""
     ct = _ct()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -391,11 +393,15 @@ def convert_program(prog):
             # the program is already final: coremltools' graph passes would only add int16
             # index casts around the gather and cost time on every weight
             pass_pipeline=ct.PassPipeline.EMPTY,
+            package_dir=None if package_dir is None else str(package_dir),
         )
 
 
-def _convert(lowered_by_name: dict, default: str, lut: dict[str, int] | None = None):
-    """Lowered graphs -> one in-memory MLModel with a function per graph, weights shared.
+def _convert(
+    lowered_by_name: dict, default: str, path: Path, lut: dict[str, int] | None = None
+) -> dict[str, str]:
+    """Lowered graphs -> one package at PATH with a function per graph, weights shared;
+    returns the metadata to record in it (the palettization summary).
 
     The functions are built into one MIL program and serialised once: a weight that several
     functions read (by content: same shape, dtype and bytes) is written to the blob once.
@@ -409,25 +415,34 @@ def _convert(lowered_by_name: dict, default: str, lut: dict[str, int] | None = N
         prog.add_function(name, _Emitter(low.graph_module, weight_ids).build())
     prog.default_function_name = default
     prog.export_as_multifunction = len(lowered_by_name) > 1
-    summary = None
+    metadata = {}
     if lut:
-        from anefx.targets.palettize import palettize_program
+        from anefx.targets.palettize import LUT_KEY, palettize_program
 
         summary = palettize_program(prog, lut, _modules(lowered_by_name))
-    mlmodel = convert_program(prog)
-    if summary is not None:
-        from anefx.targets.palettize import LUT_KEY
-
-        meta = mlmodel._spec.description.metadata
-        meta.userDefined[LUT_KEY] = json.dumps(summary.to_metadata(), separators=(",", ":"))
-    return mlmodel
+        metadata[LUT_KEY] = json.dumps(summary.to_metadata(), separators=(",", ":"))
+    convert_program(prog, package_dir=path)
+    return metadata
 
 
 def emit(
-    lowered, path: str | Path, force: bool = False, progress=None, lut: dict | None = None
+    lowered,
+    path: str | Path,
+    force: bool = False,
+    progress=None,
+    lut: dict | None = None,
+    output: Output | None = None,
 ) -> dict:
-    """Write LOWERED as a Core ML package at PATH; return the combined report (also saved)."""
-    return emit_functions({"main": lowered}, path, force=force, progress=progress, lut=lut)
+    """Write LOWERED as a Core ML package at PATH; return its report (also stored in it)."""
+    return emit_functions(
+        {"main": lowered}, path, force=force, progress=progress, lut=lut, output=output
+    )
+
+
+def source_folders(lowered_by_name: dict) -> list[Path]:
+    """The checkpoint folder the graphs were lowered from (never written into), if any."""
+    source = Path(str(next(iter(lowered_by_name.values())).source))
+    return [source] if source.is_dir() else []
 
 
 def emit_functions(
@@ -437,46 +452,71 @@ def emit_functions(
     progress=None,
     default: str | None = None,
     lut: dict[str, int] | None = None,
+    output: Output | None = None,
 ) -> dict:
-    """Write one package holding a function per lowered graph (identical weights stored once).
+    """Write one package holding a function per lowered graph (identical weights stored once),
+    with anefx's report inside it (``Data/anefx/report.json``); return the report, plus the
+    emitted reports as objects (``emitted_reports``) and the timings (``seconds``).
 
     A single graph becomes the function "main"; with several, ``default`` (else the first)
-    is the default function.
+    is the default function. The package is staged beside PATH and swapped in when complete
+    (:class:`anefx.targets.artifact.Output`; OUTPUT when the caller checked PATH already):
+    PATH may be new, an empty folder or an anefx package.
     """
     from anefx.targets.palettize import check_lut
 
-    path = Path(path)
     say = progress or (lambda msg: None)
     check_lut(lut)
-    _check_writable(path)
     forced = _refuse_or_warn(lowered_by_name, force, say)
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staged = tmp / path.name
-        emitted = write_package(lowered_by_name, staged, default, lut, say)
-        seconds_convert = time.perf_counter() - t0
+    out = output or prepare_output(path, "package", source_folders(lowered_by_name))
+    with out:
+        out.check_space(_weight_bytes(lowered_by_name, lut), "the package")
+        t0 = time.perf_counter()
+        emitted = write_package(lowered_by_name, out.staged, default, lut, say, out)
         first = next(iter(lowered_by_name.values()))
+        # no timings and no dates: converting the same inputs again gives the same bytes
         report = {
+            "format": PACKAGE_FORMAT,
             "model": first.source,
             "random_weights": first.random_weights,
             "seq_len": {n: low.seq_len for n, low in lowered_by_name.items()},
             "context": first.context,
             "forced": forced,
-            "seconds": {**first.seconds, "emit": seconds_convert},
+            "lut": lut or {},
+            "rules_version": rules.RULES_VERSION,
             "lowered": {n: low.report.to_dict() for n, low in lowered_by_name.items()},
             "emitted": [r.to_dict() for r in emitted],
         }
         if list(lowered_by_name) == ["main"]:
             report["lowered"] = report["lowered"]["main"]
             report["seq_len"] = first.seq_len
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        move_into_place(staged, path)
-        os.replace(tmp / "report.json", path.parent / "report.json")
-        report["emitted_reports"] = emitted
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        add_report(out.staged, report)
+        out.commit()
+    return {
+        **report,
+        "seconds": {**first.seconds, "emit": time.perf_counter() - t0},
+        "emitted_reports": emitted,
+    }
+
+
+def _weight_bytes(lowered_by_name: dict, lut: dict[str, int] | None) -> int:
+    """The bytes the package will store: every weight once (shared by content), at its
+    palettized size where LUT applies (an estimate for the free-space check)."""
+    seen, total = set(), 0
+    for low in lowered_by_name.values():
+        gm = low.graph_module
+        for node in gm.graph.nodes:
+            if node.op != "get_attr" or node.target in seen:
+                continue
+            seen.add(node.target)
+            t = gm
+            for part in node.target.split("."):
+                t = getattr(t, part)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * 2  # stored in fp16
+    if lut and {"embed", "ffn", "head"} <= set(lut):  # else some kind stays fp16: count all
+        total = int(total * max(min(1.0, b / 16 * 1.05) for b in lut.values()))
+    return total
 
 
 def write_package(
@@ -485,33 +525,59 @@ def write_package(
     default: str | None = None,
     lut: dict[str, int] | None = None,
     say=None,
+    output: Output | None = None,
 ) -> list[Report]:
-    """Convert, save at PATH (a staging location: the caller moves it into place), describe,
-    make the package's own manifest reproducible, and check it; returns the emitted reports."""
+    """Convert and write the package at PATH (a staging location: the caller moves it into
+    place), describe it, make it reproducible, and check it; returns the emitted reports.
+    coremltools' temporary files go into OUTPUT's staging folder."""
     say = say or (lambda msg: None)
     say(f"building the Core ML program ({', '.join(lowered_by_name)})")
-    _convert(lowered_by_name, default or next(iter(lowered_by_name)), lut).save(str(path))
-    _describe(path, lowered_by_name)
+    with output.tempdir() if output is not None else contextlib.nullcontext():
+        metadata = _convert(lowered_by_name, default or next(iter(lowered_by_name)), path, lut)
+    _describe(path, lowered_by_name, metadata)
     _stable_item_ids(path)
     say("checking the emitted program")
     return check_package(path)
 
 
+def add_report(package: Path, report: dict) -> None:
+    """Store REPORT in PACKAGE as its anefx item (``Data/anefx/report.json``), with the sha256
+    of every other file of the package (``files``), and list the item in Manifest.json."""
+    manifest = package / PACKAGE_MANIFEST
+    doc = json.loads(manifest.read_text())
+    entry = {
+        "author": REPORT_AUTHOR,
+        "description": "anefx conversion report",
+        "name": REPORT_NAME,
+        "path": f"{REPORT_AUTHOR}/{REPORT_NAME}",
+    }
+    doc["itemInfoEntries"][_item_id(entry["path"])] = entry
+    _write_manifest(manifest, doc)
+    item = package / REPORT_ITEM
+    item.parent.mkdir(parents=True, exist_ok=True)
+    files = package_files(package)  # Manifest.json included, as it is now final
+    write_new(item, (json.dumps({**report, "files": files}, indent=1, default=str) + "\n").encode())
+
+
+def _item_id(item_path: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"anefx:{item_path}"))
+
+
+def _write_manifest(manifest: Path, doc: dict) -> None:
+    doc["itemInfoEntries"] = dict(sorted(doc["itemInfoEntries"].items()))
+    manifest.unlink()
+    write_new(manifest, json.dumps(doc, indent=4, sort_keys=True).encode())
+
+
 def _stable_item_ids(package: Path) -> None:
     """Replace the random UUIDs coremltools gives the package's items (Manifest.json) with
     ones derived from each item's path, so converting twice gives identical bytes."""
-    manifest = package / "Manifest.json"
+    manifest = package / PACKAGE_MANIFEST
     doc = json.loads(manifest.read_text())
-    renamed = {
-        old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"anefx:{entry['path']}"))
-        for old, entry in doc["itemInfoEntries"].items()
-    }
-    doc["itemInfoEntries"] = {
-        renamed[k]: v
-        for k, v in sorted(doc["itemInfoEntries"].items(), key=lambda kv: renamed[kv[0]])
-    }
+    renamed = {old: _item_id(entry["path"]) for old, entry in doc["itemInfoEntries"].items()}
+    doc["itemInfoEntries"] = {renamed[k]: v for k, v in doc["itemInfoEntries"].items()}
     doc["rootModelIdentifier"] = renamed[doc["rootModelIdentifier"]]
-    manifest.write_text(json.dumps(doc, indent=4, sort_keys=True))
+    _write_manifest(manifest, doc)
 
 
 def _spec_file(package: Path) -> Path:
@@ -519,22 +585,6 @@ def _spec_file(package: Path) -> Path:
     if not found:
         raise AnefxGraphError(f"{package}: no model spec inside the package")
     return found[0]
-
-
-def move_into_place(staged: Path, path: Path) -> None:
-    """Replace PATH by STAGED (same file system) by renames; the old one is removed."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    try:
-        os.replace(staged, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _descriptions(lowered) -> dict[str, str]:
@@ -563,8 +613,14 @@ def _descriptions(lowered) -> dict[str, str]:
     return texts
 
 
-def _describe(package: Path, lowered_by_name: dict) -> None:
-    """Write descriptions and metadata into the saved package's spec file (small; no weights)."""
+# coremltools stamps the day of the conversion into the package: a second conversion of the
+# same inputs on another day would differ in that one field
+_DATE_KEY = "com.github.apple.coremltools.conversion_date"
+
+
+def _describe(package: Path, lowered_by_name: dict, metadata: dict[str, str]) -> None:
+    """Write descriptions and metadata into the saved package's spec file (small; no weights),
+    serialised deterministically (protobuf maps sorted) and without a conversion date."""
     from coremltools.proto import Model_pb2
 
     target = _spec_file(package)
@@ -595,4 +651,8 @@ def _describe(package: Path, lowered_by_name: dict) -> None:
         else first.seq_len
     )
     meta.userDefined[MODULES_KEY] = json.dumps(_modules(lowered_by_name), separators=(",", ":"))
-    target.write_bytes(spec.SerializeToString())
+    for key, value in metadata.items():
+        meta.userDefined[key] = value
+    meta.userDefined.pop(_DATE_KEY, None)
+    target.unlink()
+    write_new(target, spec.SerializeToString(deterministic=True))

@@ -20,13 +20,17 @@ parameter value it does not implement (conv ``pad_type`` same, gather ``batch_di
 undefined case (a gather index out of bounds) or a result that disagrees with the shape the
 program declares raises when the op is reached. Weights are read once from the package's blob
 (cached by file and offset, shared by every function of the package) and kept in their stored
-dtype; constexpr (palettized / quantized) weights are decompressed once.
+dtype; constexpr (palettized / quantized) weights are decompressed once. A weight is read only
+after its record is checked against the weight file (inside the package, within the file's
+size, as many bytes as its shape needs): a truncated or damaged file is bad input naming the file
+and the offset.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
+import stat
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,15 +115,6 @@ _CAST_TARGETS = {
     "int16": np.int16,
     "uint16": np.uint16,
 }
-
-
-def _ct():
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import coremltools as ct
-
-    return ct
 
 
 def _type_name(enum_value: int) -> str:
@@ -225,8 +220,9 @@ class Program:
 
     def __init__(self, spec, weights_dir: Path | None, path: str = "") -> None:
         self.path = path
+        self.spec = spec  # the program's protobuf (small: the weights stay in their blob)
         self.weights_dir = weights_dir
-        self._readers: dict[str, object] = {}
+        self._blobs: dict[str, _BlobFile] = {}
         self._cache: dict[tuple, np.ndarray] = {}  # const key -> value, shared by functions
         self._fn_consts: dict[str, dict[str, np.ndarray]] = {}
         if spec.WhichOneof("Type") != "mlProgram":
@@ -329,29 +325,30 @@ class Program:
             if tname not in _BLOB_READERS:
                 raise ExecError(f"{what}: blob values of dtype {tname} are not supported")
             if self.weights_dir is None:
-                raise ExecError(f"{what}: the program reads a weight blob but has no weights")
-            file = str(self.weights_dir / blob.fileName.split("/")[-1])
+                raise AnefxInputError(
+                    f"{self.path}: {what} reads a weight blob; the package has no weights folder"
+                )
+            # as Core ML does, only the file name counts ("@model_path/weights/weight.bin"):
+            # it must name a file in the weights folder, never a path out of it
+            name = blob.fileName.split("/")[-1]
+            if name in ("", ".", "..") or "\0" in name:
+                raise AnefxInputError(
+                    f"{self.path}: {what} reads the weight file {blob.fileName!r}, which is not a "
+                    "file in the package's weights folder"
+                )
+            if min(shape, default=1) < 0:
+                raise AnefxInputError(f"{self.path}: {what}: a weight of flexible shape {shape}")
+            file = str(self.weights_dir / name)
             key = ("blob", file, int(blob.offset), tname, shape)
             return key, key
         raise ExecError(f"{what}: const value of kind {kind} is not supported")
 
     def _read_blob(self, key: tuple) -> np.ndarray:
         _, file, offset, tname, shape = key
-        reader = self._readers.get(file)
-        if reader is None:
-            from coremltools.libmilstoragepython import _BlobStorageReader
-
-            if not os.path.isfile(file):
-                raise AnefxInputError(f"{self.path}: weight file {file} is missing")
-            reader = self._readers[file] = _BlobStorageReader(file)
-        arr = getattr(reader, _BLOB_READERS[tname])(offset)
-        if tname == "FLOAT16":
-            arr = arr.view(np.float16)
-        arr = arr.astype(_NP_BY_NAME[tname], copy=False)
-        n = int(np.prod(shape, dtype=np.int64))
-        if arr.size != n:
-            raise ExecError(f"blob {file} at {offset}: {arr.size} elements for shape {shape}")
-        return arr.reshape(shape)
+        blob = self._blobs.get(file)
+        if blob is None:
+            blob = self._blobs[file] = _BlobFile(file)
+        return blob.read(offset, tname, shape)
 
     def _consts(self, fn: Function) -> dict[str, np.ndarray]:
         """Every constant of FN by var name; loaded on the first call, then cached."""
@@ -423,16 +420,107 @@ class Program:
 
 
 def load_package(path: str | Path) -> Program:
-    """Read a saved .mlpackage (its spec and weight blob) as a :class:`Program`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AnefxInputError(f"{path}: no such .mlpackage folder")
-    ct = _ct()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = ct.models.MLModel(str(path), skip_model_load=True)
-    weights = model.weights_dir
-    return Program(model.get_spec(), Path(weights) if weights else None, str(path))
+    """Read a saved .mlpackage (its spec and weight blob) as a :class:`Program`.
+
+    The package is read, never written (:mod:`anefx.targets.reader`: its items confined to it,
+    its spec size-bounded); a spec that parses but is not a well-formed program is refused as
+    bad input naming the spec file."""
+    from anefx.targets.reader import read_package
+
+    spec, layout = read_package(path)
+    try:
+        return Program(spec, layout.weights_dir, str(layout.path))
+    except (AnefxInputError, AnefxGraphError):
+        raise
+    except Exception as exc:  # a field the program needs is missing or malformed
+        raise AnefxInputError(
+            f"{layout.spec_file}: not a well-formed mlprogram ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+# MIL blob storage (coremltools mlmodel/src/MILBlob/Blob/StorageFormat.hpp): a 64-byte file
+# header (uint32 count, uint32 version = 2, reserved), then per weight a 64-byte metadata record
+# (uint32 sentinel 0xDEADBEEF, uint32 dtype, uint64 size in bytes, uint64 data offset, uint64
+# padding bits, reserved) at the offset the program names, and the data where it points.
+_BLOB_HEADER = 64
+_BLOB_SENTINEL = 0xDEADBEEF
+_BITS = {
+    "FLOAT16": 16,
+    "FLOAT32": 32,
+    "INT8": 8,
+    "UINT8": 8,
+    "INT16": 16,
+    "UINT16": 16,
+    "INT32": 32,
+    "UINT32": 32,
+    **_SUB_BYTE_BITS,
+}
+
+
+class _BlobFile:
+    """One weight file, every read checked against its size before coremltools' reader (which
+    maps the file and trusts the offsets) touches it."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        try:
+            st = os.lstat(file)
+        except FileNotFoundError:
+            raise AnefxInputError(f"{file}: the weight file is missing") from None
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+            raise AnefxInputError(f"{file}: not a regular file (the weight file)")
+        self.size = st.st_size
+        head = self._bytes(0, _BLOB_HEADER)
+        if len(head) < _BLOB_HEADER or struct.unpack_from("<I", head, 4)[0] != 2:
+            raise AnefxInputError(
+                f"{file}: not a Core ML weight file (no version 2 blob storage header)"
+            )
+        self._reader = None
+
+    def _bytes(self, offset: int, n: int) -> bytes:
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.file, flags)
+        except OSError as exc:
+            raise AnefxInputError(f"{self.file}: cannot read ({exc.strerror})") from None
+        try:
+            return os.pread(fd, n, offset)
+        finally:
+            os.close(fd)
+
+    def read(self, offset: int, tname: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The weight whose metadata record is at OFFSET, as SHAPE of TNAME."""
+        at = f"{self.file}: the weight at offset {offset}"
+        if offset < _BLOB_HEADER or offset + _BLOB_HEADER > self.size:
+            raise AnefxInputError(f"{at} is beyond the file's {self.size} bytes (truncated?)")
+        meta = self._bytes(offset, _BLOB_HEADER)
+        sentinel, _, nbytes, data, _ = struct.unpack_from("<IIQQQ", meta)
+        if sentinel != _BLOB_SENTINEL:
+            raise AnefxInputError(f"{at}: no weight record there (damaged)")
+        if data < offset + _BLOB_HEADER or data + nbytes > self.size:
+            raise AnefxInputError(
+                f"{at} needs bytes {data}..{data + nbytes}, the file has {self.size} (truncated?)"
+            )
+        count = int(np.prod(shape, dtype=object))
+        need = (count * _BITS[tname] + 7) // 8
+        if nbytes != need:
+            raise AnefxInputError(
+                f"{at} holds {nbytes} bytes; the program reads it as {tname} {shape} ({need} bytes)"
+            )
+        if self._reader is None:
+            from coremltools.libmilstoragepython import _BlobStorageReader
+
+            self._reader = _BlobStorageReader(self.file)
+        try:
+            arr = getattr(self._reader, _BLOB_READERS[tname])(offset)
+        except Exception as exc:  # its own checks: sentinel, dtype, padding
+            raise AnefxInputError(f"{at}: unreadable ({exc})") from None
+        if tname == "FLOAT16":
+            arr = arr.view(np.float16)
+        arr = arr.astype(_NP_BY_NAME[tname], copy=False)
+        if arr.size != count:
+            raise AnefxInputError(f"{at}: {arr.size} elements for shape {shape}")
+        return arr.reshape(shape)
 
 
 def _feeds(specs: list[TensorInfo], given: Mapping[str, np.ndarray], what: str) -> dict:

@@ -7,11 +7,18 @@ lowered graphs, states threaded from call to call; a single-function package run
 whole sequence. transformers (fp32) generates N greedy tokens after the prompt; the package is
 fed the same tokens (teacher forcing) and at every compared position its logits are measured
 against transformers' (PSNR) and its top-1 token compared with transformers' next token.
+
+Before anything runs, the artifact is checked (:mod:`anefx.targets.reader`): a package's files
+against the sha256 its anefx report lists, a parts folder's parts against its manifest, every
+shape against the bounds; then the prompt and the steps against the artifact's context (or the
+package's length), before transformers is loaded. The artifact passes when its lowest logits
+PSNR reaches ``min_psnr`` and its top-1 agreement ``min_top1``; a NaN never passes.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +27,16 @@ import numpy as np
 import torch
 
 from anefx.errors import AnefxInputError
-from anefx.targets.coreml import read_spec
+from anefx.lowering.diff import json_safe
+from anefx.models.limits import MAX_STATE_BYTES, MAX_STEPS, MAX_VOCAB
 
-_LOGITS = "logits"
+# a package passes at or above both (fp16 packages of the presets: 60-80 dB, agreement 1.0;
+# the README's 8-bit palettized 0.6B, 42.5 dB, does not)
+DEFAULT_MIN_PSNR_DB = 50.0
+DEFAULT_MIN_TOP1 = 0.9
+DEFAULT_PROMPT_LEN = 16  # random prompt ids when none are given
+_LOGITS = re.compile(r"logits(_[0-9]+)?")
+_MODEL_INPUTS = ("input_ids", "position_ids", "causal_mask")
 
 
 def _psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -31,10 +45,16 @@ def _psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return math.inf if rmse == 0 else 20 * math.log10(ref.abs().max().item() / rmse)
 
 
-def _shape(feature) -> tuple[int, ...]:
-    t = feature.type
-    arr = t.stateType.arrayType if t.WhichOneof("Type") == "stateType" else t.multiArrayType
-    return tuple(int(d) for d in arr.shape)
+def verdict(psnr_db: float, top1: float, min_psnr: float, min_top1: float) -> bool:
+    """Whether both measures reach their thresholds. Written as ``>=`` comparisons, which are
+    false for NaN: a NaN measure never passes."""
+    return bool(psnr_db >= min_psnr and top1 >= min_top1)
+
+
+def lowest(values: list[float]) -> float:
+    """The lowest of VALUES; NaN if any is NaN (min() would pass over it: every comparison
+    with a NaN is false)."""
+    return math.nan if any(math.isnan(v) for v in values) else min(values)
 
 
 @dataclass
@@ -74,89 +94,119 @@ class PackageFunction:
         return (*logits, *(torch.from_numpy(np.asarray(new[n])) for n in names))
 
 
-def _logits_order(outputs: list[str]) -> list[str]:
-    return sorted(outputs, key=lambda o: int(o.rsplit("_", 1)[1]) if "_" in o else 0)
-
-
-def _logits_width(outputs: list[str], shapes: dict[str, tuple]) -> int:
-    return sum(shapes[o][1] for o in outputs) if len(outputs) > 1 else shapes[outputs[0]][-1]
-
-
-def _check_logits(path, name: str, outputs: list[str]) -> None:
-    if not all(o.startswith(_LOGITS) for o in outputs):
+def _logits_layout(path, name: str, outputs: dict[str, tuple], seq: int) -> tuple[list[str], int]:
+    """The logits outputs in vocabulary order and the vocabulary they cover: one (1, S, V)
+    tensor or slices (1, w, 1, S) named logits_<i>; anything else is refused."""
+    if not outputs or not all(_LOGITS.fullmatch(o) for o in outputs):
         raise AnefxInputError(
-            f"{path}: function {name} returns {outputs}; verify compares logits (a package "
-            "emitted with --argmax returns token ids)"
+            f"{path}: function {name} returns {sorted(outputs)}; verify and generate need logits "
+            "(a package emitted with --argmax returns token ids)"
         )
-
-
-def chained_functions(path: Path) -> dict:
-    """The functions of a chunked artifact (a folder with manifest.json), run part by part."""
-    from anefx.targets.chunked import ChainProgram
-
-    program = ChainProgram(path)
-    out = {}
-    for name in program.functions:
-        final = program.final_outputs(name)
-        shapes = {o["name"]: tuple(o["shape"]) for o in final}
-        outputs = _logits_order(list(shapes))
-        _check_logits(path, name, outputs)
-        ids = next(
-            inp
-            for _, p in program.parts
-            for inp in p["functions"][name]["inputs"]
-            if inp["from"].get("model") == "input_ids"
+    if len(outputs) == 1:
+        ((out, shape),) = outputs.items()
+        if len(shape) != 3 or shape[:2] != (1, seq):
+            raise AnefxInputError(
+                f"{path}: function {name}: output {out} has shape {list(shape)}, expected "
+                f"(1, {seq}, vocabulary)"
+            )
+        order, width = [out], shape[2]
+    else:
+        order = sorted(outputs, key=lambda o: int(o.rsplit("_", 1)[1]) if "_" in o else -1)
+        for out in order:
+            shape = outputs[out]
+            if len(shape) != 4 or (shape[0], shape[2], shape[3]) != (1, 1, seq):
+                raise AnefxInputError(
+                    f"{path}: function {name}: logits slice {out} has shape {list(shape)}, "
+                    f"expected (1, width, 1, {seq})"
+                )
+        width = sum(outputs[o][1] for o in order)
+    if width > MAX_VOCAB:
+        raise AnefxInputError(
+            f"{path}: function {name}: logits over {width} tokens, above the {MAX_VOCAB} anefx "
+            "reads (MAX_VOCAB, models/limits.py)"
         )
-        out[name] = PackageFunction(
-            program,
-            name,
-            ids["shape"][1],
-            ["input_ids", "position_ids", "causal_mask"],
-            outputs,
-            _logits_width(outputs, shapes),
-            [{"name": s["name"], "shape": s["shape"]} for s in program.states(name)],
+    return order, width
+
+
+def _function(
+    path, program, name: str, inputs: dict, outputs: dict, states: list
+) -> PackageFunction:
+    """A PackageFunction of PROGRAM after checking its signature (name -> shape each) is
+    anefx's: the three model inputs, logits, and KV states of one context within the bounds."""
+    if set(inputs) != set(_MODEL_INPUTS):
+        raise AnefxInputError(
+            f"{path}: function {name} has inputs {sorted(inputs)}, not anefx's "
+            f"({', '.join(_MODEL_INPUTS)})"
         )
-    return out
+    ids = inputs["input_ids"]
+    if len(ids) != 2 or ids[0] != 1 or ids[1] < 1 or inputs["position_ids"] != ids:
+        raise AnefxInputError(
+            f"{path}: function {name}: input_ids {list(ids)} and position_ids "
+            f"{list(inputs['position_ids'])}, expected both (1, S)"
+        )
+    seq = ids[1]
+    context, total = None, 0
+    for sname, shape in states:
+        if len(shape) != 4 or min(shape) < 1 or context not in (None, shape[2]):
+            raise AnefxInputError(
+                f"{path}: function {name}: state {sname} has shape {list(shape)}, expected "
+                f"(1, kv_heads, {context or 'context'}, head_dim) as every KV state"
+            )
+        context = shape[2]
+        total += 2 * math.prod(shape)
+    if total > MAX_STATE_BYTES:
+        raise AnefxInputError(
+            f"{path}: function {name}: its states hold {total / 1e9:.1f} GB, above the "
+            f"{MAX_STATE_BYTES / 1e9:.1f} GB anefx allocates (MAX_STATE_BYTES, models/limits.py)"
+        )
+    mask = inputs["causal_mask"]
+    if len(mask) != 4 or mask[:3] != (1, 1, seq) or (context and mask[3] != context):
+        raise AnefxInputError(
+            f"{path}: function {name}: causal_mask has shape {list(mask)}, expected "
+            f"(1, 1, {seq}, {context or 'S'})"
+        )
+    order, width = _logits_layout(path, name, outputs, seq)
+    return PackageFunction(
+        program,
+        name,
+        seq,
+        list(_MODEL_INPUTS),
+        order,
+        width,
+        [{"name": n, "shape": list(s)} for n, s in states],
+    )
 
 
-def package_functions(path: str | Path):
-    """The package's functions as PackageFunction objects, by name; PATH is a package or the
-    folder of a chunked artifact."""
-    from anefx.targets.chunked import MANIFEST
+def package_functions(path: str | Path) -> dict[str, PackageFunction]:
+    """The functions of the artifact at PATH (a package, or a parts folder run part by part)
+    as PackageFunction objects, by name; the artifact is checked against its digests first."""
     from anefx.targets.coreml_exec import load_package
+    from anefx.targets.reader import ChainProgram, artifact_kind, check_package
 
     path = Path(path)
-    if (path / MANIFEST).is_file():
-        return chained_functions(path)
-    if not (path / "Manifest.json").is_file():
-        raise AnefxInputError(
-            f"{path}: not a Core ML package (no Manifest.json in it) nor a chunked artifact "
-            "(no manifest.json)"
-        )
-    try:
-        spec = read_spec(path)
-    except Exception as exc:  # coremltools raises several kinds for a damaged package
-        raise AnefxInputError(f"{path}: cannot read the package: {exc}") from None
-    program = load_package(path)
-    desc = spec.description
-    # a multifunction package describes each function; a single one has the top-level fields
-    described = [(f.name, f) for f in desc.functions] or [("main", desc)]
-    out = {}
-    for name, fn in described:
-        inputs = {f.name: _shape(f) for f in fn.input}
-        if set(inputs) != {"input_ids", "position_ids", "causal_mask"}:
-            raise AnefxInputError(
-                f"{path}: function {name} has inputs {sorted(inputs)}, not anefx's"
+    sigs = {}
+    if artifact_kind(path) == "parts":
+        program = ChainProgram(path)
+        for fn in program.functions:
+            inputs = {
+                inp["from"]["model"]: tuple(inp["shape"])
+                for _, p in program.parts
+                for inp in p["functions"][fn]["inputs"]
+                if "model" in inp["from"]
+            }
+            outputs = {o["name"]: tuple(o["shape"]) for o in program.final_outputs(fn)}
+            states = [(s["name"], tuple(s["shape"])) for s in program.states(fn)]
+            sigs[fn] = (inputs, outputs, states)
+    else:
+        check_package(path)
+        program = load_package(path)
+        for fn, f in program.functions.items():
+            sigs[fn] = (
+                {t.name: t.shape for t in f.inputs},
+                {t.name: t.shape for t in f.outputs},
+                [(t.name, t.shape) for t in f.states],
             )
-        shapes = {f.name: _shape(f) for f in fn.output}
-        outputs = _logits_order(list(shapes))
-        _check_logits(path, name, outputs)
-        states = [{"name": f.name, "shape": list(_shape(f))} for f in fn.state]
-        width = _logits_width(outputs, shapes)
-        out[name] = PackageFunction(
-            program, name, inputs["input_ids"][1], list(inputs), outputs, width, states
-        )
-    return out
+    return {fn: _function(path, program, fn, *sig) for fn, sig in sigs.items()}
 
 
 @dataclass
@@ -166,17 +216,26 @@ class VerifyResult:
     functions: list[str]
     prompt_len: int
     steps: int
-    psnr_db: float  # the lowest over every compared logits vector
+    psnr_db: float  # the lowest over every compared logits vector (NaN if any is NaN)
     top1_agreement: float
     per_position_psnr_db: list[float]
     tokens_reference: list[int]
     tokens_package: list[int]
     wall_s: float
+    min_psnr_db: float = DEFAULT_MIN_PSNR_DB
+    min_top1: float = DEFAULT_MIN_TOP1
+    passed: bool = False
 
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        """The fields, with NaN and infinite numbers as null (valid JSON)."""
+        return json_safe(dict(vars(self)))
 
     def render(self) -> str:
+        below = []
+        if not self.psnr_db >= self.min_psnr_db:
+            below.append(f"lowest PSNR {self.psnr_db:.1f} dB < --min-psnr {self.min_psnr_db:g}")
+        if not self.top1_agreement >= self.min_top1:
+            below.append(f"top-1 {self.top1_agreement:.3f} < --min-top1 {self.min_top1:g}")
         lines = [
             f"verify {self.package} ({', '.join(self.functions)}) against transformers fp32 on "
             f"{self.model}",
@@ -187,6 +246,9 @@ class VerifyResult:
             f"  reference tokens {self.tokens_reference}",
             f"  package tokens   {self.tokens_package}",
             f"  {self.wall_s:.1f} s",
+            f"  passed (PSNR >= {self.min_psnr_db:g} dB, top-1 >= {self.min_top1:g})"
+            if self.passed
+            else f"  FAILED: {'; '.join(below)}",
         ]
         return "\n".join(lines)
 
@@ -197,47 +259,57 @@ def verify(
     ids: list[int] | None = None,
     steps: int = 8,
     seed: int = 0,
+    min_psnr: float = DEFAULT_MIN_PSNR_DB,
+    min_top1: float = DEFAULT_MIN_TOP1,
 ) -> VerifyResult:
-    """Run PACKAGE's program on IDS and N greedy steps; compare with transformers (fp32)."""
+    """Run PACKAGE's program on IDS and N greedy steps; compare with transformers (fp32).
+
+    The artifact, IDS and STEPS are checked before transformers is loaded; the result
+    ``passed`` when the lowest PSNR >= MIN_PSNR and the top-1 agreement >= MIN_TOP1."""
     from anefx.generation import Decoder, Session
     from anefx.models.load import load_model
 
     t0 = time.perf_counter()
+    if not 1 <= steps <= MAX_STEPS:
+        raise AnefxInputError(f"--steps must be between 1 and {MAX_STEPS}, got {steps}")
     fns = package_functions(package)
+    if "decode" in fns and "prefill" in fns:
+        dec, pre = fns["decode"], fns["prefill"]
+        if not dec.states:
+            raise AnefxInputError(f"{package}: function decode has no KV cache state")
+        limit, what, hint = dec.states[0]["shape"][2], "the context", "a shorter prompt"
+    elif "main" in fns:
+        limit, what = fns["main"].seq_len, "its length"
+        hint = "a stateful package (--context)"
+    else:
+        raise AnefxInputError(f"{package}: functions {sorted(fns)}: not an anefx package")
+    vocab = min(f.logits_width for f in fns.values())
+    if ids is not None and (not ids or any(not 0 <= i < vocab for i in ids)):
+        raise AnefxInputError(f"--ids must be token ids in [0, {vocab})")
+    n = len(ids) if ids is not None else DEFAULT_PROMPT_LEN
+    if n + steps - 1 > limit:
+        raise AnefxInputError(
+            f"{package}: prompt + steps = {n + steps - 1} tokens exceed {what} {limit}; use "
+            f"fewer --steps or {hint}"
+        )
     hf = load_model(model_spec, dtype=torch.float32, seed=seed).model
     vocab = hf.config.vocab_size
     _check_matches(package, fns, hf.config)
     if ids is None:
-        ids = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
-    if not ids or any(not 0 <= i < vocab for i in ids):
-        raise AnefxInputError(f"--ids must be token ids in [0, {vocab})")
-    if steps < 1:
-        raise AnefxInputError("--steps must be at least 1")
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (DEFAULT_PROMPT_LEN,), generator=gen).tolist()
     with torch.no_grad():
         full = hf.generate(
             torch.tensor([ids]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
         )[0].tolist()
         ref = hf(input_ids=torch.tensor([full]), use_cache=False).logits[0]
     # position p's logits predict token p + 1: compare the last prompt position and each step
-    n = len(ids)
     if "decode" in fns and "prefill" in fns:
-        dec, pre = fns["decode"], fns["prefill"]
-        context = dec.states[0]["shape"][2] if dec.states else None
-        if context is None or len(full) - 1 > context:
-            raise AnefxInputError(f"{package}: {len(full) - 1} tokens exceed the context {context}")
-        session = Session(Decoder(pre, dec, context, pre.seq_len))
+        session = Session(Decoder(pre, dec, limit, pre.seq_len))
         # the prompt through prefill, then each following token through one decode step
         got = torch.cat([session.feed_all(ids), *(session.feed_all([t]) for t in full[n:-1])])
-    elif "main" in fns:
-        main = fns["main"]
-        if len(full) - 1 > main.seq_len:
-            raise AnefxInputError(
-                f"{package}: prompt + steps = {len(full) - 1} tokens exceed its length "
-                f"{main.seq_len}; use fewer --steps or a stateful package (--context)"
-            )
-        got = _run_stateless(main, full[:-1])
     else:
-        raise AnefxInputError(f"{package}: functions {sorted(fns)}: not an anefx package")
+        got = _run_stateless(fns["main"], full[:-1])
     compared = range(n - 1, len(full) - 1)
     per = [_psnr(ref[p], got[p].float()) for p in compared]
     ref_top = [int(ref[p].argmax()) for p in compared]
@@ -249,12 +321,15 @@ def verify(
         functions=sorted(fns),
         prompt_len=n,
         steps=steps,
-        psnr_db=min(per),
+        psnr_db=lowest(per),
         top1_agreement=agree,
         per_position_psnr_db=[round(x, 2) for x in per],
         tokens_reference=ref_top,
         tokens_package=pkg_top,
         wall_s=round(time.perf_counter() - t0, 2),
+        min_psnr_db=min_psnr,
+        min_top1=min_top1,
+        passed=verdict(lowest(per), agree, min_psnr, min_top1),
     )
 
 

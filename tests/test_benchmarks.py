@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCH / "convert.py"
 DECODE = BENCH / "decode.py"
@@ -145,10 +147,25 @@ def test_scale_benchmark_tiny_in_parts(tmp_path: Path) -> None:
     )
 
 
-def test_scale_benchmark_fails_clearly_when_the_conversion_fails(tmp_path: Path) -> None:
+def test_scale_benchmark_checks_its_arguments_first(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH / "scale.py"), "--preset", "qwen3-tiny", "--batch", "0"]
         + ["--no-baseline", "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--batch" in proc.stderr and "must be between 1 and" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no checkpoint written for nothing
+
+
+@pytest.mark.slow
+def test_scale_benchmark_fails_clearly_when_the_conversion_fails(tmp_path: Path) -> None:
+    # 5 bits passes scale's range and is refused by anefx convert, after the checkpoint
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "scale.py"), "--preset", "qwen3-tiny", "--lut", "5"]
+        + ["--context", "64", "--batch", "8", "--no-baseline", "--keep", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -157,4 +174,4 @@ def test_scale_benchmark_fails_clearly_when_the_conversion_fails(tmp_path: Path)
     assert proc.stdout.strip() == ""  # no summary, no JSON line
     message = proc.stderr.strip().splitlines()
     assert len(message) == 1 and message[0].startswith("scale: anefx convert failed (exit 2)")
-    assert "--seq must be between" in message[0]  # anefx's own reason comes along
+    assert "must be one of 1, 2, 3, 4, 6, 8" in message[0]  # anefx's own reason comes along

@@ -25,8 +25,10 @@ from anefx.models.capture import context_mask
 from anefx.models.presets import get_preset
 from anefx.models.synthetic import write_random_checkpoint
 from anefx.targets import chunked
-from anefx.targets.chunked import ChainProgram, emit_chunked, read_manifest
+from anefx.targets.artifact import PROGRESS, staging_path
+from anefx.targets.chunked import emit_chunked
 from anefx.targets.coreml_exec import load_package
+from anefx.targets.reader import ChainProgram, read_manifest
 from anefx.targets.verify import verify
 
 LAYERS = 5
@@ -258,12 +260,14 @@ def test_resume_after_a_crash_gives_the_same_files(
     with pytest.raises(KeyboardInterrupt):
         emit_chunked(lowered, crashed, cap, default="decode")
     monkeypatch.undo()
-    assert not (crashed / "manifest.json").exists()
-    with pytest.raises(anefx.AnefxInputError, match="with --resume to finish it"):
+    # nothing at the output; the finished parts wait in its staging folder
+    assert not crashed.exists()
+    staged = staging_path(crashed) / crashed.name
+    with pytest.raises(anefx.AnefxInputError, match="--resume"):
         read_manifest(crashed)
-    assert len(list(crashed.glob("*.mlpackage"))) == 2
-    (crashed / ".04_head.mlpackage.leftover").mkdir()  # staging of a killed run
-    kept = {p.name: p.stat().st_mtime_ns for p in crashed.glob("*.mlpackage")}
+    kept = {p.name: p.stat().st_mtime_ns for p in staged.glob("*.mlpackage")}
+    assert len(kept) == 2
+    (staged / ".partial-04_head.mlpackage").mkdir()  # a part a killed run was writing
 
     said: list[str] = []
     emit_chunked(lowered, crashed, cap, default="decode", resume=True, progress=said.append)
@@ -272,12 +276,18 @@ def test_resume_after_a_crash_gives_the_same_files(
         p.name: p.stat().st_mtime_ns for p in crashed.glob("*.mlpackage") if p.name in kept
     } == kept
     assert _tree(crashed) == _tree(whole)  # parts and manifest, byte for byte
+    assert not staging_path(crashed).exists()
 
     # another conversion's parts are not resumed silently
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(chunked, "release_mapped_pages", crash_after_two)
+        written.clear()
+        emit_chunked(lowered, tmp_path / "other", cap, default="decode")
+    monkeypatch.undo()
+    progress = staging_path(tmp_path / "other") / "other" / PROGRESS
+    progress.write_text(json.dumps({"key": "other", "written": {}, "emitted": {}}))
     with pytest.raises(anefx.AnefxInputError, match="another model, other options"):
-        (crashed / "manifest.json").unlink()
-        (crashed / chunked.PROGRESS).write_text(json.dumps({"key": "other", "written": {}}))
-        emit_chunked(lowered, crashed, cap, default="decode", resume=True)
+        emit_chunked(lowered, tmp_path / "other", cap, default="decode", resume=True)
 
 
 def test_palettized_parts_check_verify_and_repeat(

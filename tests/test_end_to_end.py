@@ -94,7 +94,7 @@ def test_fp16_psnr_and_emitted_package(checkpoint: Path, tmp_path: Path) -> None
     pkg = tmp_path / "out" / "model.mlpackage"
     result = anefx.emit(low, pkg)
     assert pkg.is_dir()
-    report = json.loads((pkg.parent / "report.json").read_text())
+    report = json.loads((pkg / "Data" / "anefx" / "report.json").read_text())
     assert report["lowered"]["errors"] == 0
     assert [r["errors"] for r in report["emitted"]] == [0]
     emitted = check_package(pkg)

@@ -390,7 +390,7 @@ def test_both_rope_spellings_load_the_same(
         folder = tmp_path / spelling
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({**base, **fields}))
-        (folder / "model.safetensors").symlink_to(family_ckpts[family] / "model.safetensors")
+        (folder / "model.safetensors").hardlink_to(family_ckpts[family] / "model.safetensors")
         emb = load_model(folder, dtype=torch.float32).model.model.rotary_emb
         rotary[spelling] = (emb.rope_type, emb.inv_freq, emb.attention_scaling)
     kind, inv_freq, scaling_factor = rotary["v5"]

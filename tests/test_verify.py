@@ -42,7 +42,7 @@ def test_stateful_package_matches_transformers(ckpt: Path, tmp_path: Path) -> No
     # the wrong model (other head_dim) or no package: one clear error each
     with pytest.raises(anefx.AnefxInputError, match="not converted from this model"):
         verify(pkg, "preset:qwen2-tiny", steps=2)
-    with pytest.raises(anefx.AnefxInputError, match="not a Core ML package"):
+    with pytest.raises(anefx.AnefxInputError, match="no such artifact"):
         verify(tmp_path / "missing.mlpackage", str(ckpt), steps=2)
 
 
