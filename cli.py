@@ -309,7 +309,7 @@ def _convert_flags(args, kind: str) -> None:
             raise AnefxInputError(
                 "--seq is the length of a stateless package; with --context use --batch"
             )
-        args.batch = 64 if args.batch is None else args.batch
+        args.batch = min(64, args.context) if args.batch is None else args.batch
         if args.batch > args.context:
             raise AnefxInputError(f"--batch {args.batch} must not exceed --context {args.context}")
     args.seq = 64 if args.seq is None else args.seq
@@ -346,10 +346,17 @@ def cmd_convert(args) -> int:
         from anefx.models.capture import check_state_bytes
 
         check_state_bytes(plan.config, args.context)
+    estimate = _estimated_bytes(plan, lut, kind)
+    if kind == "package" and not args.force and estimate > 1.1 * args.max_chunk_mb * 2**20:
+        # clearly too large (the exact test, on the lowered graph, follows the lowering)
+        raise AnefxInputError(
+            f"{args.output}: the weights (about {estimate / 2**20:,.0f} MiB) do not fit one "
+            f"package of --max-chunk-mb {args.max_chunk_mb:g}; give -o a folder for the parts"
+        )
     out = prepare_output(args.output, kind, plan.protected, resume=args.resume)
     try:
         with out:
-            out.check_space(_estimated_bytes(plan, lut, kind), "the artifact (from the config)")
+            out.check_space(estimate, "the artifact (from the config)")
             _random_notice(args.model)
             if args.context is not None:
                 progress(
@@ -695,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         type=int_range(1, width),
         default=None,
-        help="prefill batch with --context, at most the context (default 64)",
+        help="prefill batch with --context, at most the context (default 64, or the context "
+        "when it is shorter)",
     )
     v.add_argument(
         "--argmax",

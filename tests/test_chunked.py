@@ -288,6 +288,14 @@ def test_resume_after_a_crash_gives_the_same_files(
     progress.write_text(json.dumps({"key": "other", "written": {}, "emitted": {}}))
     with pytest.raises(anefx.AnefxInputError, match="another model, other options"):
         emit_chunked(lowered, tmp_path / "other", cap, default="decode", resume=True)
+    # a damaged record keeps nothing: every part is written again, the same bytes
+    progress.write_text('{"key": ')
+    said.clear()
+    emit_chunked(
+        lowered, tmp_path / "other", cap, default="decode", resume=True, progress=said.append
+    )
+    assert not any("already written" in m for m in said)
+    assert _tree(tmp_path / "other") == _tree(whole)
 
 
 def test_palettized_parts_check_verify_and_repeat(
