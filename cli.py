@@ -13,11 +13,11 @@ import math
 import os
 import sys
 import textwrap
-import time
 import warnings
 
 from anefx.errors import AnefxGraphError, AnefxInputError
 from anefx.lowering import rules
+from anefx.progress import Progress
 
 
 def _quiet() -> None:
@@ -33,14 +33,10 @@ def _quiet() -> None:
     warnings.filterwarnings("default", category=ConfigDefaultsWarning)
 
 
-class _Progress:
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-
-    def __call__(self, msg: str) -> None:
-        if self.enabled:
-            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+MODEL_HELP = (
+    "a checkpoint folder, a hub id ORG/NAME[@REVISION] from the local Hugging Face cache, or "
+    "preset:NAME"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +148,7 @@ def cmd_presets(args) -> int:
 def cmd_inspect(args) -> int:
     from anefx.models.infer_config import inspect_model
 
-    info = inspect_model(args.model)
+    info = inspect_model(args.model, progress=Progress(not args.json))
     if args.json:
         print(json.dumps(info, default=str))
         return 0
@@ -202,7 +198,7 @@ def cmd_check(args) -> int:
     import anefx
 
     args.seq = 64 if args.seq is None else args.seq
-    progress = _Progress(not args.json)
+    progress = Progress(not args.json)
     _random_notice(args.model)
     progress(f"loading and capturing {args.model} (seq {args.seq})")
     low = anefx.lower(
@@ -228,7 +224,8 @@ def cmd_diff(args) -> int:
     given = {torch.float32: args.min_psnr_fp32, torch.float16: args.min_psnr_fp16}
     thresholds = {dt: v for dt, v in given.items() if v is not None}  # else diff's defaults
     _random_notice(args.model)
-    result = diff(args.model, ids=ids, dtypes=dtypes, min_psnr=thresholds)
+    progress = Progress(not args.json)
+    result = diff(args.model, ids=ids, dtypes=dtypes, min_psnr=thresholds, progress=progress)
     # allow_nan=False: to_dict already wrote every non-finite number as null
     print(json.dumps(result.to_dict(), allow_nan=False) if args.json else result.render())
     return 0 if result.passed else 1
@@ -241,10 +238,14 @@ def cmd_verify(args) -> int:
     _random_notice(args.model)
     given = {"min_psnr": args.min_psnr, "min_top1": args.min_top1}
     thresholds = {k: v for k, v in given.items() if v is not None}  # else verify's defaults
-    result = verify(args.package, args.model, ids=ids, steps=args.steps, **thresholds)
-    print(result.render())
-    if args.json:  # non-finite numbers are null in to_dict: valid JSON
+    progress = Progress(not args.json)
+    result = verify(
+        args.package, args.model, ids=ids, steps=args.steps, progress=progress, **thresholds
+    )
+    if args.json:  # only the JSON object; non-finite numbers are null in to_dict: valid JSON
         print(json.dumps(result.to_dict(), allow_nan=False))
+    else:
+        print(result.render())
     return 0 if result.passed else 1
 
 
@@ -256,7 +257,7 @@ def cmd_matrix(args) -> int:
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise AnefxInputError(f"unknown preset '{unknown[0]}'; known: {', '.join(PRESETS)}")
-    progress = _Progress(True)
+    progress = Progress(not args.json)
     rows = []
     for name in names:
         progress(f"lowering preset:{name} on the meta device")
@@ -339,7 +340,7 @@ def cmd_convert(args) -> int:
     kind = "package" if args.output.rstrip("/").endswith(PACKAGE_SUFFIX) else "parts"
     _convert_flags(args, kind)
     lut = _lut(args)
-    progress = _Progress()
+    progress = Progress(not args.json)
     # everything that can be checked without the weights, before any weight is read
     plan = preflight(args.model, dtype=_dtype(args.dtype))
     if args.context is not None:
@@ -426,8 +427,21 @@ def _convert_package(args, lowered: dict, default: str, progress, lut, out) -> i
         output=out,
     )
     progress(f"wrote {args.output} (its report inside: Data/anefx/report.json)")
-    for rep in result["emitted_reports"]:
-        print(rep.to_json() if args.json else rep.render())
+    reports = result["emitted_reports"]
+    if args.json:  # one JSON object on stdout
+        print(
+            json.dumps(
+                {
+                    "output": args.output,
+                    "errors": sum(len(r.errors) for r in reports),
+                    "warnings": sum(len(r.warnings) for r in reports),
+                    "emitted": [r.to_dict() for r in reports],
+                },
+                default=str,
+            )
+        )
+    for rep in [] if args.json else reports:
+        print(rep.render())
     return 1 if any(r.errors for r in result["emitted_reports"]) else 0
 
 
@@ -493,33 +507,13 @@ def _convert_chunked(args, lowered: dict, default: str, progress, lut, out) -> i
 
 
 def _tokenizer(model: str, artifact: str | None = None):
-    """The tokenizer.json of MODEL, or None: of a checkpoint folder (read through links: a
-    Hugging Face cache snapshot is links to its blobs), or of a parts folder whose manifest
-    lists it (never through a link); a package (ARTIFACT "package") carries none."""
-    from pathlib import Path
+    """The tokenizer and end tokens of MODEL (:class:`anefx.chat.ModelText`): from the
+    tokenizer files of a checkpoint folder (confined to it like its weights), or those an
+    artifact (ARTIFACT "parts" or "package") carries, each checked against its sha256 first;
+    a preset has none."""
+    from anefx.chat import load_text, read_text_files
 
-    from anefx.generation import TokenizerFile
-
-    limit = 256 << 20  # Qwen's tokenizer.json is 11 MB
-    path = Path(model) / "tokenizer.json"
-    if model.startswith("preset:") or artifact == "package":
-        return None
-    if artifact == "parts":
-        from anefx.targets.reader import read_bounded, read_manifest
-
-        if path.name not in read_manifest(model)["tokenizer_files"]:
-            return None
-        data = read_bounded(path, limit, "tokenizer")
-    else:
-        if not os.path.lexists(path):
-            return None
-        from anefx.models.checkpoint_files import confined, confinement_root
-        from anefx.targets.reader import read_bounded
-
-        # confined like the weights: a link out of the checkpoint (or its cache repo) is refused
-        real = confined(path.parent, path.name, str(path), confinement_root(path.parent))
-        data = read_bounded(real, limit, "tokenizer")
-    return TokenizerFile(data, str(path))
+    return load_text(read_text_files(model, artifact), model.rstrip("/"))
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -547,91 +541,162 @@ def _is_artifact(model: str) -> bool:
     return not path.exists() and os.path.lexists(staging_path(path))
 
 
-def _artifact_decoder(path: str):
-    """A Decoder over an artifact's prefill and decode functions (run on the executor), after
-    the artifact is checked against its digests."""
+def _artifact_decoder(args, progress):
+    """For an artifact MODEL: (a Decoder over its prefill and decode functions, run on the
+    executor, after the artifact is checked against its digests; its kind). For a checkpoint:
+    (None, None), with --context and --batch given their defaults."""
     from anefx.generation import Decoder
+    from anefx.targets.reader import artifact_kind
     from anefx.targets.verify import package_functions
 
-    fns = package_functions(path)
-    if not {"prefill", "decode"} <= set(fns) or not fns["decode"].states:
-        raise AnefxInputError(
-            f"{path}: functions {sorted(fns)}; generate needs a stateful artifact (prefill and "
-            "decode with a KV cache: convert with --context)"
-        )
-    pre, dec = fns["prefill"], fns["decode"]
-    return Decoder(pre, dec, dec.states[0]["shape"][2], pre.seq_len)
-
-
-def cmd_generate(args) -> int:
-    from anefx.generation import Session
-
-    progress = _Progress()
-    artifact = _is_artifact(args.model)
-    if artifact:
-        from anefx.targets.reader import artifact_kind
-
-        progress(f"checking {args.model}; loading it on the reference executor")
-        dec = _artifact_decoder(args.model)  # the Core ML program itself
-        flags = (("--context", args.context), ("--batch", args.batch))
-        given = [flag for flag, value in flags if value is not None]
-        if given:
-            raise AnefxInputError(
-                f"{' and '.join(given)}: fixed by the artifact {args.model}: context "
-                f"{dec.context}, batch {dec.batch}; leave {'them' if given[1:] else 'it'} out"
-            )
-        context = dec.context
-        tok = _tokenizer(args.model, artifact_kind(args.model))
-    else:
+    path = args.model
+    if not _is_artifact(path):
         context = 512 if args.context is None else args.context
         batch = min(64, context) if args.batch is None else args.batch
         if batch > context:
             where = "--context" if args.context is not None else "the default --context"
             raise AnefxInputError(f"--batch {batch} must not exceed {where} {context}")
         args.context, args.batch = context, batch
-        _random_notice(args.model)
-        tok = _tokenizer(args.model)
+        _random_notice(path)
+        return None, None
+    progress(f"checking {path}; loading it on the reference executor")
+    fns = package_functions(path)  # the Core ML program itself
+    if not {"prefill", "decode"} <= set(fns) or not fns["decode"].states:
+        raise AnefxInputError(
+            f"{path}: functions {sorted(fns)}; {args.command} needs a stateful artifact (prefill "
+            "and decode with a KV cache: convert with --context)"
+        )
+    pre, dec = fns["prefill"], fns["decode"]
+    decoder = Decoder(pre, dec, dec.states[0]["shape"][2], pre.seq_len)
+    flags = (("--context", args.context), ("--batch", args.batch))
+    given = [flag for flag, value in flags if value is not None]
+    if given:
+        raise AnefxInputError(
+            f"{' and '.join(given)}: fixed by the artifact {path}: context "
+            f"{decoder.context}, batch {decoder.batch}; leave {'them' if given[1:] else 'it'} out"
+        )
+    return decoder, artifact_kind(path)
+
+
+def cmd_generate(args) -> int:
+    from anefx.chat import check_thinking, ids_line
+    from anefx.generation import Session, TextStream
+
+    progress = Progress()
+    if not args.chat:
+        for flag, value in (("--system", args.system), ("--think/--no-think", args.think)):
+            if value is not None:
+                raise AnefxInputError(f"{flag} needs --chat (a turn in the chat template)")
+    elif args.ids is not None:
+        raise AnefxInputError("--chat renders --prompt as the user's message: give --prompt")
+    dec, kind = _artifact_decoder(args, progress)
+    context = args.context if dec is None else dec.context
+    text = _tokenizer(args.model, kind)
+    tok = text.tokenizer
     if args.ids is not None:
         ids = _parse_ids(args.ids)
+    elif tok is None:
+        raise AnefxInputError(
+            f"--prompt needs the tokenizer files (tokenizer.json, ...) in the checkpoint folder "
+            f"or the artifact ({args.model}); use --ids"
+        )
+    elif args.chat:
+        check_thinking(tok, args.think)
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        ids = tok.render([*messages, {"role": "user", "content": args.prompt}], args.think)
     else:
-        if tok is None:
-            raise AnefxInputError(
-                f"--prompt needs a tokenizer.json in the checkpoint folder or the parts folder "
-                f"({args.model}); use --ids"
-            )
         ids = tok.encode(args.prompt)
     if not ids:
         raise AnefxInputError("the prompt is empty")
-    # the prompt and every generated token but the last go through the KV cache
-    if len(ids) + args.max_new_tokens - 1 > context:
+    ends = text.stop_tokens(args.ignore_eos)
+    if len(ids) > context:
+        raise AnefxInputError(f"a prompt of {len(ids)} tokens does not fit the context {context}")
+    # without an end token all N tokens are generated: know now that they cannot fit (with
+    # one, N is a bound, and a full context a normal stop)
+    if not ends and len(ids) + args.max_new_tokens - 1 > context:
         raise AnefxInputError(
             f"a prompt of {len(ids)} tokens and --max-new-tokens {args.max_new_tokens} need "
             f"{len(ids) + args.max_new_tokens - 1} positions; the context holds {context}"
         )
-    if not artifact:
+    if dec is None:
         dec = _lower_decoder(args, progress, seed=args.seed)
     bad = [i for i in ids if not 0 <= i < dec.vocab]
     if bad:
         raise AnefxInputError(f"token id {bad[0]} is outside the vocabulary (0..{dec.vocab - 1})")
-    progress(f"generating {args.max_new_tokens} tokens after {len(ids)} prompt tokens")
-
-    def show(t: int) -> None:
-        text = tok.decode([t]) if tok is not None else f"{t} "
-        print(text, end="", flush=True)
-
-    new = Session(dec).generate(
+    text.check_vocab(dec.vocab)
+    progress(f"generating up to {args.max_new_tokens} tokens after {len(ids)} prompt tokens")
+    if args.show_ids:
+        print(ids_line("fed", ids), file=sys.stderr, flush=True)
+    session = Session(dec)
+    stream = TextStream(tok.decode) if tok is not None else None
+    new = []
+    for t in session.stream(
         ids,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        on_token=show,
-    )
-    print()
+        end_tokens=ends,
+    ):
+        new.append(t)
+        print(stream.push(t) if stream else f"{t} ", end="", flush=True)
+    print(stream.flush() if stream else "", flush=True)
     if tok is None or args.ids is not None:
-        print(" ".join(map(str, new)))
+        print(" ".join(map(str, new)), flush=True)
+    if args.show_ids:
+        print(ids_line("generated", new), file=sys.stderr)
+    print(f"stopped: {session.stop_reason.describe(ends)}", file=sys.stderr)
     return 0
+
+
+def cmd_chat(args) -> int:
+    from anefx.chat import Chat, check_thinking, run_chat
+    from anefx.generation import Session
+
+    progress = Progress()
+    dec, kind = _artifact_decoder(args, progress)
+    text = _tokenizer(args.model, kind)
+    if text.tokenizer is None:
+        raise AnefxInputError(
+            f"{args.model}: chat needs the tokenizer files (tokenizer.json, tokenizer_config.json "
+            "with the chat template) in the checkpoint folder or the artifact"
+        )
+    if text.tokenizer.template is None:
+        raise AnefxInputError(
+            f"{args.model}: its tokenizer has no chat template (no chat_template in "
+            "tokenizer_config.json, no chat_template.jinja); use generate --prompt"
+        )
+    check_thinking(text.tokenizer, args.think)
+    ends = text.stop_tokens(args.ignore_eos)
+    if dec is None:
+        dec = _lower_decoder(args, progress, seed=args.seed)
+    text.check_vocab(dec.vocab)
+    chat = Chat(
+        Session(dec),
+        text.tokenizer,
+        system=args.system,
+        enable_thinking=args.think,
+        max_new_tokens=args.max_new_tokens,
+        end_tokens=ends,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    progress(f"ready: context {dec.context} tokens")
+    return run_chat(chat, show_ids=args.show_ids, verbose=args.verbose)
+
+
+def hub_flag(sp: argparse.ArgumentParser) -> None:
+    """Add --download to sub-parser SP, whose MODEL may be a hub id (ORG/NAME[@REVISION]):
+    without it, main resolves the id in the local Hugging Face cache only."""
+    sp.add_argument(
+        "--download",
+        action="store_true",
+        help="allow fetching MODEL from the Hugging Face hub when it is not in the local cache; "
+        "without it anefx never uses the network",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -644,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     width = rules.DIM_LIMITS["W"]  # a sequence or a context beyond it breaks dim_hw
 
     def model_args(sp):
-        sp.add_argument("model", help="checkpoint folder or preset:NAME (e.g. preset:qwen3-0.6b)")
+        sp.add_argument("model", help=MODEL_HELP + " (e.g. Qwen/Qwen3-0.6B, preset:qwen3-0.6b)")
         sp.add_argument(
             "--seq",
             type=int_range(1, width),
@@ -667,6 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(c)
     c.add_argument("--raw", action="store_true", help="report the captured graph instead")
     c.add_argument("--meta", action="store_true", help="structure only: no weight memory")
+    hub_flag(c)
     c.set_defaults(func=cmd_check)
 
     v = sub.add_parser(
@@ -737,90 +803,170 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"palettize {what} to a BITS-bit lookup table (1, 2, 3, 4, 6, 8"
             + ("; overrides --lut, 0 keeps fp16)" if kind else ")"),
         )
+    hub_flag(v)
     v.set_defaults(func=cmd_convert)
 
     from anefx.models.limits import MAX_STEPS  # no torch in it: parsing stays fast
 
+    def generation_args(sp, what: str) -> None:
+        """The flags generate and chat share: sampling, end tokens, the decoder's shape."""
+        sp.add_argument(
+            "model",
+            help=f"{MODEL_HELP} (lowered graphs in torch), or a converted "
+            "artifact: a folder with manifest.json or a stateful .mlpackage (its Core ML "
+            "program on the reference executor; its tokenizer files travel inside it)",
+        )
+        sp.add_argument(
+            "--temperature",
+            type=float_range(0.0, math.inf),
+            default=0.0,
+            metavar="T",
+            help="sampling temperature, a finite number >= 0; 0 is greedy (default)",
+        )
+        sp.add_argument(
+            "--top-k",
+            type=int_range(1),
+            default=None,
+            metavar="K",
+            help="sample among the K most likely tokens only, K >= 1 (default: all)",
+        )
+        sp.add_argument(
+            "--top-p",
+            type=float_range(0.0, 1.0, lo_open=True),
+            default=None,
+            metavar="P",
+            help="sample among the most likely tokens holding probability P, in (0, 1] "
+            "(default: all)",
+        )
+        sp.add_argument(
+            "--seed",
+            type=int_range(0, 2**64 - 1),
+            default=0,
+            help="seed of the sampling (and of a preset's random weights), 0..2**64-1 (default 0)",
+        )
+        sp.add_argument(
+            "--ignore-eos",
+            action="store_true",
+            help="generate through the end tokens (generation_config.json's eos_token_id and "
+            "the tokenizer's eos token), to --max-new-tokens or a full context",
+        )
+        sp.add_argument(
+            "--show-ids",
+            action="store_true",
+            help=f"print on stderr the ids fed and generated {what} (to debug a template)",
+        )
+        sp.add_argument(
+            "--context",
+            type=int_range(1, width),
+            default=None,
+            metavar="N",
+            help=f"KV cache length with a checkpoint, 1..{width} (default 512); an artifact "
+            "fixes its own",
+        )
+        sp.add_argument(
+            "--batch",
+            type=int_range(1, width),
+            default=None,
+            metavar="B",
+            help="prefill batch with a checkpoint, at most the context (default 64, or the "
+            "context if smaller); an artifact fixes its own",
+        )
+        sp.add_argument(
+            "--dtype",
+            choices=["float16", "float32"],
+            default="float16",
+            help="compute dtype of the lowered graphs with a checkpoint (default float16)",
+        )
+
+    def chat_args(sp) -> None:
+        """The flags of a turn in the chat template."""
+        sp.add_argument("--system", default=None, metavar="TEXT", help="the system message")
+        think = sp.add_mutually_exclusive_group()
+        for flag, value in (("--think", True), ("--no-think", False)):
+            think.add_argument(
+                flag,
+                dest="think",
+                action="store_const",
+                const=value,
+                default=None,
+                help=f"enable_thinking={value} for a template that has the switch (Qwen3); "
+                "refused for one that has not (default: the template's own)",
+            )
+
+    stops = (
+        "Generation stops at an end token (not printed), at --max-new-tokens or when the "
+        "context is full; the reason ends the output on stderr (stopped: ...)."
+    )
     g = sub.add_parser(
         "generate",
         help="generate text: with the lowered graphs (torch) or a converted artifact's program",
+        description=textwrap.fill(stops, 96),
         **exit_codes(
             "generated",
             "the program computed non-finite logits (NaN or inf)",
             "; also a damaged, modified or unfinished artifact (checked against its digests "
-            "before anything runs), or --context/--batch given with an artifact, which fixes "
-            "them",
+            "before anything runs, its tokenizer files too), or --context/--batch given with "
+            "an artifact, which fixes them",
         ),
-    )
-    g.add_argument(
-        "model",
-        help="checkpoint folder or preset:NAME (lowered graphs in torch), or a converted "
-        "artifact: a folder with manifest.json or a stateful .mlpackage (its Core ML program "
-        "on the reference executor)",
     )
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--prompt", help="text (needs tokenizer.json in the checkpoint or parts folder)"
+        "--prompt",
+        help="text (needs the tokenizer files in the checkpoint folder or the artifact); with "
+        "--chat, the user's message",
     )
-    src.add_argument("--ids", help="comma-separated token ids")
+    src.add_argument("--ids", help="comma-separated token ids (the new ids end the output)")
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="render --prompt as one user turn with the tokenizer's chat template (what an "
+        "instruct model expects)",
+    )
+    chat_args(g)
     g.add_argument(
         "--max-new-tokens",
         type=int_range(1, MAX_STEPS),
         default=32,
         metavar="N",
-        help=f"tokens to generate, 1..{MAX_STEPS} (default 32); the prompt and N - 1 of them "
-        "must fit the context",
+        help=f"tokens to generate at most, 1..{MAX_STEPS} (default 32); without end tokens "
+        "the prompt and N - 1 of them must fit the context",
     )
-    g.add_argument(
-        "--temperature",
-        type=float_range(0.0, math.inf),
-        default=0.0,
-        metavar="T",
-        help="sampling temperature, a finite number >= 0; 0 is greedy (default)",
+    generation_args(g, "")
+    hub_flag(g)
+    g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser(
+        "chat",
+        help="chat in the terminal: the chat template, end tokens, the KV cache kept across turns",
+        description=textwrap.fill(
+            "One line per turn; the reply streams to stdout. /reset starts a new conversation "
+            "(history and KV cache), /quit or Ctrl-D ends, Ctrl-C stops a reply. " + stops,
+            96,
+        ),
+        **exit_codes(
+            "ended by /quit or the end of the input",
+            "the program computed non-finite logits (NaN or inf)",
+            "; also a model without a tokenizer or a chat template, --think/--no-think for a "
+            "template without the switch, a damaged artifact",
+        ),
     )
-    g.add_argument(
-        "--top-k",
-        type=int_range(1),
-        default=None,
-        metavar="K",
-        help="sample among the K most likely tokens only, K >= 1 (default: all)",
-    )
-    g.add_argument(
-        "--top-p",
-        type=float_range(0.0, 1.0, lo_open=True),
-        default=None,
-        metavar="P",
-        help="sample among the most likely tokens holding probability P, in (0, 1] (default: all)",
-    )
-    g.add_argument(
-        "--seed",
-        type=int_range(0, 2**64 - 1),
-        default=0,
-        help="seed of the sampling (and of a preset's random weights), 0..2**64-1 (default 0)",
-    )
-    g.add_argument(
-        "--context",
-        type=int_range(1, width),
+    chat_args(ch)
+    ch.add_argument(
+        "--max-new-tokens",
+        type=int_range(1, MAX_STEPS),
         default=None,
         metavar="N",
-        help=f"KV cache length with a checkpoint, 1..{width} (default 512); an artifact fixes "
-        "its own",
+        help=f"tokens per reply at most, 1..{MAX_STEPS} (default: until an end token or a "
+        "full context)",
     )
-    g.add_argument(
-        "--batch",
-        type=int_range(1, width),
-        default=None,
-        metavar="B",
-        help="prefill batch with a checkpoint, at most the context (default 64, or the context "
-        "if smaller); an artifact fixes its own",
+    ch.add_argument(
+        "--verbose",
+        action="store_true",
+        help="say why each reply stopped, and when the template rewrote the history",
     )
-    g.add_argument(
-        "--dtype",
-        choices=["float16", "float32"],
-        default="float16",
-        help="compute dtype of the lowered graphs with a checkpoint (default float16)",
-    )
-    g.set_defaults(func=cmd_generate)
+    generation_args(ch, "per turn")
+    hub_flag(ch)
+    ch.set_defaults(func=cmd_chat)
 
     i = sub.add_parser(
         "inspect",
@@ -828,8 +974,9 @@ def build_parser() -> argparse.ArgumentParser:
         "its parameter count and weight bytes; reads headers only",
         **exit_codes(),
     )
-    i.add_argument("model", help="checkpoint folder or preset:NAME")
+    i.add_argument("model", help=MODEL_HELP)
     i.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    hub_flag(i)
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser(
@@ -840,7 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
             "a stage below it (a NaN is below every threshold), named",
         ),
     )
-    d.add_argument("model", help="checkpoint folder or preset:NAME")
+    d.add_argument("model", help=MODEL_HELP)
     d.add_argument("--ids", help="comma-separated token ids (default: 16 random ids)")
     d.add_argument(
         "--dtype", choices=("both", "float32", "float16"), default="both", help="lowered dtypes"
@@ -855,6 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"a stage of the {dt} graph passes at or above DB (default {default})",
         )
     d.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    hub_flag(d)
     d.set_defaults(func=cmd_diff)
 
     vf = sub.add_parser(
@@ -870,7 +1018,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument(
         "package", help="the .mlpackage or the folder of parts (manifest.json) anefx convert wrote"
     )
-    vf.add_argument("model", help="the checkpoint folder or preset:NAME it was converted from")
+    vf.add_argument("model", help=f"what it was converted from: {MODEL_HELP}")
     vf.add_argument("--ids", help="comma-separated prompt token ids (default: 16 random ids)")
     vf.add_argument(
         "--steps",
@@ -896,6 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pass at or above this top-1 agreement (default 0.9)",
     )
     vf.add_argument("--json", action="store_true", help="end with one JSON object")
+    hub_flag(vf)
     vf.set_defaults(func=cmd_verify)
 
     mx = sub.add_parser(
@@ -927,6 +1076,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
     try:
+        # a hub id as MODEL becomes its snapshot folder in the local Hugging Face cache (fetched
+        # only with --download), so every later path (tokenizer, reports, manifest) is that
+        # folder; an artifact generate runs (it may be staged only) is left as it is
+        hub = hasattr(args, "download") and isinstance(getattr(args, "model", None), str)
+        if hub and not _is_artifact(args.model):
+            from anefx.models.hub import resolve_model
+
+            given, args.model = args.model, resolve_model(args.model, download=args.download)
+            if args.model != given:
+                print(f"resolved {given} to {args.model}", file=sys.stderr)
         return args.func(args)
     except AnefxInputError as exc:
         print(f"anefx: error: {_line(exc)}", file=sys.stderr)

@@ -3,13 +3,15 @@
 A :class:`Decoder` holds two lowered graphs of one model that share a KV cache layout: ``prefill``
 (S = the prefill batch) and ``decode`` (S = 1). A :class:`Session` holds the cache state and the
 position, and generates: the cache holds everything processed so far, ``generate(None)``
-continues from it, new ``input_ids`` are appended first (multi-turn).
+continues from it, new ``input_ids`` are appended first (multi-turn). Generation stops at an end
+token, at ``max_new_tokens`` or when the context is full; :attr:`Session.stop_reason` says which.
+:class:`TextStream` turns the generated ids into text as they come, complete characters only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -76,16 +78,58 @@ def _logits(low: Lowered, out) -> torch.Tensor:
     return parts[0]
 
 
+@dataclass(frozen=True)
+class StopReason:
+    """Why generation stopped: ``kind`` is "end_token" (``value`` its id), "max_new_tokens"
+    (``value`` the bound), "context_full" (``value`` the context) or "interrupted"."""
+
+    kind: str
+    value: int = 0
+
+    def describe(self, names: Mapping[int, str] | None = None) -> str:
+        """One line for a person, in the command line's terms (``end token 248046 <|im_end|>``,
+        ``--max-new-tokens 32``, ``context full (512 tokens)``); NAMES spell the end tokens."""
+        if self.kind == "end_token":
+            name = (names or {}).get(self.value)
+            return f"end token {self.value}" + (f" {name}" if name else "")
+        if self.kind == "max_new_tokens":
+            return f"--max-new-tokens {self.value}"
+        if self.kind == "context_full":
+            return f"context full ({self.value} tokens)"
+        return self.kind
+
+
 class Session:
     """The KV cache of one conversation, and generation on top of it."""
 
     def __init__(self, decoder: Decoder):
         self.decoder = decoder
-        d = decoder.decode
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: an empty (zeroed) cache at position 0."""
+        d = self.decoder.decode
         self.states = [torch.zeros(s["shape"], dtype=d.dtype) for s in d.states]
-        self.position = 0  # tokens in the cache
+        self.tokens: list[int] = []  # the ids in the cache, in order
         self._pending: int | None = None  # last generated token, not yet in the cache
         self._last_logits: torch.Tensor | None = None
+        self.stop_reason: StopReason | None = None  # of the last generation
+
+    @property
+    def position(self) -> int:
+        """Tokens in the cache."""
+        return len(self.tokens)
+
+    def rewind(self, keep: int) -> None:
+        """Keep only the first KEEP tokens of the cache (and drop a pending token): the next
+        ids are written from position KEEP. The slots after it need no clearing: a query sees
+        only the slots at or before its own position, and every slot is written before a query
+        at its position reads it."""
+        if not 0 <= keep <= self.position:
+            raise AnefxInputError(f"cannot keep {keep} tokens of a cache holding {self.position}")
+        del self.tokens[keep:]
+        self._pending = None
+        self._last_logits = None
 
     def _call(self, low: Lowered, ids: list[int]) -> torch.Tensor:
         n, s, ctx = len(ids), low.seq_len, self.decoder.context
@@ -98,8 +142,10 @@ class Session:
         ids_t = torch.tensor([ids + [0] * (s - n)], dtype=torch.int32)
         with torch.no_grad():
             out = low.graph_module(ids_t, pos_t, context_mask(pos_t, ctx, low.dtype), *self.states)
+        # states first, then the tokens: interrupted in between (Ctrl-C in a chat), the cache
+        # holds slots past its position, which the next writes overwrite and no query sees
         self.states = list(out[len(out) - len(self.states) :])
-        self.position += n
+        self.tokens.extend(ids)
         return _logits(low, out)[0, :n]
 
     def feed(self, ids: list[int]) -> torch.Tensor:
@@ -132,16 +178,20 @@ class Session:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        end_tokens: Collection[int] = (),
     ) -> Iterator[int]:
         """Like :meth:`generate`, yielding each new token as it is chosen."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        ends = frozenset(end_tokens)
+        self.stop_reason = None
         todo = ([self._pending] if self._pending is not None else []) + list(input_ids or [])
         self._pending = None
         if todo:
             self.feed(todo)
         if self._last_logits is None:
             raise AnefxInputError("nothing to continue from: give input_ids")
+        context = self.decoder.context
         for step in range(max_new_tokens):
             if not bool(torch.isfinite(self._last_logits).all()):
                 # a token chosen from NaN logits is noise printed as if it were text
@@ -150,11 +200,22 @@ class Session:
                     "program overflowed fp16 or its weights are damaged; anefx verify measures it"
                 )
             token = sample(self._last_logits, temperature, top_k, top_p, gen)
-            yield token
-            if step + 1 < max_new_tokens:
-                self.feed([token])
-            else:
+            if token in ends:
+                # not output, and not in the cache: a continuation feeds it first, as the model
+                # chose it; a chat renders its own end of turn instead
                 self._pending = token
+                self.stop_reason = StopReason("end_token", token)
+                return
+            yield token
+            if step + 1 == max_new_tokens or self.position >= context:
+                self._pending = token
+                self.stop_reason = (
+                    StopReason("max_new_tokens", max_new_tokens)
+                    if step + 1 == max_new_tokens
+                    else StopReason("context_full", context)
+                )
+                return
+            self.feed([token])
 
     def generate(
         self,
@@ -165,43 +226,58 @@ class Session:
         top_p: float | None = None,
         seed: int | None = None,
         on_token: Callable[[int], None] | None = None,
+        end_tokens: Collection[int] = (),
     ) -> list[int]:
-        """Append INPUT_IDS (if any) and generate; return only the new tokens."""
+        """Append INPUT_IDS (if any) and generate until a token of END_TOKENS (not returned),
+        MAX_NEW_TOKENS or a full context (:attr:`stop_reason`); return only the new tokens."""
         out = []
-        for t in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed):
+        stream = self.stream(
+            input_ids, max_new_tokens, temperature, top_k, top_p, seed, end_tokens=end_tokens
+        )
+        for t in stream:
             out.append(t)
             if on_token:
                 on_token(t)
         return out
 
 
-class TokenizerFile:
-    """A ``tokenizers`` tokenizer read from one file's bytes, whose failures become one
-    AnefxInputError naming the file (the Rust library panics on some malformed files, and its
-    PanicException is a BaseException, not an Exception)."""
+class TextStream:
+    """Incremental detokenisation: :meth:`push` a token id, get the text it completes.
 
-    def __init__(self, data: bytes, where: str):
-        from tokenizers import Tokenizer
+    Decoding token by token breaks a character whose UTF-8 bytes span several tokens (emoji,
+    CJK) into replacement characters, and some tokenizers decode a token differently at the
+    start of a text (a leading space dropped). So the ids are decoded in a window: ``prefix``
+    (already emitted) and the new ids after ``read``; the text beyond the prefix's is emitted
+    once it does not end in U+FFFD (an incomplete UTF-8 sequence), and the window moves on. The
+    texts pushed, then :meth:`flush`, add up to DECODE of every id at once.
+    """
 
-        self.where = where
-        self.tok = self._guard("read", lambda: Tokenizer.from_str(data.decode("utf-8")))
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self._prefix = 0  # the window starts here: context for decoding the new ids
+        self._read = 0  # the ids before this are emitted
 
-    def _guard(self, what: str, fn):
-        try:
-            return fn()
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # see the class docstring
-            reason = " ".join(str(exc).split())[:120]
-            raise AnefxInputError(
-                f"{self.where}: not a readable tokenizer ({what}: {type(exc).__name__}: {reason})"
-            ) from None
+    def push(self, token: int) -> str:
+        """Add TOKEN; return the new complete text (maybe empty: held back)."""
+        self.ids.append(token)
+        return self._advance(final=False)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._guard("encode", lambda: self.tok.encode(text).ids))
+    def flush(self) -> str:
+        """The text held back (an incomplete sequence at the end, as U+FFFD)."""
+        return self._advance(final=True)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._guard("decode", lambda: self.tok.decode(ids))
+    def _advance(self, final: bool) -> str:
+        if self._read == len(self.ids):
+            return ""
+        before = self.decode(self.ids[self._prefix : self._read])
+        text = self.decode(self.ids[self._prefix :])
+        if len(text) <= len(before) and not final:
+            return ""  # nothing visible yet (a byte of a character, or a token decoding to "")
+        if text.endswith("\ufffd") and not final:
+            return ""  # the rest of the character is in the next token
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(before) :]
 
 
 def check_sampling(

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from anefx.errors import AnefxGraphError, AnefxInputError
+from anefx.progress import Progress, quiet
 
 # a stage is bad below this PSNR (dB), per lowered dtype: fp32 should agree to rounding level,
 # fp16 to the precision of its datapath (healthy models: 60-80 dB per stage here)
@@ -211,14 +212,18 @@ def diff(
     min_psnr: dict[torch.dtype, float] | None = None,
     lowered: dict | None = None,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> DiffResult:
     """Compare transformers (fp32) with the lowered graph in each of DTYPES, stage by stage.
 
     LOWERED optionally maps a dtype to an already lowered graph (tests plant faults in one).
+    PROGRESS (stderr, for the CLI) says each stage.
     """
     import anefx
     from anefx.models.load import load_model
 
+    say = progress or quiet()
+    say(f"loading {model_spec} in float32 with transformers (the reference)")
     loaded = load_model(model_spec, dtype=torch.float32, seed=seed)
     model, cfg = loaded.model, loaded.config
     if ids is None:
@@ -228,14 +233,16 @@ def diff(
         raise AnefxInputError(f"--ids must be token ids in [0, {cfg.vocab_size})")
     ids_t = torch.tensor([ids])
     seq = len(ids) + (1 if len(ids) == cfg.hidden_size else 0)  # layouts stay unambiguous
+    say(f"transformers: the hidden states of {cfg.num_hidden_layers + 3} stages")
     ref = reference_stages(model, ids_t)
     names = stage_modules(cfg.num_hidden_layers)
     stages = ["embedding", *(f"model.layers.{i}" for i in range(cfg.num_hidden_layers))]
     stages += ["final norm", "logits"]
     thresholds = {**DEFAULT_MIN_PSNR, **(min_psnr or {})}
     result = DiffResult(str(model_spec), seq, stages)
-    for dtype in dtypes:
+    for i, dtype in enumerate(dtypes):
         key = str(dtype).replace("torch.", "")
+        say(f"{key} ({i + 1}/{len(dtypes)}): lowering and running the lowered graph")
         low = (lowered or {}).get(dtype) or anefx.lower(model, seq_len=seq, dtype=dtype)
         got = lowered_stages(low, ids_t)
         diffs = [

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from anefx.errors import AnefxInputError
 from anefx.models.limits import MAX_LAYERS
 from anefx.models.presets import PRESETS
+from anefx.progress import Progress, quiet
 
 QWEN2, QWEN3, QWEN3_MOE = "qwen2", "qwen3", "qwen3_moe"
 _ALL = (QWEN2, QWEN3, QWEN3_MOE)
@@ -370,7 +371,7 @@ def _idle_expert_parameters(model: Any, config: Any) -> int:
     return idle
 
 
-def inspect_model(spec: str | os.PathLike[str]) -> dict[str, Any]:
+def inspect_model(spec: str | os.PathLike[str], progress: Progress | None = None) -> dict[str, Any]:
     """The config of a checkpoint folder or "preset:NAME" and where each field came from.
 
     Keys: the model's transformers config fields (config.to_dict() without the generic
@@ -385,11 +386,15 @@ def inspect_model(spec: str | os.PathLike[str]) -> dict[str, Any]:
 
     from anefx.models import load
 
+    say = progress or quiet()
     # the same validation and bounds as loading: config, files and layers, before the model
+    say(f"reading {spec}: the config and every safetensors header")
     plan = load.preflight(spec)
     config, result = plan.config, plan.inferred
+    say(f"building its structure on the meta device ({config.num_hidden_layers} layers)")
     model = load.build_meta_model(config, plan.dtype)
     if plan.tensors is not None:
+        say(f"checking the {len(plan.tensors)} stored tensors against it")
         load.check_tensors(plan, model)
     params = sum(p.numel() for p in model.parameters())
 

@@ -46,6 +46,7 @@ from anefx.models.checkpoint_files import (
     locate_tensors,
     read_json,
 )
+from anefx.models.hub import resolve_model
 from anefx.models.infer_config import ConfigDefaultsWarning, InferredConfig, infer_from_tensors
 from anefx.models.presets import count_parameters, get_preset
 from anefx.models.synthetic import random_init_
@@ -626,7 +627,7 @@ class Preflight:
     without reading the config or any header again.
     """
 
-    source: str  # the folder as given, or "preset:NAME" (LoadedModel.source)
+    source: str  # the folder as given (a hub id: its snapshot folder), or "preset:NAME"
     config: PreTrainedConfig  # validated and bounded, eager attention
     dtype: torch.dtype  # the dtype load_model(plan) builds in
     parameters: int  # of the model, tied weights counted once
@@ -693,9 +694,10 @@ def _check_layers(
 
 
 def preflight(spec: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Preflight:
-    """Validate checkpoint folder or "preset:NAME" SPEC without building the model or reading
-    a weight: raise AnefxInputError (one line naming the file, field or tensor) if anything is
-    wrong, else return what `load_model` needs.
+    """Validate checkpoint folder, "preset:NAME" or hub id ("ORG/NAME[@REVISION]", its snapshot
+    in the local Hugging Face cache: `models.hub.resolve_model`, never downloaded) SPEC without
+    building the model or reading a weight: raise AnefxInputError (one line naming the file,
+    field or tensor) if anything is wrong, else return what `load_model` needs.
 
     For a folder: every file it opens is confined to the folder (a Hugging Face cache snapshot:
     to its repository), config.json is validated and bounded before any safetensors header is
@@ -709,7 +711,9 @@ def preflight(spec: str | os.PathLike[str], dtype: torch.dtype | None = None) ->
         loaded = load_model(plan)  # builds in plan.dtype; nothing is read twice
     """
     _check_dtype(dtype)
-    spec_str = os.fspath(spec)
+    # a hub id becomes its cached snapshot folder (the source from here on); paths and presets
+    # come back as given
+    spec_str = resolve_model(spec)
     if spec_str.startswith(PRESET_PREFIX):
         raw = get_preset(spec_str[len(PRESET_PREFIX) :])
         config = build_config(raw, spec_str)

@@ -45,10 +45,13 @@ from anefx.targets.artifact import (
     write_json,
 )
 
-# copied from a checkpoint folder next to the parts, so the artifact is self-contained
+# copied from a checkpoint folder into the artifact (next to the parts, or inside a package), so
+# generate and chat run from the artifact alone; transformers 5 keeps the chat template in
+# chat_template.jinja, older checkpoints in tokenizer_config.json
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",
     "vocab.json",
     "merges.txt",
     "special_tokens_map.json",
@@ -320,7 +323,8 @@ def _resumable(staged: Path, key: str) -> tuple[dict[str, str], dict[str, list]]
 
 def tokenizer_files(source: str) -> dict[str, Path]:
     """The tokenizer files of checkpoint folder SOURCE that travel with the artifact (name ->
-    the file, confined to the checkpoint like its weights: a link out of it is refused)."""
+    the file, confined to the checkpoint like its weights: a link out of it is refused), in
+    the order of TOKENIZER_FILES."""
     from anefx.models.checkpoint_files import confined, confinement_root
 
     folder = Path(source)
@@ -337,10 +341,14 @@ def tokenizer_files(source: str) -> dict[str, Path]:
 def _manifest(
     lowered_by_name, default, key, part_docs, folder, options, lut, max_bytes, tokenizer
 ) -> dict:
+    from anefx.targets.artifact import file_digest
+
     first = next(iter(lowered_by_name.values()))
     cfg = first.config
     for name, src in tokenizer.items():
         copy_new(src, folder / name)
+    # the digests of the copies: what a reader checks before it uses them
+    tokenizer_sha256 = {name: file_digest(folder / name) for name in tokenizer}
     return {
         "format": PARTS_FORMAT,
         "conversion_key": key,
@@ -362,6 +370,7 @@ def _manifest(
         "lut": lut or {},
         "options": options or {},
         "tokenizer_files": list(tokenizer),
+        "tokenizer_sha256": tokenizer_sha256,
         "checker": {
             "errors": sum(p["errors"] for p in part_docs),
             "warnings": sum(p["warnings"] for p in part_docs),

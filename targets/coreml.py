@@ -462,18 +462,30 @@ def emit_functions(
     is the default function. The package is staged beside PATH and swapped in when complete
     (:class:`anefx.targets.artifact.Output`; OUTPUT when the caller checked PATH already):
     PATH may be new, an empty folder or an anefx package.
+
+    The checkpoint's tokenizer files (:data:`anefx.targets.chunked.TOKENIZER_FILES`) are
+    stored beside the report (``Data/anefx/tokenizer.json``, ...), listed in its
+    ``tokenizer_files`` and covered by its digests, so the package runs alone.
     """
+    from anefx.targets.artifact import copy_new
+    from anefx.targets.chunked import tokenizer_files
     from anefx.targets.palettize import check_lut
 
     say = progress or (lambda msg: None)
     check_lut(lut)
     forced = _refuse_or_warn(lowered_by_name, force, say)
+    first = next(iter(lowered_by_name.values()))
+    tokenizer = tokenizer_files(first.source)  # checked before anything is written
     out = output or prepare_output(path, "package", source_folders(lowered_by_name))
     with out:
         out.check_space(_weight_bytes(lowered_by_name, lut), "the package")
         t0 = time.perf_counter()
         emitted = write_package(lowered_by_name, out.staged, default, lut, say, out)
-        first = next(iter(lowered_by_name.values()))
+        if tokenizer:  # before add_report: its digests cover them
+            beside_report = (out.staged / REPORT_ITEM).parent
+            beside_report.mkdir(parents=True, exist_ok=True)
+            for name, src in tokenizer.items():
+                copy_new(src, beside_report / name)
         # no timings and no dates: converting the same inputs again gives the same bytes
         report = {
             "format": PACKAGE_FORMAT,
@@ -486,6 +498,7 @@ def emit_functions(
             "rules_version": rules.RULES_VERSION,
             "lowered": {n: low.report.to_dict() for n, low in lowered_by_name.items()},
             "emitted": [r.to_dict() for r in emitted],
+            "tokenizer_files": list(tokenizer),
         }
         if list(lowered_by_name) == ["main"]:
             report["lowered"] = report["lowered"]["main"]

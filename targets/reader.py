@@ -57,6 +57,7 @@ __all__ = [
     "read_manifest",
     "read_package",
     "read_spec",
+    "read_tokenizer_files",
     "validate_manifest",
 ]
 
@@ -74,6 +75,11 @@ MAX_RANK = 5
 # no single input or output may hold more than every state together
 MAX_TENSOR_BYTES = limits.MAX_STATE_BYTES
 MODEL_INPUTS = ("input_ids", "position_ids", "causal_mask")
+# a tokenizer file an artifact carries (Qwen's tokenizer.json is 11 MB)
+MAX_TOKENIZER_BYTES = 256 << 20
+MAX_TOKENIZER_FILES = 64
+# where a single package keeps them: beside its anefx report
+TOKENIZER_DIR = str(PurePosixPath(REPORT_ITEM).parent)
 DTYPE_BYTES = {"float16": 2, "int32": 4}
 _SPEC_AUTHOR = "com.apple.CoreML"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -458,6 +464,78 @@ def _plain_name(f: _Fields, value: object, field: str) -> str:
     return name
 
 
+def _tokenizer_fields(f: _Fields, doc: dict) -> list[str]:
+    """``tokenizer_files`` (plain names, each once) and, when present, ``tokenizer_sha256``
+    (the digest of each of them, no other)."""
+    names = f.seq(doc, "tokenizer_files", "tokenizer_files", MAX_TOKENIZER_FILES)
+    for i, name in enumerate(names):
+        _plain_name(f, name, f"tokenizer_files[{i}]")
+    if len(set(names)) != len(names):
+        raise f.bad("tokenizer_files", f"lists a file twice: {_show(names)}")
+    if "tokenizer_sha256" in doc:
+        digests = f.obj(doc, "tokenizer_sha256", "tokenizer_sha256")
+        if set(digests) != set(names):
+            raise f.bad(
+                "tokenizer_sha256",
+                f"names files {_show(sorted(digests))}, 'tokenizer_files' lists {_show(names)}",
+            )
+        for name, sha in digests.items():
+            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+                raise f.bad(
+                    f"tokenizer_sha256.{name}", f"must be 64 lowercase hex digits, got {_show(sha)}"
+                )
+    return names
+
+
+def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:
+    """The tokenizer files the artifact at PATH carries, name -> bytes: beside the parts of a
+    parts folder (``tokenizer_files`` and ``tokenizer_sha256`` of its manifest), or in a
+    package next to its anefx report (listed in the report's ``tokenizer_files``, their
+    digests in its ``files``). Each is read through no link, bounded, and checked against its
+    recorded sha256 before it is returned: the bytes checked are the bytes used."""
+    import hashlib
+
+    path = Path(path)
+    if artifact_kind(path) == "parts":
+        manifest = read_manifest(path)
+        names, where = manifest["tokenizer_files"], path / MANIFEST
+        digests = manifest.get("tokenizer_sha256")
+        if names and digests is None:
+            raise AnefxInputError(
+                f"{where}: lists tokenizer files but records no sha256 for them (no field "
+                "'tokenizer_sha256': an older anefx wrote it); convert again"
+            )
+        files = {name: (path / name, digests[name]) for name in names}
+    else:
+        report = artifact.package_report(path)
+        if report is None:
+            raise AnefxInputError(
+                f"{path}: not written by anefx (no anefx report {REPORT_ITEM} listed in its "
+                f"{PACKAGE_MANIFEST}); convert it again with anefx convert"
+            )
+        where = path / REPORT_ITEM
+        f = _Fields(where)
+        names = _tokenizer_fields(f, {"tokenizer_files": report.get("tokenizer_files", [])})
+        listed = report.get("files")
+        listed = listed if isinstance(listed, dict) else {}
+        files = {}
+        for name in names:
+            rel = f"{TOKENIZER_DIR}/{name}"
+            if not isinstance(listed.get(rel), str):
+                raise f.bad("files", f"lists no sha256 for the tokenizer file {rel}")
+            files[name] = (_inside(path, rel, "a tokenizer file", where), listed[rel])
+    out = {}
+    for name, (file, digest) in files.items():
+        data = read_bounded(file, MAX_TOKENIZER_BYTES, "tokenizer file")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise AnefxInputError(
+                f"{file}: not a readable tokenizer file: it does not match the sha256 "
+                f"{where.name} records for it (changed or damaged after conversion); convert again"
+            )
+        out[name] = data
+    return out
+
+
 def read_manifest(folder: str | Path) -> dict:
     """The manifest of a parts folder, validated (:func:`validate_manifest`)."""
     folder = Path(folder)
@@ -522,8 +600,7 @@ class _ManifestCheck:
             )
         for fn in fns:
             f.integer(self.seq_len[fn], f"seq_len.{fn}", 1, 2**31 - 1)
-        for i, name in enumerate(f.seq(doc, "tokenizer_files", "tokenizer_files", 64)):
-            _plain_name(f, name, f"tokenizer_files[{i}]")
+        _tokenizer_fields(f, doc)
         self.parts = f.seq(doc, "parts", "parts", MAX_PARTS, 1)
         self.files: set[str] = set()
         self.layers: list[int] = []

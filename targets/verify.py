@@ -29,6 +29,7 @@ import torch
 from anefx.errors import AnefxInputError
 from anefx.lowering.diff import json_safe
 from anefx.models.limits import MAX_STATE_BYTES, MAX_STEPS, MAX_VOCAB
+from anefx.progress import Progress, quiet
 
 # a package passes at or above both (fp16 packages of the presets: 60-80 dB, agreement 1.0;
 # the README's 8-bit palettized 0.6B, 42.5 dB, does not)
@@ -261,17 +262,21 @@ def verify(
     seed: int = 0,
     min_psnr: float = DEFAULT_MIN_PSNR_DB,
     min_top1: float = DEFAULT_MIN_TOP1,
+    progress: Progress | None = None,
 ) -> VerifyResult:
     """Run PACKAGE's program on IDS and N greedy steps; compare with transformers (fp32).
 
     The artifact, IDS and STEPS are checked before transformers is loaded; the result
-    ``passed`` when the lowest PSNR >= MIN_PSNR and the top-1 agreement >= MIN_TOP1."""
+    ``passed`` when the lowest PSNR >= MIN_PSNR and the top-1 agreement >= MIN_TOP1.
+    PROGRESS (stderr, for the CLI) says each stage and counts the decode steps."""
     from anefx.generation import Decoder, Session
     from anefx.models.load import load_model
 
+    say = progress or quiet()
     t0 = time.perf_counter()
     if not 1 <= steps <= MAX_STEPS:
         raise AnefxInputError(f"--steps must be between 1 and {MAX_STEPS}, got {steps}")
+    say(f"reading {package} and checking its files' sha256")
     fns = package_functions(package)
     if "decode" in fns and "prefill" in fns:
         dec, pre = fns["decode"], fns["prefill"]
@@ -292,12 +297,14 @@ def verify(
             f"{package}: prompt + steps = {n + steps - 1} tokens exceed {what} {limit}; use "
             f"fewer --steps or {hint}"
         )
+    say(f"loading {model_spec} in float32 with transformers (the reference)")
     hf = load_model(model_spec, dtype=torch.float32, seed=seed).model
     vocab = hf.config.vocab_size
     _check_matches(package, fns, hf.config)
     if ids is None:
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, (DEFAULT_PROMPT_LEN,), generator=gen).tolist()
+    say(f"transformers: {steps} greedy token(s) after {len(ids)} prompt tokens, then the logits")
     with torch.no_grad():
         full = hf.generate(
             torch.tensor([ids]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
@@ -307,8 +314,14 @@ def verify(
     if "decode" in fns and "prefill" in fns:
         session = Session(Decoder(pre, dec, limit, pre.seq_len))
         # the prompt through prefill, then each following token through one decode step
-        got = torch.cat([session.feed_all(ids), *(session.feed_all([t]) for t in full[n:-1])])
+        say(f"the package on the reference executor: {n} prompt tokens through prefill")
+        got = [session.feed_all(ids)]
+        follow = full[n:-1]
+        for t in say.steps(follow, len(follow), "the package: decode steps"):
+            got.append(session.feed_all([t]))
+        got = torch.cat(got)
     else:
+        say(f"the package on the reference executor: one call of {fns['main'].seq_len} tokens")
         got = _run_stateless(fns["main"], full[:-1])
     compared = range(n - 1, len(full) - 1)
     per = [_psnr(ref[p], got[p].float()) for p in compared]

@@ -102,10 +102,15 @@ def test_sampling_is_seeded_and_restricted(dec32) -> None:
     assert {sample(logits, 1.0, top_p=0.5, generator=gen) for _ in range(200)} <= nucleus
 
 
-def test_context_overflow_is_an_error(dec32) -> None:
+def test_a_full_context_stops_generation_and_a_longer_prompt_is_an_error(dec32) -> None:
     s = Session(dec32)
+    # the prompt fills 94 of 96 positions: two tokens go in, the third comes from the last logits
+    assert len(s.generate(_prompt(CONTEXT - 2, 8), max_new_tokens=5)) == 3
+    assert s.stop_reason.describe() == f"context full ({CONTEXT} tokens)"
     with pytest.raises(Exception, match="context full"):
-        s.generate(_prompt(CONTEXT - 2, 8), max_new_tokens=5)
+        s.generate(None, max_new_tokens=1)  # the pending token has no slot
+    with pytest.raises(Exception, match="context full"):
+        Session(dec32).generate(_prompt(CONTEXT + 1, 8), max_new_tokens=1)
 
 
 def test_package_holds_both_functions_and_the_state(ckpt, tmp_path: Path) -> None:

@@ -435,9 +435,10 @@ def test_nan_weights_fail_both_thresholds(package: Path, ckpt: Path) -> None:
     reseal(package)
     code, out, err = cli("verify", package, ckpt, "--steps", "2", "--json")
     assert code == 1, err
-    result = json.loads(out.strip().splitlines()[-1])  # valid JSON: null, not NaN
+    result = json.loads(out)  # stdout is the JSON object only, valid: null, not NaN
     assert result["psnr_db"] is None and result["passed"] is False
-    assert "FAILED: lowest PSNR nan dB < --min-psnr 50" in out
+    code, out, err = cli("verify", package, ckpt, "--steps", "2")
+    assert code == 1 and "FAILED: lowest PSNR nan dB < --min-psnr 50" in out
     code, _, err = cli("generate", package, *RUN)
     assert code == 1
     one_line(err, "anefx: graph error: the logits after 3 tokens are not finite")
