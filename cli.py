@@ -486,7 +486,7 @@ def _convert_chunked(args, lowered: dict, default: str, progress, lut, out) -> i
         print(json.dumps({"output": args.output, "parts": rows, **manifest["checker"]}))
     else:
         print(
-            f"{'part':30} {'kind':8} {'layers':8} {'fp16 MB':>8} {'lut':14} {'file MB':>8} "
+            f"{'part':30} {'kind':8} {'layers':8} {'fp16 MiB':>8} {'lut':14} {'file MiB':>8} "
             "errors warnings"
         )
         for r in rows:

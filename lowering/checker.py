@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -36,7 +37,8 @@ class OpInfo:
     const: bool = False
     nbytes: int = 0
     dynamic: bool = False
-    storage: int | None = None  # identity of the weight storage, so tied weights count once
+    # identity of the stored bytes: a weight read by several ops (or functions) counts once
+    storage: Hashable | None = None
 
 
 @dataclass
@@ -192,7 +194,7 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
         )
 
     weight_bytes = 0
-    seen_storage: set[int] = set()
+    seen_storage: set[Hashable] = set()
     for op in ops:
         if op.const:
             if op.storage is None or op.storage not in seen_storage:
@@ -378,17 +380,25 @@ def fx_ops(gm: fx.GraphModule) -> list[OpInfo]:
             if isinstance(t, torch.Tensor):
                 info.const = True
                 info.nbytes = t.numel() * t.element_size()
-                info.storage = _storage_id(t)
+                info.storage = weight_key(t)
                 info.op = "weight" if info.nbytes > 4096 else "const"
         out.append(info)
     return out
 
 
-def _storage_id(t: torch.Tensor) -> int | None:
+def weight_key(t: torch.Tensor) -> Hashable | None:
+    """What identifies the bytes a weight constant stores: the same view of the same storage
+    is stored once, as the emitter shares an identical constant; different views (the slices of
+    a split head or MLP, a tied head beside its embedding table) are stored each. Keying on the
+    storage alone counted a split weight's first slice only (Qwen3-32B on meta: 47 of 65 GB).
+    A meta tensor has no data pointer: its StorageImpl's address is stable and shared the same
+    way (the id of the Python storage object is not: a new one per call)."""
     try:
-        return t.untyped_storage().data_ptr() or id(t.untyped_storage())
-    except Exception:  # meta tensors have no data pointer
+        storage = t.untyped_storage()
+    except Exception:  # a tensor subclass without storage
         return None
+    base = storage.data_ptr() or storage._cdata
+    return (base, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def check_graph(gm: fx.GraphModule, stage: str, stats: dict | None = None) -> Report:

@@ -12,12 +12,14 @@ applied to every graph of the model (prefill and decode), so both split identica
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from anefx.errors import AnefxGraphError
+from anefx.lowering.checker import weight_key
 from anefx.models.capture import INPUT_IDS
 
 EMBED, DECODER, HEAD = "embed", "decoder", "head"
@@ -126,14 +128,15 @@ def _roles(gm: fx.GraphModule) -> _Roles:
     return r
 
 
-def _nbytes(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
-    """(storage key, bytes) of a get_attr tensor."""
+def _nbytes(gm: fx.GraphModule, node: fx.Node) -> tuple[Hashable, int] | None:
+    """(key of the stored bytes, bytes) of a get_attr tensor: the checker's key, so a weight
+    split in slices counts every slice (keyed by storage alone, only its first one counted)."""
     t = gm
     for part in node.target.split("."):
         t = getattr(t, part)
     if not isinstance(t, torch.Tensor):
         return None
-    return (id(node.target) if t.is_meta else t.untyped_storage().data_ptr(), t.nbytes)
+    return (weight_key(t), t.nbytes)
 
 
 def _weights_by_role(gm: fx.GraphModule, roles: _Roles) -> dict[tuple, int]:

@@ -499,6 +499,22 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     # Eager attention is plain matmul/softmax with an additive mask, the form we lower; it
     # takes a prepared (B, 1, S, S) float mask as is.
     config._attn_implementation = "eager"
+    # Sliding-window attention limits each query to the last `sliding_window` keys through the
+    # mask transformers builds; the capture passes its own causal mask, so the lowered graph
+    # would attend to every key: a silently different model. Refused until a pass lowers it.
+    kinds = getattr(config, "layer_types", None)
+    if kinds is None and getattr(config, "use_sliding_window", False):
+        # Qwen3-MoE has no per-layer list: the window (if set) applies to every layer
+        window = "sliding_attention" if config.sliding_window else "full_attention"
+        kinds = [window] * config.num_hidden_layers
+    sliding = [i for i, kind in enumerate(kinds or []) if kind == "sliding_attention"]
+    if sliding:
+        raise _input_error(
+            f"{where}: field 'use_sliding_window' is true and layers {sliding[0]}.."
+            f"{sliding[-1]} use sliding-window attention (window {config.sliding_window}), which "
+            "anefx does not lower (its causal mask would see every earlier token); published "
+            "Qwen2/Qwen2.5 configs set it false"
+        )
     params = count_config_parameters(config)
     if params > limits.MAX_PARAMETERS:
         raise _input_error(

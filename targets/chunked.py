@@ -244,7 +244,7 @@ def emit_chunked(
             if files[i] in done[0]:
                 say(f"part {i + 1}/{len(plans)} {files[i]}: already written, kept (--resume)")
             else:
-                say(f"part {i + 1}/{len(plans)} {files[i]} ({p.planned_bytes / 2**20:.1f} MB)")
+                say(f"part {i + 1}/{len(plans)} {files[i]} ({p.planned_bytes / 2**20:.1f} MiB)")
                 partial = staged / f"{_PARTIAL}{files[i]}"
                 emitted = write_package(by_fn, partial, default, _part_lut(p, lut), say, out)
                 os.replace(partial, target)

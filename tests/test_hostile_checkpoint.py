@@ -364,6 +364,15 @@ CASES: dict[str, Case] = {
         _config(rope_parameters=_rope(partial_rotary_factor=0.5)), ("'partial_rotary_factor'",)
     ),
     "hidden_act-os.system": Case(_config(hidden_act="os.system"), ("'hidden_act'", "os.system")),
+    # the capture's own causal mask would ignore the window: a different model, refused
+    "sliding-window-used": Case(
+        _config(
+            use_sliding_window=True,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        ("'use_sliding_window'", "window 8"),
+    ),
     "tie_word_embeddings-string": Case(
         _config(tie_word_embeddings="yes"), ("'tie_word_embeddings'", "'yes'")
     ),
