@@ -369,7 +369,13 @@ class Output:
                 "anefx never writes links, so it does not publish this"
             )
         _fsync_tree(self.staged)
-        if identify(self.path).kind in ("package", "parts", "empty"):
+        now = identify(self.path)
+        if now.kind == "other":  # it was new, empty or ours when checked: something came since
+            raise AnefxInputError(
+                f"-o {self.path}: {now.detail} appeared there during the conversion; nothing "
+                "was replaced"
+            )
+        if now.kind in ("package", "parts", "empty"):
             if not _exchange(self.staged, self.path):
                 previous = self.staging / ".previous"
                 os.replace(self.path, previous)
@@ -390,7 +396,8 @@ class Output:
         """Remove what this run staged (all of it, or all but the finished parts)."""
         if keep and self.staged.is_dir():
             _clear(self.tmp)
-            self.tmp.rmdir() if self.tmp.is_dir() else None
+            if self.tmp.is_dir():
+                self.tmp.rmdir()
             return
         shutil.rmtree(self.staging, ignore_errors=True)
         for folder in reversed(self.created):
@@ -401,9 +408,9 @@ class Output:
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
-        if self.committed or self.closed or exc is None:
+        if self.committed or self.closed:
             return False
-        self.closed = True
+        self.closed = True  # left without a commit (an error, or a caller that stopped early)
         full = isinstance(exc, OSError) and exc.errno in _FULL
         # coremltools' weight writer reports a failed write without an errno
         full = full or (isinstance(exc, RuntimeError) and "FileWriter" in str(exc))

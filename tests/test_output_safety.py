@@ -400,3 +400,26 @@ def test_a_package_carries_its_report_and_replaces_its_predecessor(capsys, ckpt,
     assert json.loads((pkg / REPORT_ITEM).read_text())["seq_len"] == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mlpackage", "report.json"]
     assert (tmp_path / "report.json").read_text() == "a user's report"
+
+
+def test_something_that_appears_at_the_output_meanwhile_is_kept(
+    capsys, ckpt, tmp_path, monkeypatch
+) -> None:
+    import anefx.targets.coreml as coreml
+
+    out = tmp_path / "m.mlpackage"
+    real = coreml.write_package
+
+    def meanwhile(*args, **kwargs):  # the user saves a folder there while anefx converts
+        out.mkdir()
+        (out / "mine.txt").write_text("written during the conversion")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coreml, "write_package", meanwhile)
+    code, _, err = run(capsys, "convert", ckpt, "-o", out, "--seq", "8")
+    assert code == 2
+    one_line(err, out, "appeared there during the conversion")
+    assert snapshot(tmp_path) == {
+        "m.mlpackage": "dir",
+        "m.mlpackage/mine.txt": snapshot(out)["mine.txt"],
+    }
