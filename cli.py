@@ -269,22 +269,6 @@ def cmd_matrix(args) -> int:
     return 1 if any(r["errors_after_except_size"] for r in rows) else 0
 
 
-def _lut(args) -> dict[str, int] | None:
-    """Weight kind -> bits from --lut and the per-kind overrides."""
-    lut = {k: args.lut for k in ("embed", "ffn", "head")} if args.lut else {}
-    for kind in ("embed", "ffn", "head"):
-        bits = getattr(args, f"lut_{kind}")
-        if bits is not None:
-            if bits:
-                lut[kind] = bits
-            else:
-                lut.pop(kind, None)  # 0: keep this kind in fp16
-    from anefx.targets.palettize import check_lut
-
-    check_lut(lut)  # before the minutes of lowering, not after
-    return lut or None
-
-
 def _lower_decoder(args, progress, **kwargs):
     """Load --model once; lower prefill (S = --batch) and decode (S = 1) with --context."""
     from anefx.generation import lower_decoder
@@ -298,212 +282,72 @@ def _lower_decoder(args, progress, **kwargs):
     )
 
 
-def _convert_flags(args, kind: str) -> None:
-    """Flags that only make sense together (each flag's own range is checked when parsed)."""
-    if args.context is None:
-        if args.batch is not None:
-            raise AnefxInputError("--batch is the prefill batch of --context: give --context too")
-        if args.argmax:
-            raise AnefxInputError("--argmax needs --context (the stateful decoder)")
-    else:
-        if args.seq is not None:
-            raise AnefxInputError(
-                "--seq is the length of a stateless package; with --context use --batch"
-            )
-        args.batch = min(64, args.context) if args.batch is None else args.batch
-        if args.batch > args.context:
-            raise AnefxInputError(f"--batch {args.batch} must not exceed --context {args.context}")
-    args.seq = 64 if args.seq is None else args.seq
-    if args.resume and kind == "package":
-        raise AnefxInputError(
-            f"--resume continues a conversion into a folder of parts; {args.output} is a single "
-            "package, which is written whole"
-        )
-
-
-def _estimated_bytes(plan, lut: dict[str, int] | None, kind: str) -> int:
-    """The artifact's bytes from the config alone (fp16, shrunk by --lut where every kind is
-    palettized; a tied embedding is stored again in the head part)."""
-    config = plan.config
-    total = plan.parameters * 2
-    if kind == "parts" and getattr(config, "tie_word_embeddings", False):
-        total += config.vocab_size * config.hidden_size * 2
-    if lut and {"embed", "ffn", "head"} <= set(lut):
-        total = int(total * max(b / 16 for b in lut.values()))
-    return total
-
-
 def cmd_convert(args) -> int:
-    from anefx.models.load import load_model, preflight
-    from anefx.targets.artifact import PACKAGE_SUFFIX, prepare_output
+    """A thin call of anefx.convert (anefx/conversion.py), then the report it returns."""
+    from anefx.conversion import convert, lut_bits
 
-    kind = "package" if args.output.rstrip("/").endswith(PACKAGE_SUFFIX) else "parts"
-    _convert_flags(args, kind)
-    lut = _lut(args)
-    progress = Progress(not args.json)
-    # everything that can be checked without the weights, before any weight is read
-    plan = preflight(args.model, dtype=_dtype(args.dtype))
-    if args.context is not None:
-        from anefx.models.capture import check_state_bytes
-
-        check_state_bytes(plan.config, args.context)
-    estimate = _estimated_bytes(plan, lut, kind)
-    if kind == "package" and not args.force and estimate > 1.1 * args.max_chunk_mb * 2**20:
-        # clearly too large (the exact test, on the lowered graph, follows the lowering)
-        raise AnefxInputError(
-            f"{args.output}: the weights (about {estimate / 2**20:,.0f} MiB) do not fit one "
-            f"package of --max-chunk-mb {args.max_chunk_mb:g}; give -o a folder for the parts"
-        )
-    out = prepare_output(args.output, kind, plan.protected, resume=args.resume)
-    try:
-        with out:
-            out.check_space(estimate, "the artifact (from the config)")
-            _random_notice(args.model)
-            if args.context is not None:
-                progress(
-                    f"loading {args.model}; lowering prefill (batch {args.batch}) and decode, "
-                    f"context {args.context}"
-                )
-                dec = lower_decoder_of(load_model(plan), args)
-                lowered, default = {"prefill": dec.prefill, "decode": dec.decode}, "decode"
-            else:
-                import anefx
-
-                progress(f"loading {args.model}")
-                low = anefx.lower(load_model(plan), seq_len=args.seq, dtype=_dtype(args.dtype))
-                lowered, default = {"main": low}, "main"
-            for name, low in lowered.items():
-                # in parts, the package-size rule applies to each part, not the whole model
-                errors = [
-                    e for e in low.report.errors if kind == "package" or e.rule != "weights_size"
-                ]
-                progress(
-                    f"{name}: captured and lowered ({low.seconds.get('export', 0):.1f}s export, "
-                    f"{low.log.seconds:.2f}s passes): {len(errors)} error(s), "
-                    f"{len(low.report.warnings)} warning(s)"
-                    + (" (sizes checked per part)" if kind == "parts" else "")
-                )
-            if kind == "package":
-                return _convert_package(args, lowered, default, progress, lut, out)
-            return _convert_chunked(args, lowered, default, progress, lut, out)
-    finally:
-        for note in out.notes:
-            print(f"anefx: {note}", file=sys.stderr)
-
-
-def lower_decoder_of(loaded, args):
-    """Prefill (S = --batch) and decode (S = 1) of LOADED with --context."""
-    from anefx.generation import lower_decoder
-
-    return lower_decoder(
-        loaded,
-        batch=args.batch,
-        context=args.context,
-        dtype=_dtype(args.dtype),
-        argmax=args.argmax,
-    )
-
-
-def _convert_package(args, lowered: dict, default: str, progress, lut, out) -> int:
-    """-o OUT.mlpackage: one package holding every function and its report."""
-    from anefx.targets.chunked import plan
-    from anefx.targets.coreml import emit_functions
-
-    max_bytes = int(args.max_chunk_mb * 2**20)
-    parts = plan(lowered, max_bytes, lut)
-    if len(parts) > 1 and not args.force:
-        raise AnefxInputError(
-            f"{args.output}: the weights do not fit one package of --max-chunk-mb "
-            f"{args.max_chunk_mb:g} ({len(parts)} parts: "
-            f"{', '.join(p.name for p in parts)}); give -o a folder for the parts"
-        )
-    result = emit_functions(
-        lowered,
+    lut = lut_bits(args.lut, args.lut_embed, args.lut_ffn, args.lut_head)
+    _random_notice(args.model)
+    result = convert(
+        args.model,
         args.output,
-        force=args.force,
-        progress=progress,
-        default=default,
+        seq=args.seq,
+        context=args.context,
+        batch=args.batch,
+        argmax=args.argmax,
+        dtype=_dtype(args.dtype),
+        max_chunk_mb=args.max_chunk_mb,
         lut=lut,
-        output=out,
+        force=args.force,
+        resume=args.resume,
+        progress=Progress(not args.json),
     )
-    progress(f"wrote {args.output} (its report inside: Data/anefx/report.json)")
-    reports = result["emitted_reports"]
-    if args.json:  # one JSON object on stdout
+    if result.kind == "package":
+        if args.json:  # one JSON object on stdout
+            print(
+                json.dumps(
+                    {
+                        "output": args.output,
+                        "errors": result.errors,
+                        "warnings": result.warnings,
+                        "emitted": [r.to_dict() for r in result.emitted],
+                    },
+                    default=str,
+                )
+            )
+        else:
+            for rep in result.emitted:
+                print(rep.render())
+        return 1 if result.errors else 0
+    if args.json:
         print(
             json.dumps(
                 {
                     "output": args.output,
-                    "errors": sum(len(r.errors) for r in reports),
-                    "warnings": sum(len(r.warnings) for r in reports),
-                    "emitted": [r.to_dict() for r in reports],
-                },
-                default=str,
+                    "parts": result.parts,
+                    "errors": result.errors,
+                    "warnings": result.warnings,
+                }
             )
         )
-    for rep in [] if args.json else reports:
-        print(rep.render())
-    return 1 if any(r.errors for r in result["emitted_reports"]) else 0
-
-
-def _convert_chunked(args, lowered: dict, default: str, progress, lut, out) -> int:
-    """-o FOLDER: the parts (embedding, decoder chunks, head) and manifest.json."""
-    from anefx.targets.chunked import emit_chunked
-
-    options = {
-        k: getattr(args, k)
-        for k in ("seq", "context", "batch", "argmax", "dtype", "max_chunk_mb")
-        if getattr(args, k, None) is not None
-    }
-    if args.context is not None:
-        options.pop("seq", None)  # not a choice the user made
-    manifest = emit_chunked(
-        lowered,
-        args.output,
-        int(args.max_chunk_mb * 2**20),
-        default=default,
-        lut=lut,
-        force=args.force,
-        resume=args.resume,
-        progress=progress,
-        options=options,
-        output=out,
+        return 1 if result.errors else 0
+    print(
+        f"{'part':30} {'kind':8} {'layers':8} {'fp16 MiB':>8} {'lut':14} {'file MiB':>8} "
+        "errors warnings"
     )
-    progress(f"wrote {len(manifest['parts'])} part(s) and manifest.json into {args.output}")
-    rows = [
-        {
-            "file": p["file"],
-            "kind": p["kind"],
-            "layers": f"{p['layers'][0]}-{p['layers'][-1]}" if p["layers"] else "-",
-            "weight_mb": round(p["weight_bytes"] / 2**20, 1),
-            "package_mb": round(p["package_bytes"] / 2**20, 1),
-            "lut": ",".join(f"{k}:{v}" for k, v in p["lut"].items()) or "-",
-            "errors": p["errors"],
-            "warnings": p["warnings"],
-        }
-        for p in manifest["parts"]
-    ]
-    if args.json:
-        print(json.dumps({"output": args.output, "parts": rows, **manifest["checker"]}))
-    else:
+    for r in result.parts:
         print(
-            f"{'part':30} {'kind':8} {'layers':8} {'fp16 MiB':>8} {'lut':14} {'file MiB':>8} "
-            "errors warnings"
+            f"{r['file']:30} {r['kind']:8} {r['layers']:8} {r['weight_mib']:8.1f} "
+            f"{r['lut']:14} {r['package_mib']:8.1f} {r['errors']:6} {r['warnings']:8}"
         )
-        for r in rows:
-            print(
-                f"{r['file']:30} {r['kind']:8} {r['layers']:8} {r['weight_mb']:8.1f} "
-                f"{r['lut']:14} {r['package_mb']:8.1f} {r['errors']:6} {r['warnings']:8}"
-            )
-        for p in manifest["parts"]:
-            for rep in p["emitted"]:
-                counts = ", ".join(f"{k} {n}" for k, n in sorted(rep["counts"].items()))
-                print(f"  {p['file']} {rep['stage']}: {counts or 'clean'}")
-                for v in rep["violations"]:
-                    if v["severity"] == "error":
-                        print(
-                            f"    error {v['rule']} at {v['node']} ({v['module']}): {v['message']}"
-                        )
-    return 1 if manifest["checker"]["errors"] else 0
+    for p in result.manifest["parts"]:
+        for rep in p["emitted"]:
+            counts = ", ".join(f"{k} {n}" for k, n in sorted(rep["counts"].items()))
+            print(f"  {p['file']} {rep['stage']}: {counts or 'clean'}")
+            for v in rep["violations"]:
+                if v["severity"] == "error":
+                    print(f"    error {v['rule']} at {v['node']} ({v['module']}): {v['message']}")
+    return 1 if result.errors else 0
 
 
 def _tokenizer(model: str, artifact: str | None = None):
@@ -567,7 +411,7 @@ def _artifact_decoder(args, progress):
             "and decode with a KV cache: convert with --context)"
         )
     pre, dec = fns["prefill"], fns["decode"]
-    decoder = Decoder(pre, dec, dec.states[0]["shape"][2], pre.seq_len)
+    decoder = Decoder(pre, dec, dec.signature.context, pre.seq_len)
     flags = (("--context", args.context), ("--batch", args.batch))
     given = [flag for flag, value in flags if value is not None]
     if given:
@@ -1067,6 +911,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _notes(exc: BaseException) -> None:
+    """What a failed command left for the user to know (a conversion's kept parts)."""
+    for note in getattr(exc, "__notes__", ()):
+        print(f"note: {_line(note)}", file=sys.stderr)
+
+
 def _line(text: object) -> str:
     return " ".join(str(text).split())
 
@@ -1089,12 +939,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except AnefxInputError as exc:
         print(f"anefx: error: {_line(exc)}", file=sys.stderr)
+        _notes(exc)
         return 2
     except AnefxGraphError as exc:
         print(f"anefx: graph error: {_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("anefx: interrupted", file=sys.stderr)
+        _notes(exc)
         return 130
     except OSError as exc:  # the file system said no: a path the user gave, or a full disk
         where = f"{exc.filename}: " if exc.filename else ""

@@ -24,6 +24,12 @@ from anefx.models.limits import MAX_STEPS
 
 @dataclass
 class Decoder:
+    """Two functions of one model sharing a KV cache: PREFILL (S = BATCH) and DECODE (S = 1).
+
+    Each is a Lowered graph (run in torch) or a package function on the reference executor:
+    anything with ``graph_module`` (called as (ids, positions, mask, *states)), ``signature``,
+    ``logits(outputs)``, ``seq_len`` and ``dtype``."""
+
     prefill: Lowered
     decode: Lowered
     context: int
@@ -31,8 +37,7 @@ class Decoder:
 
     @property
     def vocab(self) -> int:
-        config = getattr(self.prefill, "config", None)
-        return config.vocab_size if config is not None else self.prefill.logits_width
+        return self.prefill.signature.vocab_size
 
 
 def lower_decoder(
@@ -69,15 +74,6 @@ def lower_decoder(
     return Decoder(prefill, decode, context, batch)
 
 
-def _logits(low: Lowered, out) -> torch.Tensor:
-    """(1, S, V) logits from the graph's logit outputs (slices or one tensor)."""
-    n = len(low.outputs) or 1
-    parts = list(out[:n])
-    if low.outputs:
-        return torch.cat(parts, dim=1).squeeze(2).transpose(1, 2)
-    return parts[0]
-
-
 @dataclass(frozen=True)
 class StopReason:
     """Why generation stopped: ``kind`` is "end_token" (``value`` its id), "max_new_tokens"
@@ -109,7 +105,7 @@ class Session:
     def reset(self) -> None:
         """Forget everything: an empty (zeroed) cache at position 0."""
         d = self.decoder.decode
-        self.states = [torch.zeros(s["shape"], dtype=d.dtype) for s in d.states]
+        self.states = [torch.zeros(s.shape, dtype=d.dtype) for s in d.signature.states]
         self.tokens: list[int] = []  # the ids in the cache, in order
         self._pending: int | None = None  # last generated token, not yet in the cache
         self._last_logits: torch.Tensor | None = None
@@ -146,7 +142,7 @@ class Session:
         # holds slots past its position, which the next writes overwrite and no query sees
         self.states = list(out[len(out) - len(self.states) :])
         self.tokens.extend(ids)
-        return _logits(low, out)[0, :n]
+        return low.logits(out)[0, :n]
 
     def feed(self, ids: list[int]) -> torch.Tensor:
         """Process IDS (prefill batches, then single steps); return the last position's logits."""

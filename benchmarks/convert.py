@@ -27,9 +27,7 @@ import hashlib
 import json
 import logging
 import os
-import re
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -76,10 +74,6 @@ REFERENCE = {
     "prior_naive_peak_rss_gb": 3.3,
 }
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)(?:\.|$)")
-# the emitter's KV-cache states, one K and one V per layer
-_STATE = re.compile(r"^[kv]_cache_(\d+)$")
-
 
 def _quiet() -> None:
     # coremltools' progress bars and torch/transformers warnings would bury the summary
@@ -124,33 +118,6 @@ def load(preset: str, seed: int):
 # program analysis
 
 
-def layer_stats(ops: list, n_layers: int) -> dict:
-    """Per-decoder-layer op counts of a program's non-const ops, attributed by .module."""
-    per_layer = [Counter() for _ in range(n_layers)]
-    unattributed = 0
-    for o in ops:
-        m = _LAYER.match(o.module or "")
-        if m and int(m[1]) < n_layers:
-            per_layer[int(m[1])][o.op] += 1
-        else:
-            unattributed += 1  # embedding, final norm, LM head, rotary tables, or unknown
-    totals = [sum(c.values()) for c in per_layer]
-    med = statistics.median(totals)
-    # a representative layer for the op breakdown: the first one closest to the median count
-    rep = min(range(n_layers), key=lambda i: abs(totals[i] - med))
-    return {
-        "ops_per_layer": med,
-        "ops_per_layer_max": max(totals),
-        "ops_layer0": totals[0],
-        "transposes_per_layer": statistics.median(c["transpose"] for c in per_layer),
-        "reshapes_per_layer": statistics.median(c["reshape"] for c in per_layer),
-        "copies_per_layer": statistics.median(c["transpose"] + c["reshape"] for c in per_layer),
-        "outside_layers": unattributed,
-        "layer_op_types": dict(per_layer[rep].most_common()),
-        "layer_op_types_index": rep,
-    }
-
-
 def analyse(
     package: Path,
     n_layers: int,
@@ -162,17 +129,13 @@ def analyse(
 
     FUNCTION picks one function of a multifunction package (its rule check only); SPEC, if
     given, is the package's already read spec."""
-    from anefx.lowering.checker import check_spec, mil_ops
+    from anefx.lowering.checker import check_spec
+    from anefx.lowering.op_counts import layer_stats, program_ops
     from anefx.targets.coreml import read_spec
 
     spec = spec if spec is not None else read_spec(package)
-    every = mil_ops(spec, function)
     # a layer's KV-cache reads and writes count in that layer, as in ANEMLL's op counts
-    state_layers = _state_layers(spec, function)
-    for o, layer in zip(every[len(every) - len(state_layers) :], state_layers, strict=True):
-        if layer is not None and not o.module:
-            o.module = f"model.layers.{layer}.self_attn"
-    ops = [o for o in every if o.kind not in ("input", "const")]
+    ops = program_ops(spec, function)
     if name_to_module is not None:
         for o in ops:
             o.module = o.module or _module_of(o.name, name_to_module)
@@ -195,20 +158,6 @@ def analyse(
         "package_mb": round(dir_mb(package), 1),
         **layer_stats(ops, n_layers),
     }
-
-
-def _state_layers(spec, function: str) -> list[int | None]:
-    """For each operation of FUNCTION in program order (mil_ops lists them in that order after
-    the inputs): the layer of the KV-cache state a read_state / write_state touches, else None.
-    write_state has no output to carry a name, so its state input identifies it."""
-    fn = spec.mlProgram.functions[function]
-    out: list[int | None] = []
-    for op in fn.block_specializations[fn.opset].operations:
-        m = None
-        if op.type in ("read_state", "write_state") and "input" in op.inputs:
-            m = _STATE.match(op.inputs["input"].arguments[0].name)
-        out.append(int(m[1]) if m else None)
-    return out
 
 
 def _module_of(mil_name: str, name_to_module: dict[str, str]) -> str | None:
@@ -274,11 +223,11 @@ def check_state_outputs(low, what: str) -> None:
     lost them fails later with a confusing argument-count or zip error."""
     out = low.graph_module.graph.output_node().args[0]
     n_out = len(out) if isinstance(out, (tuple, list)) else 1
-    want = (len(low.outputs) or 1) + len(low.states)
+    want = len(low.signature.outputs) + len(low.states)
     if low.states and n_out != want:
         raise RuntimeError(
             f"the lowered {what} graph returns {n_out} outputs, expected {want} "
-            f"({len(low.outputs) or 1} logits + {len(low.states)} states): a pass dropped the "
+            f"({len(low.signature.outputs)} logits + {len(low.states)} states): a pass dropped the "
             "KV-cache outputs (split_lm_head does so on vocabularies wider than one slice)"
         )
 
@@ -732,14 +681,25 @@ def _fmt_counts(d: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from anefx.cli import int_range
+    from anefx.lowering.rules import DIM_LIMITS
+    from anefx.models.presets import PRESETS
+
+    # the ranges anefx checks, checked here first: a bad value fails at once, not after the
+    # load and the conversions before the one that refuses it
+    width = DIM_LIMITS["W"]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="qwen3-0.6b", help="model preset (random weights)")
-    p.add_argument("--seq", type=int, default=64, help="prefill length (default 64)")
+    p.add_argument(
+        "--preset", default="qwen3-0.6b", choices=PRESETS, help="model preset (random weights)"
+    )
+    p.add_argument(
+        "--seq", type=int_range(1, width), default=64, help="prefill length (default 64)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--out", type=Path, help="folder for the packages")
     p.add_argument(
         "--context",
-        type=int,
+        type=int_range(1, width),
         default=512,
         help="KV cache length of the stateful package (default 512; its prefill batch is --seq)",
     )
@@ -757,6 +717,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # internal: a child process runs one path and prints its numbers as one JSON line
     p.add_argument("--only", choices=PATHS + (STATEFUL,), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.stateful and args.seq > args.context:
+        p.error(
+            f"--seq {args.seq} (the stateful package's prefill batch) must not exceed --context "
+            f"{args.context}; or --no-stateful"
+        )
     if args.out is None:
         args.out = Path("build") / "bench" / f"{args.preset}-seq{args.seq}"
     return args

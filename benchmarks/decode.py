@@ -107,7 +107,7 @@ def decode_bytes(low) -> dict:
             tables += t.numel() * elem
         else:
             weights += t.numel() * elem
-    kv = sum(math.prod(s["shape"]) for s in low.states) * PACKAGE_ELEM_BYTES
+    kv = sum(math.prod(s.shape) for s in low.states) * PACKAGE_ELEM_BYTES
     return {
         "weight_bytes": weights,  # read whole every step
         "gathered_bytes": gathered,  # rows of gathered tables (the embedding row)
@@ -273,10 +273,22 @@ def render(rec: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from anefx.cli import int_range
+    from anefx.lowering.rules import DIM_LIMITS
+    from anefx.models.presets import PRESETS
+
+    # the ranges lower_decoder checks, checked here first: before the load, not after it
+    width = DIM_LIMITS["W"]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="qwen3-0.6b", help="model preset (random weights)")
-    p.add_argument("--context", type=int, default=512, help="KV cache length (default 512)")
-    p.add_argument("--batch", type=int, default=64, help="prefill batch (default 64)")
+    p.add_argument(
+        "--preset", default="qwen3-0.6b", choices=PRESETS, help="model preset (random weights)"
+    )
+    p.add_argument(
+        "--context", type=int_range(1, width), default=512, help="KV cache length (default 512)"
+    )
+    p.add_argument(
+        "--batch", type=int_range(1, width), default=64, help="prefill batch (default 64)"
+    )
     p.add_argument("--tokens", type=int, default=32, help="new tokens per side (default 32)")
     p.add_argument("--prompt-len", type=int, default=16, help="random prompt length (16)")
     p.add_argument(
@@ -297,6 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tokens must be at least 2 (the first token comes from the prefill)")
     if args.prompt_len < 1 or args.prompt_len + args.tokens > args.context:
         p.error("need 1 <= --prompt-len and --prompt-len + --tokens <= --context")
+    if args.batch > args.context:
+        p.error(f"--batch {args.batch} must not exceed --context {args.context}")
     return args
 
 

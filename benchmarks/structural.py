@@ -41,7 +41,7 @@ def measure(preset: str, seq: int, repeat: bool) -> dict:
         "wall_s": round(wall, 2),
         "stage_s": stages,
         "peak_rss_gb": round(peak_rss_gb(), 3),
-        "exported_layers": low.graph_module.meta.get("anefx_exported_layers"),
+        "exported_layers": low.exported_layers,
         "layers": low.config.num_hidden_layers,
         "nodes": low.report.stats["nodes"],
         "errors": len(low.report.errors),

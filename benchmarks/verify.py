@@ -28,15 +28,35 @@ from convert import _quiet, git_revision, peak_rss_gb
 
 
 def main() -> int:
+    from anefx.cli import int_range
+    from anefx.lowering.rules import DIM_LIMITS
+    from anefx.models.limits import MAX_STEPS
+    from anefx.models.presets import PRESETS
+
+    # what verify checks once the package exists, checked here first: a bad value fails at
+    # once, not after converting the preset
+    width = DIM_LIMITS["W"]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="qwen3-0.6b")
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--steps", type=int, default=9, help="compared tokens: 1 prefill + N-1 decode")
+    p.add_argument("--preset", default="qwen3-0.6b", choices=PRESETS)
+    p.add_argument("--context", type=int_range(1, width), default=512)
+    p.add_argument("--batch", type=int_range(1, width), default=64)
+    p.add_argument("--prompt-len", type=int_range(1), default=16)
+    p.add_argument(
+        "--steps",
+        type=int_range(1, MAX_STEPS),
+        default=9,
+        help="compared tokens: 1 prefill + N-1 decode",
+    )
     p.add_argument("--package", help="verify this package instead of converting the preset")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.package is None and args.batch > args.context:
+        p.error(f"--batch {args.batch} must not exceed --context {args.context}")
+    if args.package is None and args.prompt_len + args.steps - 1 > args.context:
+        p.error(
+            f"--prompt-len + --steps - 1 = {args.prompt_len + args.steps - 1} tokens exceed "
+            f"--context {args.context}"
+        )
     _quiet()
     import torch
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import Role, Signature, State, join_logits, signature_of
 from anefx.errors import AnefxInputError
 from anefx.lowering import rules
 from anefx.lowering.checker import Report, check_graph
@@ -37,15 +38,17 @@ class Lowered:
     log: PassLog
     seconds: dict[str, float] = field(default_factory=dict)
     context: int | None = None
+    exported_layers: int | None = None  # how many decoder layers export traced (the rest repeated)
 
     @property
-    def states(self) -> list[dict]:
-        """The KV-cache states (name, shape, dtype), empty for a stateless graph."""
-        return self.graph_module.meta.get("anefx_states") or []
+    def signature(self) -> Signature:
+        """What the graph takes and returns: inputs, outputs, states (anefx.core.signature)."""
+        return signature_of(self.graph_module)
 
     @property
-    def outputs(self) -> list[dict]:
-        return self.graph_module.meta.get("anefx_outputs") or []
+    def states(self) -> tuple[State, ...]:
+        """The KV-cache states, empty for a stateless graph."""
+        return self.signature.states
 
     def inputs(self, input_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The captured graph's inputs for (1, S) ids: ids padded at the end to the captured
@@ -77,7 +80,7 @@ class Lowered:
             raise AnefxInputError("a model lowered with --meta has no weights to run")
         if self.states:
             raise AnefxInputError("a stateful graph runs through anefx.generation.Session")
-        if self.graph_module.meta.get("anefx_argmax"):
+        if self.signature.chooses_token:
             raise AnefxInputError("this graph returns token ids, not logits (lowered with argmax)")
         ids, pos, default_mask = self.inputs(input_ids)
         n = torch.as_tensor(input_ids).shape[-1]
@@ -86,10 +89,14 @@ class Lowered:
         mask = default_mask if mask is None else mask.to(self.dtype)
         with torch.no_grad():
             out = self.graph_module(ids, pos, mask)
-        if isinstance(out, (tuple, list)):
-            out = torch.cat(list(out), dim=1)  # slices of (1, w, 1, S) on the channel axis
-            out = out.squeeze(2).transpose(1, 2)
-        return out[:, :n]
+        return self.logits(out)[:, :n]
+
+    def logits(self, out) -> torch.Tensor:
+        """(1, S, V) logits from the graph's outputs OUT (its states' new values may follow)."""
+        values = list(out) if isinstance(out, (tuple, list)) else [out]
+        sig = self.signature
+        picked = [(o, values[i]) for i, o in enumerate(sig.outputs) if o.role == Role.LOGITS]
+        return join_logits([v for _, v in picked], [o for o, _ in picked])
 
 
 def lower(
@@ -106,8 +113,8 @@ def lower(
     """Load MODEL (folder, ``preset:NAME``, a LoadedModel or a transformers model), capture,
     lower, check.
 
-    With CONTEXT the graph holds a KV cache of that many positions as state (inputs and
-    outputs listed in ``graph_module.meta["anefx_states"]``); the rotary tables cover it.
+    With CONTEXT the graph holds a KV cache of that many positions as state (its signature's
+    ``states``); the rotary tables cover it.
     REPEAT=False exports every decoder layer instead of repeating the first ones in the graph.
     """
     from anefx.models.load import LoadedModel, load_model
@@ -151,13 +158,11 @@ def lower(
         gm, build_pipeline(dtype=dtype, table_len=context or seq_len, argmax=argmax)
     )
     seconds["passes"] = log.seconds
-    outs = gm.meta.get("anefx_outputs") or []
-    stats["lm_head_slices"] = len(outs) or 1
+    stats["lm_head_slices"] = len(signature_of(gm).logits) or 1
     moe = gm.meta.get(MOE_META)
     if moe:
         stats["moe"] = moe_summary(moe)
-    if gm.meta.get("anefx_states"):
-        stats["states"] = gm.meta["anefx_states"]
+    if context:
         stats["context"] = context
     report = check_graph(gm, "lowered", stats)
     seconds["check"] = time.perf_counter() - t0 - log.seconds
@@ -174,4 +179,5 @@ def lower(
         log=log,
         seconds=seconds,
         context=context,
+        exported_layers=cap.exported_layers,
     )

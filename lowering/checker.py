@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import has_signature, signature_of
 from anefx.lowering import rules
-from anefx.lowering.ops import LAYER_NORM
+from anefx.lowering.ops import EMITTABLE, LAYER_NORM
 
 # ---------------------------------------------------------------------------------------------
 # records
@@ -401,15 +402,53 @@ def weight_key(t: torch.Tensor) -> Hashable | None:
     return (base, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
+def _unsupported_ops(gm: fx.GraphModule) -> list[Violation]:
+    """The "unsupported_op" rule: nodes the Core ML emitter cannot translate (an op outside
+    lowering/ops.py EMITTABLE, or a call_module / call_method node)."""
+    rule = rules.RULES_BY_ID["unsupported_op"]
+    out = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_module", "call_method"):
+            continue
+        op = str(node.target) if node.op == "call_function" else f"{node.op} {node.target}"
+        if node.op == "call_function" and op in EMITTABLE:
+            continue
+        v = node.meta.get("val")
+        t = v if isinstance(v, torch.Tensor) else None
+        out.append(
+            Violation(
+                rule=rule.id,
+                severity=rule.severity,
+                op=op,
+                node=node.name,
+                shape=None if t is None else [s if isinstance(s, int) else -1 for s in t.shape],
+                dtype=None if t is None else _dtype_name(t.dtype),
+                module=node.meta.get("anefx_module"),
+                pass_=node.meta.get("anefx_pass"),
+                message=f"no Core ML translation for {op}",
+                limit="an op of lowering/ops.py EMITTABLE",
+            )
+        )
+    return out
+
+
 def check_graph(gm: fx.GraphModule, stage: str, stats: dict | None = None) -> Report:
-    """Check an fx graph (after shape propagation)."""
+    """Check an fx graph (after shape propagation); its states come from its signature."""
     ops = fx_ops(gm)
     base = {
         "nodes": len(ops),
         "ops": sum(1 for o in ops if o.kind not in ("input", "const")),
     }
+    if has_signature(gm) and signature_of(gm).states:
+        base["states"] = [
+            {"name": s.name, "shape": list(s.shape), "dtype": s.dtype}
+            for s in signature_of(gm).states
+        ]
     base.update(stats or {})
-    return check_ops(ops, stage, base)
+    report = check_ops(ops, stage, base)
+    if stage.startswith("lowered"):  # a captured graph is reported by its own rules
+        report.violations.extend(_unsupported_ops(gm))
+    return report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Stages: the embedding output, each decoder layer's output (the residual stream after it), the
 final norm, the logits. transformers' values come from forward hooks on those modules; the
 lowered graph's from the last node each stage's module produced (its ``anefx_module``), read
-back in the (1, S, C) layout whatever layout the passes chose. A stage passes at or above its
-dtype's threshold; a NaN never passes.
+back in the (1, S, C) layout through the axis map the layout pass recorded on that node. A
+stage passes at or above its dtype's threshold; a NaN never passes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import to_logical
 from anefx.errors import AnefxGraphError, AnefxInputError
 from anefx.progress import Progress, quiet
 
@@ -159,18 +160,16 @@ def _stage_nodes(gm: fx.GraphModule, names: list[str]) -> dict[str, fx.Node]:
     return last
 
 
-def _logical(value: torch.Tensor, seq: int, width: int) -> torch.Tensor:
-    """A stage value in any layout the passes chose -> (1, S, C)."""
-    shape = tuple(value.shape)
-    if shape == (1, seq, width):
-        return value
-    if shape == (seq, width):
-        return value[None]
-    if shape == (1, width, 1, seq):
-        return value[:, :, 0, :].transpose(1, 2)
-    if shape == (1, width, seq):
-        return value.transpose(1, 2)
-    raise AnefxGraphError(f"cannot read a (1, {seq}, {width}) stage from shape {shape}")
+def _logical(value: torch.Tensor, node: fx.Node, seq: int, width: int) -> torch.Tensor:
+    """A stage value (NODE's, in the layout the passes chose) as (1, S, C): read back through
+    the axis map the layout pass recorded on NODE (anefx.core.signature), never from shapes."""
+    logical = to_logical(value, node)
+    if tuple(logical.shape) != (1, seq, width):
+        raise AnefxGraphError(
+            f"stage node {node.name} holds {tuple(logical.shape)} in its logical layout, not "
+            f"(1, {seq}, {width})"
+        )
+    return logical
 
 
 class _Recorder(fx.Interpreter):
@@ -198,10 +197,9 @@ def lowered_stages(low, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         out = rec.run(*low.inputs(ids))
     values = {}
     for name in names[:-1]:
-        values[name] = _logical(rec.values[nodes[name]], seq, cfg.hidden_size)[:, :n].float()
-    if isinstance(out, (tuple, list)):
-        out = torch.cat(list(out), dim=1).squeeze(2).transpose(1, 2)
-    values["lm_head"] = out[:, :n].float()
+        node = nodes[name]
+        values[name] = _logical(rec.values[node], node, seq, cfg.hidden_size)[:, :n].float()
+    values["lm_head"] = low.logits(out)[:, :n].float()
     return values
 
 
@@ -232,7 +230,7 @@ def diff(
     if not ids or any(not 0 <= i < cfg.vocab_size for i in ids):
         raise AnefxInputError(f"--ids must be token ids in [0, {cfg.vocab_size})")
     ids_t = torch.tensor([ids])
-    seq = len(ids) + (1 if len(ids) == cfg.hidden_size else 0)  # layouts stay unambiguous
+    seq = len(ids)
     say(f"transformers: the hidden states of {cfg.num_hidden_layers + 3} stages")
     ref = reference_stages(model, ids_t)
     names = stage_modules(cfg.num_hidden_layers)

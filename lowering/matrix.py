@@ -40,7 +40,7 @@ def matrix_row(preset: str, seq_len: int = 64) -> dict:
         "lm_head_slices": rep.stats["lm_head_slices"],
         "weight_bytes": weight_bytes,
         "packages_1gb": math.ceil(weight_bytes / rules.WEIGHTS_WARN_BYTES),
-        "exported_layers": low.graph_module.meta.get("anefx_exported_layers"),
+        "exported_layers": low.exported_layers,
         "seconds": round(seconds, 2),
     }
     moe = rep.stats.get("moe")

@@ -11,6 +11,7 @@ applied to every graph of the model (prefill and decode), so both split identica
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -18,9 +19,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import (
+    Input,
+    Output,
+    Role,
+    Signature,
+    Source,
+    axis_map,
+    set_signature,
+    signature_of,
+)
 from anefx.errors import AnefxGraphError
 from anefx.lowering.checker import weight_key
-from anefx.models.capture import INPUT_IDS
 
 EMBED, DECODER, HEAD = "embed", "decoder", "head"
 HIDDEN = "hidden_states"
@@ -73,29 +83,19 @@ def _output_values(gm: fx.GraphModule) -> list:
     return list(vals) if isinstance(vals, (tuple, list)) else [vals]
 
 
-def _user_output_names(gm: fx.GraphModule, n_user: int) -> list[str]:
-    meta = gm.meta.get("anefx_outputs")
-    if meta:
-        return [o["name"] for o in meta]
-    return ["logits"] if n_user == 1 else [f"output_{i}" for i in range(n_user)]
-
-
 def _roles(gm: fx.GraphModule) -> _Roles:
-    states = {s["name"] for s in gm.meta.get("anefx_states") or []}
+    sig = signature_of(gm)
     outs = _output_values(gm)
-    n_user = len(outs) - len(states)
-    r = _Roles(output_names=_user_output_names(gm, n_user), n_user_outputs=n_user)
+    n_user = len(sig.outputs)
+    r = _Roles(output_names=[o.name for o in sig.outputs], n_user_outputs=n_user)
     nodes = list(gm.graph.nodes)
     dependent: set[fx.Node] = set()  # reads the token ids, directly or not
+    tokens = sig.placeholder(gm, Role.TOKENS)
     for n in nodes:
-        if (n.op == "placeholder" and n.name == INPUT_IDS) or any(
-            a in dependent for a in n.all_input_nodes
-        ):
+        if n is tokens or any(a in dependent for a in n.all_input_nodes):
             dependent.add(n)
     embed_modules = {
-        n.meta.get("anefx_module")
-        for n in nodes
-        if n.op == "call_function" and "embedding" in str(n.target)
+        n.meta.get("anefx_module") for n in nodes if n.target is torch.ops.aten.embedding.default
     }
     # the head: the modules of the nodes producing the user outputs
     head_modules = {o.meta.get("anefx_module") for o in outs[:n_user] if isinstance(o, fx.Node)} - {
@@ -275,13 +275,12 @@ def split_graph(gm: fx.GraphModule, plans: list[PartPlan]) -> list[fx.GraphModul
 
     A value computed in one part and read in a later one leaves the first as an output and
     enters the second as an input, both named ``hidden_states`` (``hidden_states_<k>`` when a
-    part passes on several); ``meta["anefx_inputs_from"]`` of each part names where each of its
-    inputs comes from: ``{"model": name}`` or ``{"part": index, "output": name}``.
+    part passes on several); each part's signature says where each of its inputs comes from
+    (a model input, or an earlier part's output) and which non-layer modules it computes.
     """
     roles = _roles(gm)
     index = _part_index(plans, roles)
-    states = gm.meta.get("anefx_states") or []
-    state_names = [s["name"] for s in states]
+    state_names = [s.name for s in signature_of(gm).states]
     outs = _output_values(gm)
     n_user = roles.n_user_outputs
     state_value = dict(zip(state_names, outs[n_user:], strict=True))
@@ -340,59 +339,85 @@ def _extract(
             raise AnefxGraphError(
                 f"state {n.name} is read in part {plan.name} but written elsewhere"
             )
+    sig = signature_of(gm)
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    inputs_from: dict[str, dict] = {}
+    inputs: list[Input] = []
     for n in external:  # first: the hidden state(s) from earlier parts
         # two earlier parts may both call theirs hidden_states: the input names its part then
-        name = crossing[n] if crossing[n] not in inputs_from else f"{crossing[n]}_p{index[n]}"
+        taken = {i.name for i in inputs}
+        name = crossing[n] if crossing[n] not in taken else f"{crossing[n]}_p{index[n]}"
         ph = g.placeholder(name)
         ph.meta = dict(n.meta)
         ph.meta.pop("anefx_pass", None)
         env[n] = ph
-        inputs_from[ph.name] = {"part": index[n], "output": crossing[n]}
+        inputs.append(_hidden(n, Input, ph.name, source=Source(part=index[n], output=crossing[n])))
     for n in gm.graph.nodes:
         if n not in needed:
             continue
         if n.op == "placeholder":
             new = g.placeholder(n.name)
             new.meta = dict(n.meta)
-            inputs_from[n.name] = {"model": n.name}
+            given = sig.named(n.name)
+            if isinstance(given, Input):
+                inputs.append(dataclasses.replace(given, source=Source(model=n.name)))
         else:
             new = g.node_copy(n, lambda a: env[a])
         env[n] = new
-    results, out_meta = [], []
-    described = {o["name"]: o for o in gm.meta.get("anefx_outputs") or []}
+    results, outputs = [], []
     for n in own:
         if n in crossing and any(index.get(u, p) != p for u in n.users if u.op != "output"):
             results.append(env[n])
-            out_meta.append(
-                {
-                    "name": crossing[n],
-                    "description": "hidden state (1, C, 1, S) fp16 for the next part",
-                }
+            outputs.append(
+                _hidden(
+                    n,
+                    Output,
+                    crossing[n],
+                    description="hidden state (1, C, 1, S) fp16 for the next part",
+                )
             )
     for i, o in enumerate(outs[: roles.n_user_outputs]):
         if index.get(o) == p:
-            name = roles.output_names[i]
             results.append(env[o])
-            out_meta.append(described.get(name, {"name": name, "description": name}))
+            outputs.append(sig.outputs[i])
     for s in my_states:
         results.append(env[state_value[s]])
     g.output(tuple(results))
     sub = fx.GraphModule(gm, g)
-    sub.meta = {k: v for k, v in gm.meta.items() if k not in ("anefx_states", "anefx_outputs")}
-    sub.meta["anefx_states"] = [
-        s for s in gm.meta.get("anefx_states") or [] if s["name"] in my_states
-    ]
-    sub.meta["anefx_outputs"] = out_meta
-    sub.meta["anefx_inputs_from"] = inputs_from
-    sub.meta["anefx_part"] = plan.to_dict()
+    sub.meta = dict(gm.meta)
     # the modules outside the decoder layers this part computes (the final norm shows here)
-    sub.meta["anefx_part_modules"] = sorted(
-        {m for n in own if (m := n.meta.get("anefx_module")) and layer_of(m) is None}
+    modules = sorted({m for n in own if (m := n.meta.get("anefx_module")) and layer_of(m) is None})
+    set_signature(
+        sub,
+        Signature(
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            states=tuple(s for s in sig.states if s.name in my_states),
+            modules=tuple(modules),
+        ),
     )
     return sub
+
+
+# the residual stream's logical axes, as captured: (B, S, C)
+_STREAM = ("B", "S", "C")
+
+
+def _hidden(node: fx.Node, kind: type, name: str, **extra):
+    """The Input or Output (KIND) carrying NODE, a hidden state, between parts: its physical
+    layout named from the layout pass's axis map (the (B, C, 1, S) of the decoder)."""
+    val = node.meta["val"]
+    m = axis_map(node)
+    if m is None:
+        axes = _STREAM if val.dim() == 3 else tuple("1" for _ in range(val.dim()))
+    else:
+        named = ["1"] * val.dim()
+        for logical, physical in enumerate(m.dims):
+            if physical is not None:
+                named[physical] = _STREAM[logical]
+        axes = tuple(named)
+    dtype = str(val.dtype).removeprefix("torch.")
+    return kind(name, Role.HIDDEN, tuple(int(d) for d in val.shape), dtype, axes, **extra)
 
 
 def _by_name(gm: fx.GraphModule, name: str) -> fx.Node:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import Input, Output, Role, Signature, State, set_signature
 from anefx.errors import AnefxInputError
 from anefx.models.limits import MAX_STATE_BYTES
 from anefx.models.repeat_layers import (
@@ -166,6 +167,7 @@ class Captured:
     input_names: list[str]
     seconds: dict[str, float] = field(default_factory=dict)
     context: int | None = None
+    exported_layers: int | None = None  # how many layers export traced (the rest repeated)
 
 
 def causal_mask(seq_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -275,8 +277,9 @@ def _fixed_dynamic_rope(model: torch.nn.Module, table_len: int):
 
 def _export(
     model: torch.nn.Module, seq_len: int, meta: bool, context: int | None, seconds: dict
-) -> fx.GraphModule:
-    """torch.export + ATen decompositions + unlift of MODEL as it is now."""
+) -> tuple[fx.GraphModule, list[str]]:
+    """torch.export + ATen decompositions + unlift of MODEL as it is now: the graph and its
+    state placeholders' names, in call order."""
     dtype = next(model.parameters()).dtype
     args = example_inputs(seq_len, dtype, "meta" if meta else "cpu", context)
     wrapper = PrefillWrapper(model) if context is None else StatefulWrapper(model, context)
@@ -298,11 +301,12 @@ def capture(
     context: int | None = None,
     repeat: bool = True,
 ) -> Captured:
-    """Export MODEL at a fixed sequence length into an unlifted ATen GraphModule.
+    """Export MODEL at a fixed sequence length into an unlifted ATen GraphModule carrying its
+    :class:`~anefx.core.signature.Signature`.
 
     With CONTEXT, the graph also reads and writes a KV cache of that many positions: the cache
-    tensors become extra inputs and outputs (``gm.meta["anefx_states"]``). With REPEAT, only
-    the first layers are exported and the others are copies of them in the graph
+    tensors become extra inputs and outputs (the signature's states). With REPEAT, only the
+    first layers are exported and the others are copies of them in the graph
     (models/repeat_layers.py), so the cost does not grow with depth.
     """
     if seq_len < 1:
@@ -317,20 +321,20 @@ def capture(
         k = prefix_length([layer_signature(layer) for layer in found[1]])
     if found and k < total:
         with truncated(model, k):
-            gm = _export(model, seq_len, meta, context, seconds)
+            gm, states = _export(model, seq_len, meta, context, seconds)
         t0 = time.perf_counter()
         try:
-            repeat_layers(gm, model, k, cache_name, attr_name)
+            states = repeat_layers(gm, model, k, cache_name, attr_name, states)
             seconds["repeat"] = time.perf_counter() - t0
         except RepeatError:
             # a structure the repetition does not cover: export every layer
-            gm = _export(model, seq_len, meta, context, seconds)
+            gm, states = _export(model, seq_len, meta, context, seconds)
             k = total
     else:
-        gm = _export(model, seq_len, meta, context, seconds)
+        gm, states = _export(model, seq_len, meta, context, seconds)
         k = total
-    gm.meta["anefx_exported_layers"] = k
     dtype = next(model.parameters()).dtype
+    set_signature(gm, signature(model.config, seq_len, dtype, context, states))
     return Captured(
         graph_module=gm,
         seq_len=seq_len,
@@ -339,6 +343,44 @@ def capture(
         input_names=[INPUT_IDS, POSITION_IDS, CAUSAL_MASK],
         seconds=seconds,
         context=context,
+        exported_layers=k,
+    )
+
+
+def signature(
+    config, seq_len: int, dtype: torch.dtype, context: int | None, states: list[str]
+) -> Signature:
+    """The captured graph's signature: ids, positions and mask in; logits (B, S, V) out; with
+    CONTEXT, STATES (the caches' names in call order) as Core ML states."""
+    fp = str(dtype).removeprefix("torch.")
+    keys = context or seq_len
+    vocab = config.vocab_size
+    by_name = {
+        cache_name(kind, layer): (role, layer)
+        for layer in range(config.num_hidden_layers)
+        for kind, role in (("k", "key"), ("v", "value"))
+    }
+    shape = kv_cache_shape(config, context) if context else None
+    return Signature(
+        inputs=(
+            Input(INPUT_IDS, Role.TOKENS, (1, seq_len), "int32", ("B", "S")),
+            Input(POSITION_IDS, Role.POSITIONS, (1, seq_len), "int32", ("B", "S")),
+            Input(CAUSAL_MASK, Role.MASK, (1, 1, seq_len, keys), fp, ("B", "1", "S", "T")),
+        ),
+        outputs=(
+            Output(
+                "logits",
+                Role.LOGITS,
+                (1, seq_len, vocab),
+                fp,
+                ("B", "S", "V"),
+                vocab=(0, vocab),
+                description="logits",
+            ),
+        ),
+        states=tuple(
+            State(name, by_name[name][0], (by_name[name][1],), tuple(shape), fp) for name in states
+        ),
     )
 
 
@@ -348,8 +390,10 @@ def attr_name(target: str) -> str:
     return name.replace(".", "_")
 
 
-def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
-    """Turn weight placeholders into get_attr constants; keep user inputs as placeholders."""
+def unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str]]:
+    """Turn weight placeholders into get_attr constants; keep user inputs as placeholders.
+    Returns the graph and the names of its state placeholders (mutated buffers: the KV cache),
+    which follow the user inputs and whose new values follow the user outputs, in this order."""
     from torch.export.graph_signature import InputKind, OutputKind
 
     sig = ep.graph_signature
@@ -420,9 +464,5 @@ def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
         last = [n for n in phs if n.target not in states.values()][-1]
         for n in reversed([n for n in phs if n.target in states.values()]):
             last.append(n)
-        gm.meta["anefx_states"] = [
-            {"name": t, "shape": list(state[t].shape), "dtype": str(state[t].dtype)}
-            for t in states.values()
-        ]
     gm.recompile()
-    return gm
+    return gm, list(states.values())

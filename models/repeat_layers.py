@@ -94,16 +94,20 @@ def repeat_layers(
     captured: int,
     state_name,
     attr_name,
-) -> int:
-    """Extend GM (MODEL's first CAPTURED layers) to all of MODEL's layers; returns the count.
+    state_names: list[str] | None = None,
+) -> list[str]:
+    """Extend GM (MODEL's first CAPTURED layers) to all of MODEL's layers; returns the names of
+    its state placeholders in call order (the graph's state outputs follow the same order).
 
     STATE_NAME(kind, layer) names a layer's state placeholders ("k"/"v"); ATTR_NAME(fqn) is the
-    GraphModule attribute for a parameter (as capture's unlift names them).
+    GraphModule attribute for a parameter (as capture's unlift names them); STATE_NAMES are the
+    captured graph's states, in call order (unlift returns them).
     """
+    state_names = list(state_names or [])
     prefix, layers = decoder_layers(model)
     total = len(layers)
     if captured >= total:
-        return total
+        return state_names
     sigs = [layer_signature(layer) for layer in layers]
     template_of = {}
     for j in range(captured, total):
@@ -137,14 +141,13 @@ def repeat_layers(
     placeholders = [n for n in nodes if n.op == "placeholder"]
     states = {n.target: n for n in placeholders}
     outputs = list(out_node.args[0]) if isinstance(out_node.args[0], (tuple, list)) else None
-    state_meta = list(gm.meta.get("anefx_states") or [])
-    if state_meta and outputs is None:
+    if state_names and outputs is None:
         raise RepeatError("a stateful graph without a tuple output")
     state_out_index = {}
-    if state_meta:
-        first_state = len(outputs) - len(state_meta)
-        for i, s in enumerate(state_meta):
-            state_out_index[s["name"]] = first_state + i
+    if state_names:
+        first_state = len(outputs) - len(state_names)
+        for i, name in enumerate(state_names):
+            state_out_index[name] = first_state + i
 
     last = residual[captured - 1]
     tail_users = [u for u in last.users if member.get(u) is None and u is not out_node]
@@ -209,17 +212,15 @@ def repeat_layers(
                 new_states.append((state_name(kind, j), env[value]))
     for u in tail_users:
         u.replace_input_with(last, current)
+    order = list(state_names)
     if new_states:
-        by_name = {s["name"]: s for s in state_meta}
-        order = [s["name"] for s in state_meta] + [name for name, _ in new_states]
-        values = dict(zip([s["name"] for s in state_meta], outputs[first_state:], strict=True))
+        order += [name for name, _ in new_states]
+        values = dict(zip(state_names, outputs[first_state:], strict=True))
         values.update(dict(new_states))
         out_node.args = (tuple(outputs[:first_state]) + tuple(values[n] for n in order),)
-        template = state_meta[-1]
-        gm.meta["anefx_states"] = [by_name.get(n, {**template, "name": n}) for n in order]
     g.eliminate_dead_code()
     gm.recompile()
-    return total
+    return order
 
 
 def _tensor(model: torch.nn.Module, fqn: str) -> torch.Tensor:

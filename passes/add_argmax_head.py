@@ -12,36 +12,34 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import Output, Role, set_signature, signature_of
 from anefx.passes._util import PassResult, add_const, aten, emit, is_op, recompile
-from anefx.passes.split_lm_head import OUTPUTS_META
-
-TOKEN_META = "anefx_argmax"
-_TOKEN_OUTPUTS = [
-    {"name": "token", "start": 0, "end": 0, "description": "the chosen token id (greedy), int32"},
-    {"name": "logit", "start": 0, "end": 0, "description": "the chosen token's logit"},
-]
 
 
 def add_argmax_head(gm: fx.GraphModule) -> PassResult:
-    """Replace the logit outputs (listed in gm.meta[OUTPUTS_META]) by token id and logit."""
-    if gm.meta.get(TOKEN_META):
+    """Replace the logits outputs (the signature's) by the token id and its logit."""
+    sig = signature_of(gm)
+    if sig.chooses_token or not sig.logits:
         return PassResult(gm, False)
     g = gm.graph
     out = g.output_node()
     values = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
-    outs_meta = gm.meta.get(OUTPUTS_META)
-    if not outs_meta:
-        return _unsplit(gm, out, values)
-    k = len(outs_meta)
-    slices, rest = values[:k], values[k:]
+    logits = [(o, values[i]) for i, o in enumerate(sig.outputs) if o.role == Role.LOGITS]
+    others = {id(v) for _, v in logits}
+    rest = [v for v in values if id(v) not in others]  # other outputs, then the states
+    if logits[0][0].axes != ("B", "V", "1", "S"):
+        return _unsplit(gm, out, logits[0][1], rest)
+    logits.sort(key=lambda ov: ov[0].vocab[0])
+    k = len(logits)
+    slices = [v for _, v in logits]
     with g.inserting_before(out):
         maxes, idxs = [], []
-        for node, meta in zip(slices, outs_meta, strict=True):
+        for meta, node in logits:
             maxes.append(emit(g, aten.amax.default, (node, [1], True), like=node))
             arg = emit(g, aten.argmax.default, (node, 1, True), like=node)
             arg = emit(g, aten._to_copy.default, (arg,), {"dtype": torch.int32}, like=node)
-            if meta["start"]:
-                arg = emit(g, aten.add.Tensor, (arg, meta["start"]), like=node)
+            if meta.vocab[0]:
+                arg = emit(g, aten.add.Tensor, (arg, meta.vocab[0]), like=node)
             idxs.append(arg)
         like = slices[0]
         m = emit(g, aten.cat.default, (maxes, 1), like=like) if k > 1 else maxes[0]
@@ -61,13 +59,12 @@ def add_argmax_head(gm: fx.GraphModule) -> PassResult:
             {"dtype": torch.int32},
             like=like,
         )
-    return _outputs(gm, out, token, logit, rest)
+    return _outputs(gm, out, token, logit, rest, ("B", "1", "1", "S"))
 
 
-def _unsplit(gm: fx.GraphModule, out: fx.Node, values: list) -> PassResult:
+def _unsplit(gm: fx.GraphModule, out: fx.Node, logits: fx.Node, rest: list) -> PassResult:
     """A head narrow enough not to be split: logits (1, S, V) -> token and logit (1, S, 1)."""
     g = gm.graph
-    logits, rest = values[0], values[1:]
     src, dim = logits, -1
     while is_op(src, aten.permute, aten.reshape) and len(src.users) == 1:
         src = src.args[0]
@@ -78,16 +75,42 @@ def _unsplit(gm: fx.GraphModule, out: fx.Node, values: list) -> PassResult:
         logit = emit(g, aten.amax.default, (logits, [dim], True), like=logits)
         token = emit(g, aten.argmax.default, (logits, dim, True), like=logits)
         token = emit(g, aten._to_copy.default, (token,), {"dtype": torch.int32}, like=logits)
-    return _outputs(gm, out, token, logit, rest)
+    axes = ("B", "1", "1", "S") if dim == 1 else ("B", "S", "1")
+    return _outputs(gm, out, token, logit, rest, axes)
 
 
-def _outputs(gm: fx.GraphModule, out: fx.Node, token, logit, rest: list) -> PassResult:
-    """Token id and logit replace the logits as the first outputs; the rest (states) follow."""
+def _outputs(
+    gm: fx.GraphModule, out: fx.Node, token, logit, rest: list, axes: tuple[str, ...]
+) -> PassResult:
+    """Token id and logit replace the logits as the first outputs; the rest (other outputs, then
+    the states) follow. AXES: their layout, S along the last axis or the second."""
     g = gm.graph
     g.erase_node(out)
     g.output((token, logit, *rest))
-    gm.meta[TOKEN_META] = True
-    gm.meta[OUTPUTS_META] = _TOKEN_OUTPUTS
+    sig = signature_of(gm)
+    first = sig.logits[0]
+    seq = first.size("S")
+    shape = tuple(seq if a == "S" else 1 for a in axes)
+    chosen = (
+        Output(
+            "token",
+            Role.TOKEN,
+            shape,
+            "int32",
+            axes,
+            description="the chosen token id (greedy), int32",
+        ),
+        Output(
+            "logit",
+            Role.TOKEN_LOGIT,
+            shape,
+            first.dtype,
+            axes,
+            description="the chosen token's logit",
+        ),
+    )
+    others = tuple(o for o in sig.outputs if o.role != Role.LOGITS)
+    set_signature(gm, sig.replace(outputs=chosen + others))
     g.eliminate_dead_code()
     recompile(gm)
     return PassResult(gm, True)
@@ -95,7 +118,7 @@ def _outputs(gm: fx.GraphModule, out: fx.Node, token, logit, rest: list) -> Pass
 
 def postcondition(gm: fx.GraphModule) -> list[str]:
     """When applied, the first output is an int32 token id and no conv output leaves the graph."""
-    if not gm.meta.get(TOKEN_META):
+    if not signature_of(gm).chooses_token:
         return []
     out = gm.graph.output_node().args[0]
     first = out[0] if isinstance(out, (tuple, list)) else out

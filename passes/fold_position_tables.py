@@ -13,16 +13,17 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import Role, has_signature, signature_of
 from anefx.passes._util import PassResult, add_const, aten, emit, is_op, recompile, shape_of, val
 
 _MARK = "anefx_position_select"
 
 
 def _position_input(gm: fx.GraphModule) -> fx.Node | None:
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and "position" in node.name:
-            return node
-    return None
+    """The graph's position ids, by their role in its signature (None: a graph without)."""
+    if not has_signature(gm):
+        return None
+    return signature_of(gm).placeholder(gm, Role.POSITIONS)
 
 
 def _position_only(gm: fx.GraphModule, pos: fx.Node) -> list[fx.Node]:

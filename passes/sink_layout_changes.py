@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import AxisMap, has_signature, set_axis_map, signature_of
 from anefx.lowering.ops import LAYER_NORM
-from anefx.models.capture import CAUSAL_MASK, INPUT_IDS, POSITION_IDS
 from anefx.passes._util import PassResult, aten, const_value, is_op, recompile, shape_of
 
 _ELEMENTWISE = (
@@ -49,12 +49,17 @@ _ELEMENTWISE = (
 )
 _VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze)
 _REDUCTIONS = (aten.mean, aten.sum, aten.amax, aten.amin)
-# Which axes of the captured inputs run along the token sequence.
-SEQUENCE_AXES = {
-    INPUT_IDS: frozenset({1}),
-    POSITION_IDS: frozenset({1}),
-    CAUSAL_MASK: frozenset({2}),
-}
+
+
+def _sequence_axes(gm: fx.GraphModule) -> dict[str, frozenset]:
+    """Placeholder name -> its axes that run along the tokens of the call ("S" in the
+    signature's layout of that input; a state's context axis "T" is not one)."""
+    if not has_signature(gm):
+        return {}
+    sig = signature_of(gm)
+    return {
+        i.name: frozenset(a for a, name in enumerate(i.axes) if name == "S") for i in sig.inputs
+    }
 
 
 @dataclass(frozen=True)
@@ -352,13 +357,14 @@ class _Sweep:
 
     # -- driver -------------------------------------------------------------------------
     def run(self) -> fx.Graph:
+        sequence = _sequence_axes(self.gm)
         for node in self.gm.graph.nodes:
             self.like = node
             if node.op == "placeholder":
                 new = self.g.placeholder(node.name)
                 new.meta = {"anefx_pass": None, **node.meta}
                 shape = shape_of(node)
-                seq = SEQUENCE_AXES.get(node.name, frozenset())
+                seq = sequence.get(node.name, frozenset())
                 self.env[node] = Layout.identity(new, shape, seq) if shape is not None else new
             elif node.op == "get_attr":
                 new = self.g.get_attr(node.target)
@@ -372,7 +378,21 @@ class _Sweep:
                 self.g.output(outs)
             else:
                 self.env[node] = self.rule(node)
+        self._record_layouts()
         return self.g
+
+    def _record_layouts(self) -> None:
+        """Say, on each re-emitted value held in another layout than its logical one, where its
+        logical axes went (AxisMap), so later stages (diff) read it back without guessing. The
+        map is that of the value the node was emitted for: views of it kept in the same
+        physical tensor (the head's reshape of the final norm) come later in graph order."""
+        done: set[fx.Node] = set()
+        for lay in self.env.values():  # the original graph's order: a producer before its views
+            if not isinstance(lay, Layout) or lay.node.op != "call_function" or lay.node in done:
+                continue
+            done.add(lay.node)
+            if lay.pshape != lay.shape or lay.dims != tuple(range(len(lay.shape))):
+                set_axis_map(lay.node, AxisMap(tuple(lay.shape), tuple(lay.dims)))
 
     def rule(self, node: fx.Node):
         if shape_of(node) is None or any(

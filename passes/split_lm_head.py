@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from anefx.core.signature import Output, Role, has_signature, set_signature, signature_of
 from anefx.lowering.rules import MAX_CONV_OUT_CHANNELS, lm_head_slice_width
 from anefx.passes._util import (
     PassResult,
@@ -22,8 +23,6 @@ from anefx.passes._util import (
     recompile,
     shape_of,
 )
-
-OUTPUTS_META = "anefx_outputs"
 
 
 def _to_output(conv: fx.Node) -> fx.Node | None:
@@ -72,17 +71,10 @@ def split_lm_head(gm: fx.GraphModule) -> PassResult:
             rest = tuple(v for v in values if v is not tail)
             g.erase_node(out)
             g.output(tuple(p for _, _, p in parts) + rest)
-            s = shape_of(node)
-            gm.meta[OUTPUTS_META] = [
-                {
-                    "name": f"logits_{i}",
-                    "start": a,
-                    "end": b,
-                    "shape": [s[0], b - a, s[2], s[3]],
-                    "description": f"logits for vocabulary ids {a}..{b - 1}, (1, {b - a}, 1, S)",
-                }
-                for i, (a, b, _) in enumerate(parts)
-            ]
+            if has_signature(gm):
+                _record_slices(
+                    gm, values.index(tail), shape_of(node), [(a, b) for a, b, _ in parts]
+                )
         else:
             with g.inserting_after(parts[-1][2]):
                 cat = emit(g, aten.cat.default, ([p for _, _, p in parts], 1), like=node)
@@ -92,6 +84,30 @@ def split_lm_head(gm: fx.GraphModule) -> PassResult:
         g.eliminate_dead_code()
         recompile(gm)
     return PassResult(gm, modified)
+
+
+def _record_slices(
+    gm: fx.GraphModule, index: int, shape: tuple[int, ...], ranges: list[tuple[int, int]]
+) -> None:
+    """The signature's output INDEX (the logits) becomes the slices, in the graph's order."""
+    sig = signature_of(gm)
+    logits = sig.outputs[index]
+    first = logits.vocab[0] if logits.vocab else 0
+    slices = tuple(
+        Output(
+            f"logits_{i}",
+            Role.LOGITS,
+            (shape[0], b - a, shape[2], shape[3]),
+            logits.dtype,
+            ("B", "V", "1", "S"),
+            vocab=(first + a, first + b),
+            description=f"logits for vocabulary ids {first + a}..{first + b - 1}, "
+            f"(1, {b - a}, 1, S)",
+        )
+        for i, (a, b) in enumerate(ranges)
+    )
+    rest = tuple(o for i, o in enumerate(sig.outputs) if i != index)
+    set_signature(gm, sig.replace(outputs=slices + rest))
 
 
 def postcondition(gm: fx.GraphModule) -> list[str]:

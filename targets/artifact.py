@@ -27,16 +27,21 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from anefx.core.signature import Signature
 from anefx.errors import AnefxInputError
 
 PACKAGE_SUFFIX = ".mlpackage"
-PACKAGE_FORMAT = "anefx-package/1"
+# /2: the report records each function's signature (roles, layouts, vocabulary ranges)
+PACKAGE_FORMAT = "anefx-package/2"
+PACKAGE_FORMATS = ("anefx-package/1", PACKAGE_FORMAT)  # anefx's, replaceable; only /2 is read
 PACKAGE_MANIFEST = "Manifest.json"  # the Core ML package's own item list
 REPORT_AUTHOR = "anefx"
 REPORT_NAME = "report.json"
 REPORT_ITEM = f"Data/{REPORT_AUTHOR}/{REPORT_NAME}"  # relative to the package
 
-PARTS_FORMAT = "anefx-chunked/1"
+# /2: each part's functions are its signature (roles, layouts, vocabulary ranges, state kinds)
+PARTS_FORMAT = "anefx-chunked/2"
+PARTS_FORMATS = ("anefx-chunked/1", PARTS_FORMAT)  # anefx's, replaceable; only /2 is read
 MANIFEST = "manifest.json"  # a parts folder's manifest
 PROGRESS = ".anefx-progress.json"  # inside a staged parts folder: the parts written so far
 
@@ -80,6 +85,19 @@ def package_files(package: Path) -> dict[str, str]:
     }
 
 
+def package_signature(sig: Signature) -> dict:
+    """SIG as the package holds it, for the manifest and the report: every float tensor fp16
+    (Core ML's compute dtype, whatever the lowered graph's), integers int32."""
+
+    def stored(dtype: str) -> str:
+        return "int32" if dtype.startswith(("int", "uint", "bool")) else "float16"
+
+    doc = sig.to_dict()
+    for entry in (*doc["inputs"], *doc["outputs"], *doc["states"]):
+        entry["dtype"] = stored(entry["dtype"])
+    return doc
+
+
 def staging_path(output: Path) -> Path:
     """Where OUTPUT is built before it is swapped into place: a hidden folder beside it."""
     return output.with_name(f".{output.name}{STAGING_SUFFIX}")
@@ -121,7 +139,7 @@ def package_report(package: Path) -> dict | None:
         for e in entries.values()
     )
     report = _read_small_json(package / REPORT_ITEM) if listed else None
-    if not isinstance(report, dict) or report.get("format") != PACKAGE_FORMAT:
+    if not isinstance(report, dict) or report.get("format") not in PACKAGE_FORMATS:
         return None
     return report
 
@@ -178,7 +196,7 @@ def identify(path: Path) -> Found:
         )
         return Found(path, "package", "an anefx package", foreign)
     manifest = _read_small_json(path / MANIFEST)
-    if isinstance(manifest, dict) and manifest.get("format") == PARTS_FORMAT:
+    if isinstance(manifest, dict) and manifest.get("format") in PARTS_FORMATS:
         known = {MANIFEST, *_names(manifest.get("tokenizer_files"))}
         parts = manifest.get("parts")
         listed = _names(

@@ -26,8 +26,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from anefx.core.signature import signature_of
 from anefx.errors import AnefxGraphError, AnefxInputError
 from anefx.lowering import rules
 from anefx.lowering.checker import check_graph
@@ -40,6 +39,7 @@ from anefx.targets.artifact import (
     PROGRESS,
     Output,
     copy_new,
+    package_signature,
     prepare_output,
     tree_digest,
     write_json,
@@ -84,37 +84,8 @@ def _file_name(i: int, p: PartPlan) -> str:
     return f"{i:02d}_{p.name}.mlpackage"
 
 
-def _io(gm) -> dict:
-    """A part graph's inputs (with their source), outputs and states, for the manifest."""
-
-    def desc(name: str, v) -> dict:
-        dt = "int32" if v.dtype in (torch.int32, torch.int64) else "float16"
-        return {"name": name, "shape": [int(s) for s in v.shape], "dtype": dt}
-
-    states = {s["name"] for s in gm.meta["anefx_states"]}
-    sources = gm.meta["anefx_inputs_from"]
-    inputs = [
-        {**desc(n.name, n.meta["val"]), "from": sources[n.name]}
-        for n in gm.graph.nodes
-        if n.op == "placeholder" and n.name not in states
-    ]
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    names = [o["name"] for o in gm.meta["anefx_outputs"]]
-    outputs = [desc(nm, v.meta["val"]) for nm, v in zip(names, out_node.args[0], strict=False)]
-    return {
-        "inputs": inputs,
-        "outputs": outputs,
-        "states": [
-            {"name": s["name"], "shape": list(s["shape"]), "dtype": "float16"}
-            for s in gm.meta["anefx_states"]
-        ],
-    }
-
-
 def _part_lowered(low, gm, plan_: PartPlan):
     stats = {"part": plan_.name, "seq_len": low.seq_len}
-    if gm.meta.get("anefx_states"):
-        stats["states"] = gm.meta["anefx_states"]
     return dataclasses.replace(
         low,
         graph_module=gm,
@@ -263,8 +234,11 @@ def emit_chunked(
                     "package_bytes": sum(
                         f.stat().st_size for f in target.rglob("*") if f.is_file()
                     ),
-                    "modules": by_fn[default].graph_module.meta["anefx_part_modules"],
-                    "functions": {fn: _io(low.graph_module) for fn, low in by_fn.items()},
+                    "modules": list(signature_of(by_fn[default].graph_module).modules),
+                    "functions": {
+                        fn: package_signature(signature_of(low.graph_module))
+                        for fn, low in by_fn.items()
+                    },
                     "lowered": {
                         fn: {
                             "errors": len(low.report.errors),

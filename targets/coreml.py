@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import signature_of
 from anefx.errors import AnefxGraphError
 from anefx.lowering import rules
 from anefx.lowering.checker import MODULES_KEY, NAME_SEP, Report, check_spec, encode_module
-from anefx.lowering.ops import LAYER_NORM
+from anefx.targets import mil_ops
 from anefx.targets.artifact import (
     PACKAGE_FORMAT,
     PACKAGE_MANIFEST,
@@ -34,11 +35,10 @@ from anefx.targets.artifact import (
     REPORT_NAME,
     Output,
     package_files,
+    package_signature,
     prepare_output,
     write_new,
 )
-
-aten = torch.ops.aten
 
 # consts of at least this many elements go to the weight blob (coremltools writes smaller ones
 # inline, where sharing means nothing)
@@ -101,11 +101,6 @@ class _Emitter:
             return np.float16(x)
         return np.int32(x)
 
-    def arg(self, a, dtype=None):
-        if isinstance(a, fx.Node):
-            return self.env[a]
-        return self.scalar(a, dtype)
-
     def build(self):
         """The graph as one MIL Function (add it to a Program under its name)."""
         mb, types = self.mb, self.types
@@ -117,7 +112,8 @@ class _Emitter:
             torch.int32: types.int32,
             torch.int64: types.int32,
         }
-        self.states = {s["name"] for s in self.gm.meta.get("anefx_states", [])}
+        self.sig = signature_of(self.gm)
+        self.states = {s.name for s in self.sig.states}
         placeholders = {}
         for node in self.gm.graph.nodes:
             if node.op != "placeholder":
@@ -137,7 +133,6 @@ class _Emitter:
         return func
 
     def _body(self, inputs):
-        out_meta = self.gm.meta.get("anefx_outputs")
         n_states = len(self.states)
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
@@ -158,21 +153,13 @@ class _Emitter:
                 outs = node.args[0]
                 outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
                 user, state_vals = outs[: len(outs) - n_states], outs[len(outs) - n_states :]
-                for s_meta, value in zip(
-                    self.gm.meta.get("anefx_states", []), state_vals, strict=True
-                ):
+                for state, value in zip(self.sig.states, state_vals, strict=True):
                     self.mb.coreml_update_state(
-                        state=inputs[s_meta["name"]],
+                        state=inputs[state.name],
                         value=self.env[value],
-                        name=f"{s_meta['name']}_write",
+                        name=f"{state.name}_write",
                     )
-                names = (
-                    [o["name"] for o in out_meta]
-                    if out_meta
-                    else (
-                        ["logits"] if len(user) == 1 else [f"output_{i}" for i in range(len(user))]
-                    )
-                )
+                names = [o.name for o in self.sig.outputs]
                 results = []
                 for o, name in zip(user, names, strict=True):
                     var = self.env[o]
@@ -185,160 +172,8 @@ class _Emitter:
         raise AnefxGraphError("lowered graph has no output")
 
     def op(self, node: fx.Node):
-        mb = self.mb
-        name = _name(node)
-        t = node.target
-        a = node.args
-        v = node.meta.get("val")
-        dtype = v.dtype if isinstance(v, torch.Tensor) else None
-        if t in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
-            return mb.reshape(x=self.arg(a[0]), shape=list(v.shape), name=name)
-        if t is aten.permute.default:
-            return mb.transpose(x=self.arg(a[0]), perm=list(a[1]), name=name)
-        if t is aten.transpose.int:
-            if all(u.target is aten.matmul.default for u in node.users):
-                return None  # folded into matmul's transpose_x / transpose_y
-            rank = node.args[0].meta["val"].dim()
-            perm = list(range(rank))
-            i, j = a[1] % rank, a[2] % rank
-            perm[i], perm[j] = perm[j], perm[i]
-            return mb.transpose(x=self.arg(a[0]), perm=perm, name=name)
-        if t is aten.matmul.default:
-            xs, flags = [], []
-            for operand in a:
-                if (
-                    isinstance(operand, fx.Node)
-                    and operand.target is aten.transpose.int
-                    and self.env.get(operand) is None
-                ):
-                    xs.append(self.arg(operand.args[0]))
-                    flags.append(True)
-                else:
-                    xs.append(self.arg(operand))
-                    flags.append(False)
-            return mb.matmul(
-                x=xs[0], y=xs[1], transpose_x=flags[0], transpose_y=flags[1], name=name
-            )
-        if t is aten.conv2d.default:
-            kwargs = {
-                "x": self.arg(a[0]),
-                "weight": self.arg(a[1]),
-                "strides": [1, 1],
-                "pad_type": "valid",
-                "dilations": [1, 1],
-                "groups": 1,
-                "name": name,
-            }
-            if len(a) > 2 and a[2] is not None:
-                kwargs["bias"] = self.arg(a[2])
-            return mb.conv(**kwargs)
-        if t is LAYER_NORM:
-            x, w, axis, eps = a
-            kwargs = {
-                "x": self.arg(x),
-                "axes": [axis % v.dim()],
-                "epsilon": np.float16(eps),
-                "name": name,
-            }
-            if w is not None:
-                kwargs["gamma"] = self.arg(w)
-            return mb.layer_norm(**kwargs)
-        if t is aten.cat.default:
-            axis = (a[1] if len(a) > 1 else 0) % v.dim()
-            return mb.concat(values=[self.arg(x) for x in a[0]], axis=axis, name=name)
-        if t is aten.slice.Tensor:
-            src = a[0].meta["val"]
-            dim = a[1] % src.dim()
-            start = a[2] if len(a) > 2 and a[2] is not None else 0
-            end = a[3] if len(a) > 3 and a[3] is not None else src.shape[dim]
-            step = a[4] if len(a) > 4 else 1
-            size = src.shape[dim]
-            start, end = (
-                max(0, min(start + size if start < 0 else start, size)),
-                max(0, min(end + size if end < 0 else end, size)),
-            )
-            begin = [0] * src.dim()
-            stop = list(src.shape)
-            stride = [1] * src.dim()
-            begin[dim], stop[dim], stride[dim] = start, end, step
-            return mb.slice_by_index(
-                x=self.arg(a[0]), begin=begin, end=stop, stride=stride, name=name
-            )
-        if t is aten.neg.default:
-            return mb.mul(x=self.arg(a[0]), y=np.float16(-1.0), name=name)
-        binary = {
-            aten.add.Tensor: mb.add,
-            aten.mul.Tensor: mb.mul,
-            aten.sub.Tensor: mb.sub,
-            aten.div.Tensor: mb.real_div,
-            aten.eq.Tensor: mb.equal,
-            aten.gt.Tensor: mb.greater,
-            aten.gt.Scalar: mb.greater,
-            aten.lt.Tensor: mb.less,
-            aten.lt.Scalar: mb.less,
-            aten.ge.Scalar: mb.greater_equal,
-            aten.le.Scalar: mb.less_equal,
-        }
-        if t in binary:
-            ops_dtype = next((x.meta["val"].dtype for x in a if isinstance(x, fx.Node)), dtype)
-            return binary[t](x=self.arg(a[0], ops_dtype), y=self.arg(a[1], ops_dtype), name=name)
-        if t is aten.rsub.Scalar:  # other - x
-            return mb.sub(x=self.scalar(a[1], dtype), y=self.arg(a[0]), name=name)
-        if t is aten.sum.dim_IntList:
-            keep = a[2] if len(a) > 2 else node.kwargs.get("keepdim", False)
-            rank = a[0].meta["val"].dim()
-            return mb.reduce_sum(
-                x=self.arg(a[0]), axes=[d % rank for d in a[1]], keep_dims=bool(keep), name=name
-            )
-        if t is aten.amax.default:
-            rank = a[0].meta["val"].dim()
-            keep = a[2] if len(a) > 2 else False
-            return mb.reduce_max(
-                x=self.arg(a[0]), axes=[d % rank for d in a[1]], keep_dims=bool(keep), name=name
-            )
-        if t is aten.argmax.default:
-            rank = a[0].meta["val"].dim()
-            keep = a[2] if len(a) > 2 else False
-            return mb.reduce_argmax(
-                x=self.arg(a[0]),
-                axis=a[1] % rank,
-                keep_dims=bool(keep),
-                output_dtype="int32",
-                name=name,
-            )
-        if t is aten.softmax.int or t is aten._softmax.default:
-            return mb.softmax(x=self.arg(a[0]), axis=a[1] % v.dim(), name=name)
-        if t is aten.silu.default:
-            return mb.silu(x=self.arg(a[0]), name=name)
-        if t is aten.sigmoid.default:
-            return mb.sigmoid(x=self.arg(a[0]), name=name)
-        if t is aten.relu.default:
-            return mb.relu(x=self.arg(a[0]), name=name)
-        if t is aten.tanh.default:
-            return mb.tanh(x=self.arg(a[0]), name=name)
-        if t is aten.gelu.default:
-            tanh = node.kwargs.get("approximate", "none") == "tanh"
-            return mb.gelu(
-                x=self.arg(a[0]), mode="TANH_APPROXIMATION" if tanh else "EXACT", name=name
-            )
-        if t is aten._to_copy.default:
-            target = {
-                torch.float16: "fp16",
-                torch.float32: "fp16",
-                torch.int32: "int32",
-                torch.bool: "bool",
-            }[node.kwargs["dtype"]]
-            return mb.cast(x=self.arg(a[0]), dtype=target, name=name)
-        if t is aten.embedding.default:
-            return mb.gather(x=self.arg(a[0]), indices=self.arg(a[1]), axis=0, name=name)
-        if t is aten.expand.default:
-            src = a[0].meta["val"].shape
-            reps = [int(o // i) if i == 1 else 1 for i, o in zip(src, v.shape, strict=True)]
-            return mb.tile(x=self.arg(a[0]), reps=reps, name=name)
-        raise AnefxGraphError(
-            f"cannot emit node {node.name} ({t}) from {node.meta.get('anefx_module', '?')}: "
-            "no Core ML translation for this op"
-        )
+        """NODE's MIL value, by its op's translator in the registry (targets/mil_ops.py)."""
+        return mil_ops.translate(self, node, _name(node))
 
 
 def read_spec(path: str | Path):
@@ -496,6 +331,10 @@ def emit_functions(
             "forced": forced,
             "lut": lut or {},
             "rules_version": rules.RULES_VERSION,
+            "signatures": {
+                n: package_signature(signature_of(low.graph_module))
+                for n, low in lowered_by_name.items()
+            },
             "lowered": {n: low.report.to_dict() for n, low in lowered_by_name.items()},
             "emitted": [r.to_dict() for r in emitted],
             "tokenizer_files": list(tokenizer),
@@ -614,15 +453,14 @@ def _descriptions(lowered) -> dict[str, str]:
             f"absolute position of each token, int32 (1, S); {lowered.context} (= context) "
             "marks a padding slot, which writes nothing to the cache"
         )
-    for st in lowered.states:
-        texts[st["name"]] = (
-            f"KV cache of one layer, {'x'.join(map(str, st['shape']))} fp16 "
+    sig = signature_of(lowered.graph_module)
+    for st in sig.states:
+        texts[st.name] = (
+            f"KV cache of one layer, {'x'.join(map(str, st.shape))} fp16 "
             "(1, kv_heads, context, head_dim)"
         )
-    for o in lowered.graph_module.meta.get("anefx_outputs") or [
-        {"name": "logits", "description": "logits"}
-    ]:
-        texts[o["name"]] = o["description"]
+    for o in sig.outputs:
+        texts[o.name] = o.description or o.name
     return texts
 
 

@@ -20,6 +20,7 @@ package's ``Manifest.json`` when it opens it: the spec is parsed with protobuf d
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -31,6 +32,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from anefx.core.signature import Input, Role, Signature
 from anefx.errors import AnefxInputError
 from anefx.models import limits
 from anefx.targets import artifact
@@ -455,6 +457,51 @@ class _Fields:
             )
         return name, shape, dtype
 
+    def axes(self, value: dict, field: str, rank: int) -> None:
+        axes = self.get(value, "axes", f"{field}.axes")
+        if (
+            not isinstance(axes, list)
+            or len(axes) != rank
+            or not all(isinstance(a, str) and 0 < len(a) <= 8 for a in axes)
+        ):
+            raise self.bad(
+                f"{field}.axes",
+                f"must name each of the {rank} axes of its shape, got {_show(axes)}",
+            )
+
+    def signature(self, io: dict, field: str, layers: int) -> Signature:
+        """IO, whose names, shapes and dtypes are checked already (inputs, outputs, states),
+        as a Signature: roles, axes, vocabulary ranges and state kinds checked here."""
+        roles = sorted(str(r) for r in Role)
+        for group in ("inputs", "outputs"):
+            for j, t in enumerate(io[group]):
+                r = f"{field}.{group}[{j}]"
+                role = self.get(t, "role", f"{r}.role")
+                if role not in roles:
+                    raise self.bad(f"{r}.role", f"must be one of {roles}, got {_show(role)}")
+                self.axes(t, r, len(t["shape"]))
+                vocab = t.get("vocab")
+                if vocab is not None and not (
+                    isinstance(vocab, list)
+                    and len(vocab) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in vocab)
+                    and 0 <= vocab[0] < vocab[1] <= limits.MAX_VOCAB
+                ):
+                    raise self.bad(f"{r}.vocab", f"must be [start, end) ids, got {_show(vocab)}")
+                if not isinstance(t.get("description", ""), str):
+                    raise self.bad(f"{r}.description", "must be a string")
+        for j, st in enumerate(io["states"]):
+            r = f"{field}.states[{j}]"
+            kind = self.get(st, "kind", f"{r}.kind")
+            if kind not in ("key", "value"):
+                raise self.bad(f"{r}.kind", f"must be 'key' or 'value', got {_show(kind)}")
+            for k, layer in enumerate(self.seq(st, "layers", f"{r}.layers", layers, 1)):
+                self.integer(layer, f"{r}.layers[{k}]", 0, layers - 1)
+            self.axes(st, r, len(st["shape"]))
+            if "T" not in st["axes"]:
+                raise self.bad(f"{r}.axes", f"{_show(st['axes'])} has no context axis 'T'")
+        return Signature.from_dict(io)
+
 
 def _plain_name(f: _Fields, value: object, field: str) -> str:
     """A file name directly inside the folder: no path, no '..', nothing hidden."""
@@ -572,7 +619,12 @@ class _ManifestCheck:
         self.folder = folder
         self.f = f = _Fields(folder / MANIFEST)
         if doc.get("format") != PARTS_FORMAT:
-            raise f.bad("format", f"is {_show(doc.get('format'))}, expected {PARTS_FORMAT!r}")
+            older = doc.get("format") in artifact.PARTS_FORMATS
+            raise f.bad(
+                "format",
+                f"is {_show(doc.get('format'))}, expected {PARTS_FORMAT!r}"
+                + ("; an older anefx wrote it: convert it again" if older else ""),
+            )
         model = f.obj(doc, "model", "model")
         bounds = {
             "num_hidden_layers": limits.MAX_LAYERS,
@@ -645,6 +697,7 @@ class _ManifestCheck:
             self.inputs(i, fn, q, io)
             outs[fn] = self.outputs(q, io)
             states[fn] = self.kv_states(fn, q, io)
+            f.signature(io, q, self.layers_n)
         for fn in self.fns[1:]:  # every function of a part reads and writes the same KV cache
             if states[fn] != states[self.fns[0]]:
                 raise f.bad(
@@ -769,33 +822,80 @@ def _agree(where: Path, part: dict, program, fns: list[str]) -> None:
             f"lists {fns}"
         )
     for fn in fns:
-        declared = program.functions[fn]
-        io = part["functions"][fn]
-        for kind, listed, actual in (
-            ("input", io["inputs"], declared.inputs),
-            ("output", io["outputs"], declared.outputs),
-            ("state", io["states"], declared.states),
-        ):
-            want = {t["name"]: (tuple(t["shape"]), t["dtype"]) for t in listed}
-            got = {t.name: (tuple(t.shape), t.dtype.name) for t in actual}
-            for tname in want:
-                if tname not in got:
-                    raise AnefxInputError(
-                        f"{where}: part {name}, function {fn}: {kind} {tname!r} is not in the "
-                        f"part's program (its {kind}s: {', '.join(sorted(got)) or 'none'})"
-                    )
-                if want[tname] != got[tname]:
-                    raise AnefxInputError(
-                        f"{where}: part {name}, function {fn}: {kind} {tname!r} is "
-                        f"{got[tname][1]}{list(got[tname][0])} in the part's program, the "
-                        f"manifest says {want[tname][1]}{list(want[tname][0])}"
-                    )
-            extra = sorted(set(got) - set(want))
-            if extra:
+        _agree_function(
+            where,
+            f"part {name}",
+            fn,
+            part["functions"][fn],
+            program.functions[fn],
+            "part",
+            "the manifest",
+        )
+
+
+def _agree_function(
+    where: Path, what: str, fn: str, io: dict, declared, owner: str, record: str
+) -> None:
+    """IO (a recorded signature) must list exactly what function FN of WHAT's program declares
+    (WHERE: the file that records it, RECORD naming it in a message; OWNER: "part" or
+    "package")."""
+    for kind, listed, actual in (
+        ("input", io["inputs"], declared.inputs),
+        ("output", io["outputs"], declared.outputs),
+        ("state", io["states"], declared.states),
+    ):
+        want = {t["name"]: (tuple(t["shape"]), t["dtype"]) for t in listed}
+        got = {t.name: (tuple(t.shape), t.dtype.name) for t in actual}
+        for tname in want:
+            if tname not in got:
                 raise AnefxInputError(
-                    f"{where}: part {name}, function {fn}: the part's program has {kind} "
-                    f"{extra[0]!r}, which the manifest does not list"
+                    f"{where}: {what}, function {fn}: {kind} {tname!r} is not in the {owner}'s "
+                    f"program (its {kind}s: {', '.join(sorted(got)) or 'none'})"
                 )
+            if want[tname] != got[tname]:
+                raise AnefxInputError(
+                    f"{where}: {what}, function {fn}: {kind} {tname!r} is "
+                    f"{got[tname][1]}{list(got[tname][0])} in the {owner}'s program, {record} "
+                    f"says {want[tname][1]}{list(want[tname][0])}"
+                )
+        extra = sorted(set(got) - set(want))
+        if extra:
+            raise AnefxInputError(
+                f"{where}: {what}, function {fn}: the {owner}'s program has {kind} "
+                f"{extra[0]!r}, which {record} does not list"
+            )
+
+
+def package_signatures(path: str | Path, report: dict, program) -> dict[str, Signature]:
+    """The signature of each function of the package at PATH as its anefx REPORT records it,
+    checked field by field and against what PROGRAM (the package's, loaded) declares."""
+    path = Path(path)
+    where = path / REPORT_ITEM
+    f = _Fields(where)
+    if report.get("format") != artifact.PACKAGE_FORMAT:
+        raise f.bad(
+            "format",
+            f"is {_show(report.get('format'))}, expected {artifact.PACKAGE_FORMAT!r}; an older "
+            "anefx wrote it: convert it again",
+        )
+    sigs = f.obj(report, "signatures", "signatures")
+    if set(sigs) != set(program.functions):
+        raise f.bad(
+            "signatures",
+            f"names functions {sorted(sigs)}, the package holds {sorted(program.functions)}",
+        )
+    out = {}
+    for fn in sorted(sigs):
+        q = f"signatures.{fn}"
+        io = f.obj(sigs, fn, q)
+        for group, most in (("inputs", 64), ("outputs", 4096), ("states", 2 * limits.MAX_LAYERS)):
+            for j, t in enumerate(f.seq(io, group, f"{q}.{group}", most)):
+                f.tensor(t, f"{q}.{group}[{j}]")
+        out[fn] = f.signature(io, q, limits.MAX_LAYERS)
+        _agree_function(
+            where, "the package", fn, io, program.functions[fn], "package", "its report"
+        )
+    return out
 
 
 class ChainProgram:
@@ -818,10 +918,49 @@ class ChainProgram:
             program = load_package(self.folder / p["file"])
             _agree(self.folder / MANIFEST, p, program, self.manifest["functions"])
             self.parts.append((program, p))
+        # validated with the manifest: each part's functions, as signatures
+        self.signatures = [
+            {fn: Signature.from_dict(io) for fn, io in p["functions"].items()}
+            for _, p in self.parts
+        ]
 
     @property
     def functions(self) -> list[str]:
         return list(self.manifest["functions"])
+
+    def signature(self, function: str) -> Signature:
+        """The chain as one function: the model inputs the parts read, the outputs no later part
+        reads (the logits), every part's states."""
+        inputs: dict[str, Input] = {}
+        for sig in self.signatures:
+            for i in sig[function].inputs:
+                if i.source is not None and i.source.model is not None:
+                    inputs.setdefault(i.source.model, dataclasses.replace(i, source=None))
+        final = {(o["name"], i) for i, o in self._final(function)}
+        return Signature(
+            inputs=tuple(inputs.values()),
+            outputs=tuple(
+                o
+                for i, sig in enumerate(self.signatures)
+                for o in sig[function].outputs
+                if (o.name, i) in final
+            ),
+            states=tuple(s for sig in self.signatures for s in sig[function].states),
+        )
+
+    def _final(self, function: str) -> list[tuple[int, dict]]:
+        read = {
+            (inp["from"]["part"], inp["from"]["output"])
+            for _, p in self.parts
+            for inp in p["functions"][function]["inputs"]
+            if "part" in inp["from"]
+        }
+        return [
+            (i, o)
+            for i, (_, p) in enumerate(self.parts)
+            for o in p["functions"][function]["outputs"]
+            if (i, o["name"]) not in read
+        ]
 
     def final_outputs(self, function: str) -> list[dict]:
         """The outputs no later part reads (the logits), in part order."""

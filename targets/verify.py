@@ -20,15 +20,16 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from anefx.core.signature import Role, Signature, State, join_logits
 from anefx.errors import AnefxInputError
 from anefx.lowering.diff import json_safe
-from anefx.models.limits import MAX_STATE_BYTES, MAX_STEPS, MAX_VOCAB
+from anefx.models.limits import MAX_STEPS, MAX_VOCAB
 from anefx.progress import Progress, quiet
 
 # a package passes at or above both (fp16 packages of the presets: 60-80 dB, agreement 1.0;
@@ -60,154 +61,97 @@ def lowest(values: list[float]) -> float:
 
 @dataclass
 class PackageFunction:
-    """One function of a package, with the interface Session expects of a lowered graph."""
+    """One function of an artifact (a package, or a parts folder run as one program), with the
+    interface a Session expects of a lowered graph: ``graph_module(ids, positions, mask,
+    *states)``, ``signature`` (recorded in the artifact, checked against its program),
+    ``logits(outputs)``, ``seq_len``, ``dtype``."""
 
     program: object
     name: str
-    seq_len: int
-    input_names: list[str]
-    output_names: list[str]  # the logits: one (1, S, V) tensor, or slices (1, w, 1, S)
-    logits_width: int  # the vocabulary the outputs cover
-    states: list[dict] = field(default_factory=list)
+    signature: Signature
     dtype: torch.dtype = torch.float16
+
+    @property
+    def seq_len(self) -> int:
+        return self.signature.input(Role.TOKENS).size("S")
+
+    @property
+    def states(self) -> tuple[State, ...]:
+        return self.signature.states
 
     @property
     def graph_module(self):  # Session calls low.graph_module(ids, pos, mask, *states)
         return self
 
-    @property
-    def outputs(self) -> list[dict]:
-        return [{"name": n} for n in self.output_names] if len(self.output_names) > 1 else []
-
     def __call__(self, ids, pos, mask, *states):
+        sig = self.signature
         feeds = {
-            "input_ids": ids.numpy().astype(np.int32),
-            "position_ids": pos.numpy().astype(np.int32),
-            "causal_mask": mask.numpy().astype(np.float16),
+            sig.input(Role.TOKENS).name: ids.numpy().astype(np.int32),
+            sig.input(Role.POSITIONS).name: pos.numpy().astype(np.int32),
+            sig.input(Role.MASK).name: mask.numpy().astype(np.float16),
         }
-        names = [s["name"] for s in self.states]
+        names = [s.name for s in sig.states]
         outs, new = self.program.run(
             self.name, feeds, {n: s.numpy() for n, s in zip(names, states, strict=True)}
         )
-        logits = [
-            torch.from_numpy(np.asarray(outs[n], dtype=np.float32)) for n in self.output_names
+        values = [torch.from_numpy(np.asarray(outs[o.name], dtype=np.float32)) for o in sig.outputs]
+        return (*values, *(torch.from_numpy(np.asarray(new[n])) for n in names))
+
+    def logits(self, out) -> torch.Tensor:
+        """(1, S, V) logits from this function's outputs OUT."""
+        picked = [
+            (o, out[i]) for i, o in enumerate(self.signature.outputs) if o.role == Role.LOGITS
         ]
-        return (*logits, *(torch.from_numpy(np.asarray(new[n])) for n in names))
+        return join_logits([v for _, v in picked], [o for o, _ in picked])
 
 
-def _logits_layout(path, name: str, outputs: dict[str, tuple], seq: int) -> tuple[list[str], int]:
-    """The logits outputs in vocabulary order and the vocabulary they cover: one (1, S, V)
-    tensor or slices (1, w, 1, S) named logits_<i>; anything else is refused."""
-    if not outputs or not all(_LOGITS.fullmatch(o) for o in outputs):
+def _function(path, program, name: str, sig: Signature) -> PackageFunction:
+    """A PackageFunction of PROGRAM after checking SIG is a decoder's verify and generate can
+    drive: token ids, positions and a mask in (B = 1), logits out, KV states of one context."""
+    missing = [r for r in (Role.TOKENS, Role.POSITIONS, Role.MASK) if sig.input(r) is None]
+    if missing:
         raise AnefxInputError(
-            f"{path}: function {name} returns {sorted(outputs)}; verify and generate need logits "
-            "(a package emitted with --argmax returns token ids)"
+            f"{path}: function {name} has no input for the {missing[0]} (inputs: "
+            f"{', '.join(i.name for i in sig.inputs)}); not a decoder anefx can drive"
         )
-    if len(outputs) == 1:
-        ((out, shape),) = outputs.items()
-        if len(shape) != 3 or shape[:2] != (1, seq):
-            raise AnefxInputError(
-                f"{path}: function {name}: output {out} has shape {list(shape)}, expected "
-                f"(1, {seq}, vocabulary)"
-            )
-        order, width = [out], shape[2]
-    else:
-        order = sorted(outputs, key=lambda o: int(o.rsplit("_", 1)[1]) if "_" in o else -1)
-        for out in order:
-            shape = outputs[out]
-            if len(shape) != 4 or (shape[0], shape[2], shape[3]) != (1, 1, seq):
-                raise AnefxInputError(
-                    f"{path}: function {name}: logits slice {out} has shape {list(shape)}, "
-                    f"expected (1, width, 1, {seq})"
-                )
-        width = sum(outputs[o][1] for o in order)
-    if width > MAX_VOCAB:
+    if not sig.logits:
         raise AnefxInputError(
-            f"{path}: function {name}: logits over {width} tokens, above the {MAX_VOCAB} anefx "
-            "reads (MAX_VOCAB, models/limits.py)"
+            f"{path}: function {name} returns {[o.name for o in sig.outputs]}; verify and "
+            "generate need logits (a package emitted with --argmax returns token ids)"
         )
-    return order, width
-
-
-def _function(
-    path, program, name: str, inputs: dict, outputs: dict, states: list
-) -> PackageFunction:
-    """A PackageFunction of PROGRAM after checking its signature (name -> shape each) is
-    anefx's: the three model inputs, logits, and KV states of one context within the bounds."""
-    if set(inputs) != set(_MODEL_INPUTS):
+    contexts = {s.context for s in sig.states}
+    if len(contexts) > 1:
         raise AnefxInputError(
-            f"{path}: function {name} has inputs {sorted(inputs)}, not anefx's "
-            f"({', '.join(_MODEL_INPUTS)})"
+            f"{path}: function {name}: its states hold contexts {sorted(contexts)}, not one"
         )
-    ids = inputs["input_ids"]
-    if len(ids) != 2 or ids[0] != 1 or ids[1] < 1 or inputs["position_ids"] != ids:
+    if sig.vocab_size > MAX_VOCAB:
         raise AnefxInputError(
-            f"{path}: function {name}: input_ids {list(ids)} and position_ids "
-            f"{list(inputs['position_ids'])}, expected both (1, S)"
+            f"{path}: function {name}: logits over {sig.vocab_size} tokens, above the "
+            f"{MAX_VOCAB} anefx reads (MAX_VOCAB, models/limits.py)"
         )
-    seq = ids[1]
-    context, total = None, 0
-    for sname, shape in states:
-        if len(shape) != 4 or min(shape) < 1 or context not in (None, shape[2]):
-            raise AnefxInputError(
-                f"{path}: function {name}: state {sname} has shape {list(shape)}, expected "
-                f"(1, kv_heads, {context or 'context'}, head_dim) as every KV state"
-            )
-        context = shape[2]
-        total += 2 * math.prod(shape)
-    if total > MAX_STATE_BYTES:
-        raise AnefxInputError(
-            f"{path}: function {name}: its states hold {total / 1e9:.1f} GB, above the "
-            f"{MAX_STATE_BYTES / 1e9:.1f} GB anefx allocates (MAX_STATE_BYTES, models/limits.py)"
-        )
-    mask = inputs["causal_mask"]
-    if len(mask) != 4 or mask[:3] != (1, 1, seq) or (context and mask[3] != context):
-        raise AnefxInputError(
-            f"{path}: function {name}: causal_mask has shape {list(mask)}, expected "
-            f"(1, 1, {seq}, {context or 'S'})"
-        )
-    order, width = _logits_layout(path, name, outputs, seq)
-    return PackageFunction(
-        program,
-        name,
-        seq,
-        list(_MODEL_INPUTS),
-        order,
-        width,
-        [{"name": n, "shape": list(s)} for n, s in states],
-    )
+    return PackageFunction(program, name, sig)
 
 
 def package_functions(path: str | Path) -> dict[str, PackageFunction]:
     """The functions of the artifact at PATH (a package, or a parts folder run part by part)
     as PackageFunction objects, by name; the artifact is checked against its digests first."""
     from anefx.targets.coreml_exec import load_package
-    from anefx.targets.reader import ChainProgram, artifact_kind, check_package
+    from anefx.targets.reader import (
+        ChainProgram,
+        artifact_kind,
+        check_package,
+        package_signatures,
+    )
 
     path = Path(path)
-    sigs = {}
     if artifact_kind(path) == "parts":
         program = ChainProgram(path)
-        for fn in program.functions:
-            inputs = {
-                inp["from"]["model"]: tuple(inp["shape"])
-                for _, p in program.parts
-                for inp in p["functions"][fn]["inputs"]
-                if "model" in inp["from"]
-            }
-            outputs = {o["name"]: tuple(o["shape"]) for o in program.final_outputs(fn)}
-            states = [(s["name"], tuple(s["shape"])) for s in program.states(fn)]
-            sigs[fn] = (inputs, outputs, states)
+        sigs = {fn: program.signature(fn) for fn in program.functions}
     else:
-        check_package(path)
+        report = check_package(path)
         program = load_package(path)
-        for fn, f in program.functions.items():
-            sigs[fn] = (
-                {t.name: t.shape for t in f.inputs},
-                {t.name: t.shape for t in f.outputs},
-                [(t.name, t.shape) for t in f.states],
-            )
-    return {fn: _function(path, program, fn, *sig) for fn, sig in sigs.items()}
+        sigs = package_signatures(path, report, program)
+    return {fn: _function(path, program, fn, sig) for fn, sig in sigs.items()}
 
 
 @dataclass
@@ -282,13 +226,13 @@ def verify(
         dec, pre = fns["decode"], fns["prefill"]
         if not dec.states:
             raise AnefxInputError(f"{package}: function decode has no KV cache state")
-        limit, what, hint = dec.states[0]["shape"][2], "the context", "a shorter prompt"
+        limit, what, hint = dec.signature.context, "the context", "a shorter prompt"
     elif "main" in fns:
         limit, what = fns["main"].seq_len, "its length"
         hint = "a stateful package (--context)"
     else:
         raise AnefxInputError(f"{package}: functions {sorted(fns)}: not an anefx package")
-    vocab = min(f.logits_width for f in fns.values())
+    vocab = min(f.signature.vocab_size for f in fns.values())
     if ids is not None and (not ids or any(not 0 <= i < vocab for i in ids)):
         raise AnefxInputError(f"--ids must be token ids in [0, {vocab})")
     n = len(ids) if ids is not None else DEFAULT_PROMPT_LEN
@@ -351,20 +295,19 @@ def _check_matches(package, fns: dict, config) -> None:
     from anefx.models.capture import kv_cache_shape
 
     for fn in fns.values():
-        problem = None
-        if fn.logits_width != config.vocab_size:
+        sig, problem = fn.signature, None
+        if sig.vocab_size != config.vocab_size:
             problem = (
-                f"logits over {fn.logits_width} tokens, the model has a vocabulary of "
+                f"logits over {sig.vocab_size} tokens, the model has a vocabulary of "
                 f"{config.vocab_size}"
             )
-        elif fn.states:
-            context = fn.states[0]["shape"][2]
-            want = [list(kv_cache_shape(config, context))] * (2 * config.num_hidden_layers)
-            got = [s["shape"] for s in fn.states]
+        elif sig.states:
+            want = [kv_cache_shape(config, sig.context)] * (2 * config.num_hidden_layers)
+            got = [s.shape for s in sig.states]
             if got != want:
                 problem = (
-                    f"its {len(got)} KV states are {sorted({tuple(g) for g in got})}; the model "
-                    f"needs {len(want)} of {tuple(want[0])}"
+                    f"its {len(got)} KV states are {sorted(set(got))}; the model needs "
+                    f"{len(want)} of {tuple(want[0])}"
                 )
         if problem:
             raise AnefxInputError(f"{package} was not converted from this model: {problem}")
@@ -377,9 +320,4 @@ def _run_stateless(fn: PackageFunction, ids: list[int]) -> torch.Tensor:
     s, n = fn.seq_len, len(ids)
     ids_t = torch.tensor([ids + [0] * (s - n)], dtype=torch.int32)
     pos = torch.arange(s, dtype=torch.int32)[None]
-    out = fn(ids_t, pos, causal_mask(s, torch.float16))
-    if len(fn.output_names) > 1:
-        logits = torch.cat(list(out), dim=1).squeeze(2).transpose(1, 2)
-    else:
-        logits = out[0]
-    return logits[0, :n]
+    return fn.logits(fn(ids_t, pos, causal_mask(s, torch.float16)))[0, :n]

@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core.signature import (
+    Input,
+    Output,
+    Role,
+    Signature,
+    join_logits,
+    set_signature,
+    signature_of,
+)
 from anefx.errors import AnefxGraphError
 from anefx.lowering.pass_manager import Step, run_pipeline
 from anefx.lowering.pipeline import build_pipeline
@@ -34,8 +43,45 @@ def export_graph(module: torch.nn.Module, *args: torch.Tensor) -> fx.GraphModule
     """MODULE captured the way models/capture.py captures a model, with shapes propagated."""
     with torch.no_grad():
         ep = torch.export.export(module.eval(), args, strict=False)
-    gm = unlift(ep.run_decompositions({}))
+    gm, _ = unlift(ep.run_decompositions({}))
     propagate_shapes(gm)
+    return gm
+
+
+# the layouts a toy graph's tensors are declared in, by role (as capture declares a model's)
+_AXES = {
+    Role.TOKENS: ("B", "S"),
+    Role.POSITIONS: ("B", "S"),
+    Role.MASK: ("B", "1", "S", "T"),
+    Role.LOGITS: ("B", "S", "V"),
+}
+
+
+def declare(
+    gm: fx.GraphModule, inputs: dict[str, Role] | None = None, outputs: list[Role] | None = None
+) -> fx.GraphModule:
+    """Give a toy graph the signature capture gives a model: INPUTS (placeholder name ->
+    role; the others are hidden values) and OUTPUTS (roles, in the output's order)."""
+
+    def spec(node: fx.Node, kind, name: str, role: Role, **extra):
+        v = node.meta["val"]
+        axes = _AXES.get(role) or tuple(f"a{i}" for i in range(v.dim()))
+        dtype = str(v.dtype).removeprefix("torch.")
+        return kind(name, role, tuple(v.shape), dtype, axes, **extra)
+
+    roles = inputs or {}
+    ins = tuple(
+        spec(n, Input, n.name, roles.get(n.name, Role.HIDDEN))
+        for n in gm.graph.nodes
+        if n.op == "placeholder"
+    )
+    values = gm.graph.output_node().args[0]
+    values = list(values) if isinstance(values, (tuple, list)) else [values]
+    outs = []
+    for i, role in enumerate(outputs or []):
+        extra = {"vocab": (0, values[i].meta["val"].shape[-1])} if role == Role.LOGITS else {}
+        outs.append(spec(values[i], Output, f"output_{i}", role, **extra))
+    set_signature(gm, Signature(inputs=ins, outputs=tuple(outs)))
     return gm
 
 
@@ -353,8 +399,9 @@ def model_inputs(
     return ids, pos, causal_mask(s, spec.dtype)
 
 
-def as_logits(out) -> torch.Tensor:
-    """(1, S, V) logits from either output form: a tensor, or split_lm_head's (1, w_i, 1, S)."""
-    if isinstance(out, (tuple, list)):
-        return torch.cat(list(out), dim=1).squeeze(2).transpose(1, 2)
-    return out
+def as_logits(out, gm: fx.GraphModule) -> torch.Tensor:
+    """(1, S, V) logits of GM from its outputs OUT (split_lm_head's slices or one tensor)."""
+    values = list(out) if isinstance(out, (tuple, list)) else [out]
+    sig = signature_of(gm)
+    picked = [(o, values[i]) for i, o in enumerate(sig.outputs) if o.role == Role.LOGITS]
+    return join_logits([v for _, v in picked], [o for o, _ in picked])

@@ -1,10 +1,12 @@
 """Smoke tests of benchmarks/convert.py, decode.py, structural.py, verify.py and scale.py on small
-presets: they run and their last line is JSON with the promised keys."""
+presets: they run and their last line is JSON with the promised keys; a bad argument is refused
+before any work."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +160,48 @@ def test_scale_benchmark_checks_its_arguments_first(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stdout == ""
     assert "--batch" in proc.stderr and "must be between 1 and" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no checkpoint written for nothing
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("convert.py", ["--seq", "0"], "argument --seq: must be between 1 and 16384, got 0"),
+        (
+            "convert.py",
+            ["--seq", "128", "--context", "64"],
+            "--seq 128 (the stateful package's prefill batch) must not exceed --context 64",
+        ),
+        ("decode.py", ["--batch", "0"], "argument --batch: must be between 1 and 16384, got 0"),
+        (
+            "decode.py",
+            ["--context", "64", "--batch", "128", "--prompt-len", "4", "--tokens", "4"],
+            "--batch 128 must not exceed --context 64",
+        ),
+        ("verify.py", ["--steps", "0"], "argument --steps: must be between 1 and"),
+        (
+            "verify.py",
+            ["--context", "64", "--batch", "8", "--prompt-len", "16", "--steps", "60"],
+            "--prompt-len + --steps - 1 = 75 tokens exceed --context 64",
+        ),
+    ],
+)
+def test_benchmark_checks_its_arguments_first(
+    tmp_path: Path, script: str, args: list[str], message: str
+) -> None:
+    """A bad value is refused by the benchmark's own parser (exit 2 with its usage) before any
+    load or conversion: nothing is written, in the working folder or the temporary one. The
+    tiny preset keeps a benchmark that stopped checking first from running for minutes."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--preset", "qwen3-tiny", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr.startswith("usage:") and message in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.fx as fx
 
 import anefx
 from anefx.lowering import rules
-from anefx.lowering.checker import OpInfo, check_graph, check_ops, check_spec
+from anefx.lowering.checker import OpInfo, Report, check_graph, check_ops, check_spec
 from anefx.lowering.shape_prop import propagate_shapes
 from anefx.passes._util import add_const
 
@@ -47,10 +50,18 @@ def test_lowered_real_shape_has_no_errors(real_shape) -> None:
     assert rep.stats["lm_head_slices"] == rules.lm_head_slices(151936) == 10
 
 
-def _lowered_tiny():
-    low = anefx.lower("preset:qwen3-tiny", seq_len=64, dtype=torch.float16)
-    assert not low.report.errors
-    return low.graph_module
+def _clean_graph() -> fx.GraphModule:
+    """x (1, 64, 1, 64) fp16 -> 1x1 conv: no rule fires on it, checked even as a lowered graph;
+    a violation planted in it is the only one."""
+    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    g = gm.graph
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(1, 64, 1, 64, dtype=torch.float16, device="meta")
+    w = add_const(gm, torch.zeros(64, 64, 1, 1, dtype=torch.float16), "w")
+    g.output(g.call_function(aten.conv2d.default, (x, w)))
+    gm.recompile()
+    propagate_shapes(gm)
+    return gm
 
 
 def _plant(gm: fx.GraphModule, build) -> fx.GraphModule:
@@ -109,39 +120,164 @@ PLANTS = {
     "gather": lambda gm, g, a: g.call_function(
         aten.index_select.default, (a, 1, add_const(gm, torch.zeros(3, dtype=torch.long), "i"))
     ),
+    "routing": lambda gm, g, a: g.call_function(aten.topk.default, (a, 2, 1)),
+    # an op the emitter has no translation for, and that breaks no other rule
+    "unsupported_op": lambda gm, g, a: g.call_function(aten.sin.default, (a,)),
 }
 
 
-@pytest.mark.parametrize("rule", sorted(PLANTS))
+def _planted_graph(rule: str, stage: str = "planted") -> Callable[[], Report]:
+    """PLANTS[RULE] in the clean graph, checked as STAGE. Only unsupported_op is checked as a
+    lowered graph: the emitter's op vocabulary is checked on lowered graphs only, and most
+    plants are ops outside it, which would fire that rule too."""
+
+    def check() -> Report:
+        gm = _clean_graph()
+        _plant(gm, lambda g, a: PLANTS[rule](gm, g, a))
+        return check_graph(gm, stage)
+
+    return check
+
+
+def _with_weights(gib: float) -> Report:
+    """The clean graph reading GIB of (meta) weights more, checked. The weight is reduced to
+    one row of 64: an op putting it out whole would break the dimension rules too."""
+    gm = _clean_graph()
+    big = torch.empty(int(gib * 2**30) // 2 // 64, 64, dtype=torch.float16, device="meta")
+    with gm.graph.inserting_before(gm.graph.output_node()):
+        node = add_const(gm, big, "big")
+        gm.graph.call_function(aten.sum.dim_IntList, (node, [0], True))
+    propagate_shapes(gm)
+    return check_graph(gm, "planted")
+
+
+def _lut_spec():
+    """A one-conv iOS18 program whose weight is a valid 4-bit palettization (16 fp16 entries
+    per table), as a spec: coremltools' builder accepts only legal ones, so the spec is broken
+    afterwards."""
+    import coremltools as ct
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    indices = (np.arange(64 * 64) % 16).astype(types.np_uint4_dtype).reshape(64, 64, 1, 1)
+    lut = np.linspace(-1, 1, 16, dtype=np.float16).reshape(1, 1, 1, 1, 16, 1)
+
+    @mb.program(
+        input_specs=[mb.TensorSpec(shape=(1, 64, 1, 64), dtype=types.fp16)],
+        opset_version=ct.target.iOS18,
+    )
+    def prog(x):
+        w = mb.constexpr_lut_to_dense(indices=indices, lut=lut, name="w")
+        return mb.conv(x=x, weight=w)
+
+    model = ct.convert(
+        prog,
+        convert_to="mlprogram",
+        compute_precision=ct.precision.FLOAT32,  # the program is fp16 already: no cast pass
+        minimum_deployment_target=ct.target.iOS18,
+        skip_model_load=True,
+    )
+    return model.get_spec()
+
+
+def _fp32_lut() -> Report:
+    """_lut_spec with its table stored in float32, checked."""
+    from coremltools.proto import MIL_pb2
+
+    spec = _lut_spec()
+    (clean,) = check_spec(spec)
+    assert not clean.violations, clean.render()
+    fn = spec.mlProgram.functions["main"]
+    ops = fn.block_specializations[fn.opset].operations
+    op = next(op for op in ops if op.type == "constexpr_lut_to_dense")
+    op.inputs["lut"].arguments[0].value.type.tensorType.dataType = MIL_pb2.FLOAT32
+    (rep,) = check_spec(spec)
+    return rep
+
+
+@dataclass(frozen=True)
+class Planted:
+    """A minimal input breaking one rule, and what its violation must say."""
+
+    check: Callable[[], Report]  # builds the input, returns the checker's report on it
+    says: str  # a part of the message: the limit broken, or what leaves the ANE
+    module: str | None = None  # the source module the violation names
+
+
+def _summary(rule: str) -> str:
+    return rules.RULES_BY_ID[rule].summary
+
+
+# rules on ops that leave the ANE: their message is the rule's own statement of it
+_LEAVE_THE_ANE = ("linear", "rms_pow_rsqrt", "scatter", "routing", "in_graph_mask", "gather")
+# rule id -> its planted violation; the table must not have a rule without one
+PLANTED: dict[str, Planted] = {
+    **{
+        rule: Planted(_planted_graph(rule), says, "planted.module")
+        for rule, says in {
+            "rank": f"rank 5 > {rules.MAX_RANK}",
+            "dim_nc": f"C=70000 > {rules.DIM_LIMITS['C']}",
+            "dim_hw": f"W=20000 > {rules.DIM_LIMITS['W']}",
+            "conv_width": f"{rules.MAX_CONV_OUT_CHANNELS + 1} output channels > "
+            f"{rules.MAX_CONV_OUT_CHANNELS}",
+            "fp16": f"float32 tensor, not {rules.COMPUTE_DTYPE}",
+            "trailing_dim": f"last axis 8 < {rules.MIN_TRAILING_DIM}",
+            **{r: _summary(r) for r in _LEAVE_THE_ANE},
+        }.items()
+    },
+    "unsupported_op": Planted(
+        _planted_graph("unsupported_op", "lowered"),
+        "no Core ML translation for aten.sin.default",
+        "planted.module",
+    ),
+    "control_flow": Planted(
+        lambda: check_ops([OpInfo("c", "cond", "control_flow", [(1, 64)], ["float16"])], "x"),
+        _summary("control_flow"),
+    ),
+    # the dynamic axis is not the last: a last axis of unknown size (-1) also reads as a
+    # trailing dimension below 64
+    "dynamic_shape": Planted(
+        lambda: check_ops(
+            [OpInfo("d", "add", "add", [(1, 64, -1, 64)], ["float16"], dynamic=True)], "x"
+        ),
+        "add has a symbolic shape",
+    ),
+    "state_align": Planted(
+        lambda: check_ops(
+            [], "x", {"states": [{"name": "k", "shape": [1, 8, 48, 128], "dtype": "float16"}]}
+        ),
+        f"[48] not a multiple of {rules.STATE_ALIGN}",
+    ),
+    "weights_size": Planted(lambda: _with_weights(1.5), f"> {rules.WEIGHTS_WARN_BYTES >> 30} GiB"),
+    "lut": Planted(_fp32_lut, f"LUT float32, not {rules.LUT_DTYPE}"),
+}
+
+
+def test_every_rule_has_a_planted_violation() -> None:
+    """A rule added to the table comes with its planted case (the table is read now)."""
+    ids = [r.id for r in rules.RULES]
+    missing = [rule for rule in ids if rule not in PLANTED]
+    assert not missing, f"rules without a planted violation in PLANTED: {missing}"
+    assert set(PLANTED) <= set(ids), f"cases of rules not in the table: {set(PLANTED) - set(ids)}"
+
+
+@pytest.mark.parametrize("rule", sorted(PLANTED))
 def test_planted_violation_is_caught(rule: str) -> None:
-    gm = _lowered_tiny()
-    before = check_graph(gm, "lowered").counts().get(rule, 0)
-    gm = _plant(gm, lambda g, a: PLANTS[rule](gm, g, a))
-    rep = check_graph(gm, "planted")
-    assert rep.counts().get(rule, 0) > before, rep.counts()
-    hit = [v for v in rep.violations if v.rule == rule and v.module == "planted.module"]
-    assert hit and hit[0].severity == rules.RULES_BY_ID[rule].severity
+    """The rule fires, alone and once, with its severity, the limit and the source module."""
+    case = PLANTED[rule]
+    rep = case.check()
+    assert [v.rule for v in rep.violations] == [rule], rep.render()
+    (hit,) = rep.violations
+    assert hit.severity == rules.RULES_BY_ID[rule].severity
+    assert case.says in hit.message and hit.limit, hit
+    assert hit.module == case.module, hit
 
 
 @pytest.mark.parametrize("gib, severity", [(1.5, "warning"), (2.5, "error")])
 def test_weights_size(gib: float, severity: str) -> None:
-    gm = _lowered_tiny()
-    big = torch.empty(int(gib * 2**30) // 2, dtype=torch.float16, device="meta")
-    with gm.graph.inserting_before(gm.graph.output_node()):
-        node = add_const(gm, big, "big")
-        gm.graph.call_function(aten.neg.default, (node,))
-    propagate_shapes(gm)
-    hits = [v for v in check_graph(gm, "x").violations if v.rule == "weights_size"]
+    hits = [v for v in _with_weights(gib).violations if v.rule == "weights_size"]
     assert len(hits) == 1 and hits[0].severity == severity
-
-
-def test_control_flow_and_dynamic_shapes_from_records() -> None:
-    ops = [
-        OpInfo("c", "cond", "control_flow", [(1, 64)], ["float16"]),
-        OpInfo("d", "add", "add", [(1, -1)], ["float16"], dynamic=True),
-    ]
-    counts = check_ops(ops, "x").counts()
-    assert counts["control_flow"] == 1 and counts["dynamic_shape"] == 1
 
 
 def test_emitted_program_rules_map_onto_mil_op_names(tmp_path) -> None:

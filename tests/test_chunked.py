@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import anefx
 from anefx.cli import main
+from anefx.core.signature import Source, signature_of
 from anefx.generation import lower_decoder
 from anefx.lowering.partition import _min_cap_chunks, plan_parts, split_graph
 from anefx.models.capture import context_mask
@@ -94,14 +95,15 @@ def _run_chain(parts, model_in: dict) -> dict:
         for n in sub.graph.nodes:
             if n.op != "placeholder":
                 continue
-            src = sub.meta["anefx_inputs_from"][n.name]
-            if "model" in src:
-                args.append(model_in[src["model"]])
+            src = signature_of(sub).named(n.name)
+            src = getattr(src, "source", None) or Source(model=n.name)  # a state: by its name
+            if src.model is not None:
+                args.append(model_in[src.model])
             else:
-                args.append(produced[src["part"]][src["output"]])
+                args.append(produced[src.part][src.output])
         out = sub(*args)
-        names = [o["name"] for o in sub.meta["anefx_outputs"]]
-        names += [s["name"] for s in sub.meta["anefx_states"]]
+        names = [o.name for o in signature_of(sub).outputs]
+        names += [s.name for s in signature_of(sub).states]
         produced.append(dict(zip(names, out, strict=True)))
     return {k: v for d in produced for k, v in d.items()}
 
@@ -118,16 +120,14 @@ def test_chained_parts_equal_the_whole_graph(decoder, layer_bytes, scale, seed) 
     for low in (decoder.prefill, decoder.decode):
         gm = low.graph_module
         parts = split_graph(gm, plans)
-        norm = [p for p in parts if "model.norm" in p.meta["anefx_part_modules"]]
-        assert len(norm) == 1 and norm[0].meta["anefx_part"]["layers"][-1] == LAYERS - 1
+        norm = [i for i, p in enumerate(parts) if "model.norm" in signature_of(p).modules]
+        assert len(norm) == 1 and plans[norm[0]].layers[-1] == LAYERS - 1
         s = low.seq_len
         n = int(torch.randint(1, s + 1, (1,), generator=gen))
         start = int(torch.randint(0, CONTEXT - s + 1, (1,), generator=gen))
         pos = torch.tensor([list(range(start, start + n)) + [CONTEXT] * (s - n)], dtype=torch.int32)
         ids = torch.randint(0, 512, (1, s), generator=gen, dtype=torch.int32)
-        states = {
-            st_["name"]: torch.randn(st_["shape"], generator=gen).half() for st_ in low.states
-        }
+        states = {st_.name: torch.randn(st_.shape, generator=gen).half() for st_ in low.states}
         model_in = {
             "input_ids": ids,
             "position_ids": pos,
@@ -135,7 +135,7 @@ def test_chained_parts_equal_the_whole_graph(decoder, layer_bytes, scale, seed) 
             **states,
         }
         whole = gm(ids, pos, model_in["causal_mask"], *states.values())
-        names = [o["name"] for o in gm.meta.get("anefx_outputs") or [{"name": "logits"}]]
+        names = [o.name for o in signature_of(gm).outputs]
         names += list(states)
         chained = _run_chain(parts, model_in)
         for name, value in zip(names, whole, strict=True):

@@ -233,7 +233,7 @@ def test_stateful_graph_with_a_split_head_keeps_its_states(tmp_path: Path) -> No
     folder = tmp_path / "wide"
     write_random_checkpoint(folder, cfg, dtype=torch.float32, seed=5)
     dec = lower_decoder(str(folder), batch=4, context=32, dtype=torch.float32)
-    assert len(dec.decode.outputs) == 2 and len(dec.decode.states) == 4
+    assert len(dec.decode.signature.logits) == 2 and len(dec.decode.states) == 4
     hf = load_model(str(folder), dtype=torch.float32).model
     prompt = _prompt(6, 10)
     assert Session(dec).generate(prompt, max_new_tokens=8) == _hf_greedy(hf, prompt, 8)

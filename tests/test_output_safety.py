@@ -24,7 +24,7 @@ from _cli import one_line, snapshot
 from anefx.cli import main
 from anefx.models.presets import get_preset
 from anefx.models.synthetic import write_random_checkpoint
-from anefx.targets.artifact import REPORT_ITEM, STAGING_MARKER, staging_path
+from anefx.targets.artifact import PACKAGE_FORMAT, REPORT_ITEM, STAGING_MARKER, staging_path
 
 TINY = ["--context", "32", "--batch", "4"]
 
@@ -390,7 +390,7 @@ def test_a_package_carries_its_report_and_replaces_its_predecessor(capsys, ckpt,
     code, _, err = run(capsys, "convert", ckpt, "-o", pkg, "--seq", "8")
     assert code == 0, err
     report = json.loads((pkg / REPORT_ITEM).read_text())
-    assert report["format"] == "anefx-package/1" and report["seq_len"] == 8
+    assert report["format"] == PACKAGE_FORMAT and report["seq_len"] == 8
     assert set(report["files"]) == {
         str(f.relative_to(pkg)) for f in pkg.rglob("*") if f.is_file()
     } - {REPORT_ITEM}

@@ -1,10 +1,11 @@
 """Property tests for the lowering passes and the pass manager.
 
-For every pass, on random small Qwen3 models (hidden size, heads, kv heads, head_dim, sequence
-length, eps, tying, bias, depth) captured with torch.export and run through the pipeline up to
-that pass:
+For every step of every variant of the pipeline (PIPELINES: with and without the in-model
+argmax), on random small Qwen3 models (hidden size, heads, kv heads, head_dim, sequence length,
+eps, tying, bias, depth) captured with torch.export and run through the pipeline up to that step:
   * the rewritten graph computes the same as the graph the pass received (fp32, tight tolerance),
     on random token ids and positions, with hidden states of large non-zero mean in some models;
+    a graph that chooses the token in the model chooses exactly the argmax of the logits;
   * the pass's postcondition holds, and pass-specific structure holds (no linear, rank <= 4, ...);
   * a second run reports modified=False and leaves the graph as it is.
 Each pass is also run on a graph without its pattern, which it must leave unchanged.
@@ -12,7 +13,10 @@ Each pass is also run on a graph without its pattern, which it must leave unchan
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import inspect
 import math
 
 import pytest
@@ -23,6 +27,7 @@ from _graphs import (
     Attention,
     ConvHead,
     Elementwise,
+    Lowered,
     ModelSpec,
     Noisy,
     NormBlock,
@@ -32,6 +37,7 @@ from _graphs import (
     RMSNorm,
     as_logits,
     count,
+    declare,
     export_graph,
     exported,
     fresh,
@@ -44,6 +50,7 @@ from hypothesis import Phase, example, given, settings
 from hypothesis import seed as fixed_seed
 from hypothesis import strategies as st
 
+from anefx.core.signature import Role, signature_of
 from anefx.errors import AnefxGraphError
 from anefx.lowering.ops import LAYER_NORM
 from anefx.lowering.pass_manager import Step, run_pipeline
@@ -51,6 +58,7 @@ from anefx.lowering.pipeline import build_pipeline
 from anefx.lowering.rules import MAX_CONV_OUT_CHANNELS, MAX_RANK
 from anefx.lowering.shape_prop import propagate_shapes
 from anefx.passes import (
+    add_argmax_head,
     cast_to_compute_dtype,
     fold_position_tables,
     limit_rank,
@@ -63,6 +71,12 @@ from anefx.passes import (
 from anefx.passes._util import PassResult, add_const, is_op, shape_of
 
 aten = torch.ops.aten
+# the pipeline's variants: build_pipeline's options that add or remove steps
+PIPELINES: dict[str, dict] = {"default": {}, "argmax": {"argmax": True}}
+# a new option may add steps no property test runs: it must get its variant above
+assert set(inspect.signature(build_pipeline).parameters) == {"dtype", "table_len", "argmax"}, (
+    "build_pipeline has a new option: add its variant to PIPELINES"
+)
 STEP_NAMES = [s.name for s in build_pipeline(torch.float32)]
 # fp32 parity: max |after - before| relative to the largest |before|
 TOL = 1e-5
@@ -290,10 +304,22 @@ def _structure_split(spec, before, after, res):
     assert all(0 < w <= MAX_CONV_OUT_CHANNELS for w in widths), widths
     assert sum(widths) == spec.vocab
     assert all(shape_of(o) == (1, w, 1, spec.seq) for o, w in zip(out, widths, strict=True))
-    meta = after.meta[split_lm_head.OUTPUTS_META]
-    assert [(m["start"], m["end"]) for m in meta] == [
+    assert [o.vocab for o in signature_of(after).logits] == [
         (sum(widths[:i]), sum(widths[: i + 1])) for i in range(k)
     ]
+
+
+def _structure_argmax(spec, before, after, res):
+    # that the token is the argmax of the logits it replaced: check_pass_on_decoder's parity
+    assert res.modified
+    out = after.graph.output_node().args[0]
+    assert isinstance(out, (tuple, list)) and len(out) == 2  # these decoders have no states
+    token, logit = (o.meta["val"] for o in out)
+    assert token.dtype == torch.int32 and logit.dtype == spec.dtype
+    assert token.numel() == logit.numel() == spec.seq  # one choice per position
+    assert [o.role for o in signature_of(after).outputs] == [Role.TOKEN, Role.TOKEN_LOGIT]
+    # the choice reads the head's slices: no head conv added, none left unread
+    assert count(after, aten.conv2d) == count(before, aten.conv2d)
 
 
 def _structure_final(spec, before, after, res):
@@ -310,13 +336,79 @@ STRUCTURE = {
     "linear_to_conv2d": _structure_linear,
     "sink_layout_changes": _structure_sink,
     "split_lm_head": _structure_split,
+    "add_argmax_head": _structure_argmax,
     "remove_noop_nodes_final": _structure_final,
 }
-assert set(STRUCTURE) == set(STEP_NAMES), "a pipeline step without its property test"
 
 
-def check_pass_on_decoder(name: str, spec: ModelSpec, seed: int) -> None:
-    low = lowered(spec)
+def pipeline(variant: str, dtype: torch.dtype = torch.float32) -> list[Step]:
+    return build_pipeline(dtype, **PIPELINES[variant])
+
+
+def _shared_prefix(steps: list[Step], base: list[Step]) -> int:
+    """How many first steps STEPS shares with BASE: those receive the same graphs."""
+    same = [a.name == b.name for a, b in zip(steps, base, strict=False)]
+    return same.index(False) if False in same else len(same)
+
+
+def _cases(variant: str) -> list[tuple[str, str]]:
+    """(VARIANT, step) for the steps whose input graph only VARIANT makes: its steps before
+    the first difference from the default pipeline receive the default's graphs."""
+    steps = pipeline(variant)
+    start = 0 if variant == "default" else _shared_prefix(steps, pipeline("default"))
+    return [(variant, s.name) for s in steps[start:]]
+
+
+# every step of every variant, each input graph once
+STEP_CASES = [case for variant in PIPELINES for case in _cases(variant)]
+assert set(STRUCTURE) == {name for _, name in STEP_CASES}, "a pipeline step without its test"
+
+
+@functools.lru_cache(maxsize=48)
+def lowered_in(spec: ModelSpec, variant: str) -> Lowered:
+    """lowered(SPEC) through VARIANT's pipeline. The capture and the steps shared with the
+    default pipeline are the cached default run's; only the steps after them run here."""
+    base = lowered(spec)
+    steps = pipeline(variant, spec.dtype)
+    i = _shared_prefix(steps, base.steps)
+    if i == len(steps) == len(base.steps):  # the default pipeline, or one of the same steps
+        return base
+    inputs = {s.name: base.inputs[s.name] for s in steps[:i]}
+    gm = base.before(base.steps[i].name) if i < len(base.steps) else fresh(base.final)
+    for step in steps[i:]:
+        inputs[step.name] = copy.deepcopy(gm)
+        gm = fresh(step.run(gm).graph_module)
+    return Lowered(spec, base.model, steps, inputs, final=gm, error=base.error)
+
+
+def _choice(out, gm: fx.GraphModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, their logits), one per position, from GM's outputs OUT: the ones GM chose
+    (add_argmax_head), else the argmax of its logits (torch.argmax: ties to the lowest id)."""
+    values = list(out) if isinstance(out, (tuple, list)) else [out]
+    sig = signature_of(gm)
+    if sig.chooses_token:
+        roles = [o.role for o in sig.outputs]
+        token = values[roles.index(Role.TOKEN)].reshape(-1)
+        return token, values[roles.index(Role.TOKEN_LOGIT)].reshape(-1)
+    logits = as_logits(out, gm)[0]
+    return logits.argmax(-1).to(torch.int32), logits.amax(-1)
+
+
+def assert_same_outputs(after, before, gm_after, gm_before, what: str) -> None:
+    """The outputs compute the same: logits to TOL; a graph that chooses the token in the model
+    chooses exactly the argmax of the logits it replaced."""
+    if not signature_of(gm_after).chooses_token:
+        assert_same(as_logits(after, gm_after), as_logits(before, gm_before), what=what)
+        return
+    token, logit = _choice(after, gm_after)
+    ref_token, ref_logit = _choice(before, gm_before)
+    assert token.dtype == torch.int32, f"{what}: token is {token.dtype}"
+    assert torch.equal(token, ref_token), f"{what}: tokens {token.tolist()} != {ref_token}"
+    assert_same(logit, ref_logit, what=what)
+
+
+def check_pass_on_decoder(variant: str, name: str, spec: ModelSpec, seed: int) -> None:
+    low = lowered_in(spec, variant)
     step = low.step(name)
     before = low.before(name)
     res = apply(step, before)
@@ -326,15 +418,18 @@ def check_pass_on_decoder(name: str, spec: ModelSpec, seed: int) -> None:
     ids, pos, mask = model_inputs(spec, seed)
     ordered = torch.arange(spec.seq, dtype=torch.int32)[None]
     for p in (pos, ordered):
-        ref = as_logits(run(before, ids, p, mask))
-        assert_same(as_logits(run(after, ids, p, mask)), ref, what=name)
+        ref = run(before, ids, p, mask)
+        assert_same_outputs(run(after, ids, p, mask), ref, after, before, what=name)
     assert_idempotent(step, after)
 
 
-@pytest.mark.parametrize("name", STEP_NAMES)
+@pytest.mark.parametrize(
+    ("variant", "name"),
+    [pytest.param(v, n, id=n if v == "default" else f"{v}-{n}") for v, n in STEP_CASES],
+)
 @on_random_decoders
-def test_pass_on_random_decoder(name, spec, seed):
-    check_pass_on_decoder(name, spec, seed)
+def test_pass_on_random_decoder(variant, name, spec, seed):
+    check_pass_on_decoder(variant, name, spec, seed)
 
 
 @on_random_decoders
@@ -345,7 +440,7 @@ def test_pipeline_matches_the_model(spec, seed):
     ids, pos, mask = model_inputs(spec, seed)
     with torch.no_grad():
         ref = low.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
-    assert_same(as_logits(run(low.final, ids, pos, mask)), ref.logits, tol=4 * TOL)
+    assert_same(as_logits(run(low.final, ids, pos, mask), low.final), ref.logits, tol=4 * TOL)
 
 
 @on_random_decoders
@@ -453,7 +548,7 @@ def _rowwise(dim, seq):
 def test_fold_position_tables_rowwise(dim, seq, seed):
     x = randn((1, seq, dim), seed, mean=5.0)
     pos = torch.randint(0, seq, (1, seq), generator=torch.Generator().manual_seed(seed))
-    gm = exported(_rowwise, dim, seq)
+    gm = declare(exported(_rowwise, dim, seq), inputs={"position_ids": Role.POSITIONS})
     gm = apply(remove_noop_nodes.remove_noop_nodes, gm).graph_module
     res = apply(fold_position_tables.fold_position_tables, gm)
     assert res.modified
@@ -505,6 +600,8 @@ def test_split_lm_head_widths(width, to_output):
     seq, channels = 3, 8
     x = randn((1, channels, 1, seq), 0, mean=2.0)
     gm = export_graph(ConvHead(channels, width, 0, to_output), x)
+    if to_output:  # the logits leave the graph: the split records its slices there
+        declare(gm, outputs=[Role.LOGITS])
     gm = apply(remove_noop_nodes.remove_noop_nodes, gm).graph_module
     res = apply(split_lm_head.split_lm_head, gm)
     assert res.modified
@@ -519,8 +616,41 @@ def test_split_lm_head_widths(width, to_output):
     if to_output:
         assert isinstance(out, tuple) and len(out) == k
         assert [o.shape[1] for o in out] == widths
-    assert_same(as_logits(out), run(gm, x))
+    assert_same(as_logits(out, after) if to_output else out, run(gm, x))
     assert_idempotent(split_lm_head.split_lm_head, after)
+
+
+# -- add_argmax_head -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "width", [MAX_CONV_OUT_CHANNELS, 2 * MAX_CONV_OUT_CHANNELS + 1, 3 * MAX_CONV_OUT_CHANNELS - 7]
+)
+def test_add_argmax_head_finds_the_argmax_in_every_slice(width):
+    """A head alone, split or not, on inputs whose argmax falls in every slice (on random
+    decoders it rarely leaves the first): the token is torch.argmax over the whole vocabulary,
+    the logit its value."""
+    seq, channels = 32, 8
+    x = randn((1, channels, 1, seq), 0)
+    gm = declare(export_graph(ConvHead(channels, width, 0), x), outputs=[Role.LOGITS])
+    gm = apply(remove_noop_nodes.remove_noop_nodes, gm).graph_module
+    gm = apply(split_lm_head.split_lm_head, gm).graph_module
+    ref = as_logits(run(gm, x), gm)[0]  # (S, V): the logits the pass replaces
+    ranges = [o.vocab for o in signature_of(gm).logits]
+    assert len(ranges) == math.ceil(width / MAX_CONV_OUT_CHANNELS)
+    res = apply(add_argmax_head.add_argmax_head, gm)
+    assert res.modified
+    after = res.graph_module
+    assert add_argmax_head.postcondition(after) == []
+    token, logit = run(after, x)
+    token = token.reshape(-1)
+    assert token.dtype == torch.int32
+    assert torch.equal(token, ref.argmax(-1).to(torch.int32)), token
+    assert_same(logit.reshape(-1), ref.amax(-1))
+    assert {next(i for i, (a, b) in enumerate(ranges) if a <= t < b) for t in token.tolist()} == (
+        set(range(len(ranges)))
+    )
+    assert_idempotent(add_argmax_head.add_argmax_head, after)
 
 
 # -- remove_noop_nodes ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import anefx.models.capture as capture_mod
+from anefx.core.signature import signature_of
 from anefx.models.capture import capture, example_inputs
 from anefx.models.repeat_layers import RepeatError, prefix_length
 
@@ -51,7 +52,7 @@ def _run(cap, seed: int) -> tuple[torch.Tensor, ...]:
     _, pos, mask = example_inputs(SEQ, torch.float32, "cpu", cap.context)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (1, SEQ), generator=g, dtype=torch.int32)
-    states = [torch.randn(s["shape"], generator=g) for s in gm.meta.get("anefx_states", [])]
+    states = [torch.randn(s.shape, generator=g) for s in signature_of(gm).states]
     out = gm(ids, pos, mask, *states)
     return out if isinstance(out, tuple) else (out,)
 
@@ -70,9 +71,9 @@ def test_repeated_equals_full_export(kind, layers, mlp_only, exported, context) 
     model = _model(kind, layers, mlp_only)
     fast = capture(model, seq_len=SEQ, context=context)
     full = capture(model, seq_len=SEQ, context=context, repeat=False)
-    assert fast.graph_module.meta["anefx_exported_layers"] == exported
-    assert full.graph_module.meta["anefx_exported_layers"] == layers
-    assert fast.graph_module.meta.get("anefx_states") == full.graph_module.meta.get("anefx_states")
+    assert fast.exported_layers == exported
+    assert full.exported_layers == layers
+    assert signature_of(fast.graph_module) == signature_of(full.graph_module)
     for seed in (0, 1):
         a, b = _run(fast, seed), _run(full, seed)
         assert len(a) == len(b) == (1 + 2 * layers if context else 1)
@@ -99,6 +100,6 @@ def test_falls_back_to_a_full_export(monkeypatch) -> None:
     monkeypatch.setattr(capture_mod, "repeat_layers", refuse)
     model = _model("qwen3", 4)
     cap = capture(model, seq_len=SEQ)
-    assert cap.graph_module.meta["anefx_exported_layers"] == 4
+    assert cap.exported_layers == 4
     full = capture(model, seq_len=SEQ, repeat=False)
     assert torch.equal(_run(cap, 0)[0], _run(full, 0)[0])

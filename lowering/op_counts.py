@@ -1,0 +1,84 @@
+"""Op counts per decoder layer of an emitted program, read back from its spec.
+
+Emitted op names carry their source module (lowering/checker.py: ``split_op_name``), so each
+operation of a function can be attributed to ``model.layers.<i>``. The README's figures ("54
+ops per decoder layer, 0 transposes + 8 reshapes") are these counts; benchmarks/convert.py
+reports them and tests/test_budgets.py holds them as upper bounds, through the functions here.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import Counter
+
+from anefx.lowering.checker import OpInfo, mil_ops
+
+# a decoder layer's module path; the layer index is the first group
+LAYER = re.compile(r"^model\.layers\.(\d+)(?:\.|$)")
+# the emitter's KV-cache states, one K and one V per layer (models/capture.py: state_name)
+STATE = re.compile(r"^[kv]_cache_(\d+)$")
+
+
+def program_ops(spec, function: str = "main") -> list[OpInfo]:
+    """The operations of FUNCTION (no inputs, no consts), in program order.
+
+    A layer's KV-cache reads and writes count in that layer (``model.layers.<i>.self_attn``),
+    as in ANEMLL's op counts: write_state has no output to carry a module in its name, so the
+    state it touches names the layer."""
+    every = mil_ops(spec, function)
+    # mil_ops lists the tensor inputs, then one record per operation in program order
+    state_layers = _state_layers(spec, function)
+    for o, layer in zip(every[len(every) - len(state_layers) :], state_layers, strict=True):
+        if layer is not None and not o.module:
+            o.module = f"model.layers.{layer}.self_attn"
+    return [o for o in every if o.kind not in ("input", "const")]
+
+
+def _state_layers(spec, function: str) -> list[int | None]:
+    """For each operation of FUNCTION in program order: the layer of the KV-cache state a
+    read_state / write_state touches, else None."""
+    fn = spec.mlProgram.functions[function]
+    out: list[int | None] = []
+    for op in fn.block_specializations[fn.opset].operations:
+        m = None
+        if op.type in ("read_state", "write_state") and "input" in op.inputs:
+            m = STATE.match(op.inputs["input"].arguments[0].name)
+        out.append(int(m[1]) if m else None)
+    return out
+
+
+def layer_histograms(ops: list[OpInfo], n_layers: int) -> tuple[list[Counter], int]:
+    """The op-type histogram of each of the N_LAYERS decoder layers, attributed by ``module``,
+    and the number of ops outside every layer (embedding, final norm, LM head, unknown)."""
+    per_layer = [Counter() for _ in range(n_layers)]
+    outside = 0
+    for o in ops:
+        m = LAYER.match(o.module or "")
+        if m and int(m[1]) < n_layers:
+            per_layer[int(m[1])][o.op] += 1
+        else:
+            outside += 1
+    return per_layer, outside
+
+
+def layer_stats(ops: list[OpInfo], n_layers: int) -> dict:
+    """Per-decoder-layer op counts of a program's ops: medians over the layers (the tables
+    shared by every layer are computed once, in layer 0, so the median is a repeating layer),
+    the largest layer, and the op types of a representative layer."""
+    per_layer, outside = layer_histograms(ops, n_layers)
+    totals = [sum(c.values()) for c in per_layer]
+    med = statistics.median(totals)
+    # a representative layer for the op breakdown: the first one closest to the median count
+    rep = min(range(n_layers), key=lambda i: abs(totals[i] - med))
+    return {
+        "ops_per_layer": med,
+        "ops_per_layer_max": max(totals),
+        "ops_layer0": totals[0],
+        "transposes_per_layer": statistics.median(c["transpose"] for c in per_layer),
+        "reshapes_per_layer": statistics.median(c["reshape"] for c in per_layer),
+        "copies_per_layer": statistics.median(c["transpose"] + c["reshape"] for c in per_layer),
+        "outside_layers": outside,
+        "layer_op_types": dict(per_layer[rep].most_common()),
+        "layer_op_types_index": rep,
+    }

@@ -1,0 +1,149 @@
+"""Op budgets per decoder layer: the README's headline figures, held as upper bounds.
+
+The counts depend on the layer shapes, not on the depth or the vocabulary, and a full Qwen3-0.6B
+conversion is too slow for the default run. So a slice of preset:qwen3-0.6b with the real layer
+shapes (hidden 1024, 16 heads, 8 KV heads, head_dim 128, intermediate 3072), 3 layers and a
+small vocabulary, with random weights, is lowered, emitted and read back; its ops are counted
+per layer as benchmarks/convert.py counts them (``anefx.lowering.op_counts``: op names carry
+their source module; a layer's KV-cache reads and writes count in that layer).
+
+Three layers, because the tables every layer shares (the rotary-table lookup, the mask relayout)
+are computed once, in layer 0: layers 1 and 2 are the repeating layer that the README's "per
+decoder layer" (the median over the 28 layers) describes, and layer 0 has a budget of its own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+LAYERS = 3
+VOCAB = 512  # the LM head is outside the layers; a narrow one keeps the packages small
+SEQ = 64  # the README's prefill length
+CONTEXT = 512  # the README's decode function: S = 1, a KV cache of 512 slots as state
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Upper bounds for the ops of one decoder layer of one emitted function."""
+
+    ops: int  # ops of a repeating layer (layers 1 and after)
+    reshapes: int  # of which reshapes; a repeating layer has no transpose at all
+    types: frozenset[str]  # the op types a repeating layer has today: no new type may appear
+    first_ops: int  # layer 0: the repeating layer plus the tables shared by every layer
+    first_transposes: int
+    first_types: frozenset[str]  # the types only layer 0 has (the shared tables' lookup)
+
+
+# Measured on the 3-layer slice (ops per layer 0, 1, 2; reshapes; transposes):
+#   prefill, seq 64 (anefx.emit, function main):  60, 54, 54 ops; 10, 8, 8 reshapes; no transpose
+#     layer 1: mul 12, slice_by_index 8, reshape 8, conv 7, concat 6, add 5, layer_norm 4,
+#     matmul 2, softmax 1, silu 1; layer 0 adds reshape 2, matmul 2, equal 1, cast 1
+#   decode, S = 1, KV cache of 512 as state:       74, 66, 66 ops; 14, 10, 10 reshapes; none
+#     layer 1: mul 14, reshape 10, slice_by_index 8, conv 7, add 7, concat 6, layer_norm 4,
+#     matmul 4, read_state 2, write_state 2, softmax 1, silu 1; layer 0 adds reshape 4, matmul 2,
+#     equal 1, cast 1
+#   stateful prefill, seq 64, same package:        74, 65, 65 ops; 13, 9, 9 reshapes; one
+#     transpose in layer 0 (the shared mask relayout); layer 1 as decode with 9 reshapes
+# The repeating layers are the README's figures (54 / 0 + 8, 66 / 0 + 10, 65 / 9 copies).
+_PREFILL_TYPES = {"mul", "slice_by_index", "reshape", "conv", "concat", "add", "layer_norm"}
+_PREFILL_TYPES |= {"matmul", "softmax", "silu"}
+_STATE_TYPES = {"read_state", "write_state"}
+_TABLE_TYPES = frozenset({"equal", "cast"})  # the one-hot rotary-table lookup, in layer 0
+BUDGETS = {
+    "prefill": Budget(54, 8, frozenset(_PREFILL_TYPES), 60, 0, _TABLE_TYPES),
+    "decode": Budget(66, 10, frozenset(_PREFILL_TYPES | _STATE_TYPES), 74, 0, _TABLE_TYPES),
+    "stateful_prefill": Budget(
+        65, 9, frozenset(_PREFILL_TYPES | _STATE_TYPES), 74, 1, _TABLE_TYPES | {"transpose"}
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory) -> dict[str, list]:
+    """Budget name -> the ops of that function of the emitted slice (program order)."""
+    import anefx
+    from anefx.generation import lower_decoder
+    from anefx.lowering.op_counts import program_ops
+    from anefx.models.presets import get_preset
+    from anefx.models.synthetic import random_model
+    from anefx.targets.coreml import emit_functions, read_spec
+
+    config = get_preset("qwen3-0.6b")
+    config.update(num_hidden_layers=LAYERS, max_window_layers=LAYERS, vocab_size=VOCAB)
+    model = random_model(config, torch.float16, seed=0)
+    root: Path = tmp_path_factory.mktemp("budgets")
+    prefill = root / "prefill.mlpackage"
+    anefx.emit(anefx.lower(model, seq_len=SEQ, dtype=torch.float16), prefill)
+    dec = lower_decoder(model, batch=SEQ, context=CONTEXT, dtype=torch.float16)
+    stateful = root / "stateful.mlpackage"
+    emit_functions({"prefill": dec.prefill, "decode": dec.decode}, stateful, default="decode")
+    spec = read_spec(stateful)
+    return {
+        "prefill": program_ops(read_spec(prefill), "main"),
+        "decode": program_ops(spec, "decode"),
+        "stateful_prefill": program_ops(spec, "prefill"),
+    }
+
+
+def test_the_slice_has_the_real_layer_shapes(programs: dict) -> None:
+    """The budgets speak for Qwen3-0.6B only if the slice's layers are its layers: the convs of
+    a layer have its widths (16 heads and 8 KV heads of 128, intermediate 3072, hidden 1024)."""
+    widths = {
+        o.module.removeprefix("model.layers.1."): o.shapes[0]
+        for o in programs["prefill"]
+        if o.op == "conv" and (o.module or "").startswith("model.layers.1.")
+    }
+    assert widths == {
+        "self_attn.q_proj": (1, 16 * 128, 1, SEQ),
+        "self_attn.k_proj": (1, 8 * 128, 1, SEQ),
+        "self_attn.v_proj": (1, 8 * 128, 1, SEQ),
+        "self_attn.o_proj": (1, 1024, 1, SEQ),
+        "mlp.gate_proj": (1, 3072, 1, SEQ),
+        "mlp.up_proj": (1, 3072, 1, SEQ),
+        "mlp.down_proj": (1, 1024, 1, SEQ),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(BUDGETS))
+def test_ops_per_decoder_layer_within_budget(programs: dict, name: str) -> None:
+    from anefx.lowering.op_counts import layer_histograms, layer_stats
+
+    budget = BUDGETS[name]
+    ops = programs[name]
+    per_layer, _ = layer_histograms(ops, LAYERS)
+    first, repeating = per_layer[0], per_layer[1:]
+    totals = [sum(c.values()) for c in per_layer]
+    # the slice stands for 28 layers only if every layer after the first is the same
+    assert all(c == repeating[0] for c in repeating), totals
+    layer = repeating[0]
+    assert sum(layer.values()) <= budget.ops, (totals, dict(layer))
+    assert layer["transpose"] == 0, dict(layer)
+    assert layer["reshape"] <= budget.reshapes, dict(layer)
+    new = set(layer) - budget.types
+    assert not new, f"a decoder layer gained op types {sorted(new)}: {dict(layer)}"
+    # the figures as the benchmark reports them (medians over the layers)
+    stats = layer_stats(ops, LAYERS)
+    assert stats["ops_per_layer"] <= budget.ops
+    assert stats["transposes_per_layer"] == 0
+    assert stats["reshapes_per_layer"] <= budget.reshapes
+    # layer 0 also holds what every layer shares, computed once
+    assert sum(first.values()) <= budget.first_ops, (totals, dict(first))
+    assert first["transpose"] <= budget.first_transposes, dict(first)
+    new = set(first) - budget.types - budget.first_types
+    assert not new, f"decoder layer 0 gained op types {sorted(new)}: {dict(first)}"
+
+
+def test_every_layer_reads_and_writes_its_own_cache(programs: dict) -> None:
+    """The state ops are attributed to their layers: the decode budget counts them."""
+    from anefx.lowering.op_counts import layer_histograms
+
+    for name in ("decode", "stateful_prefill"):
+        per_layer, _ = layer_histograms(programs[name], LAYERS)
+        for c in per_layer:
+            assert (c["read_state"], c["write_state"]) == (2, 2), (name, dict(c))
+    assert not Counter(o.op for o in programs["prefill"]) & Counter(_STATE_TYPES)
