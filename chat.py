@@ -52,7 +52,7 @@ def read_text_files(model: str, artifact: str | None = None) -> dict[str, bytes]
     preset."""
     if model.startswith("preset:"):
         return {}
-    from anefx.targets.chunked import TOKENIZER_FILES, tokenizer_files
+    from anefx.targets.artifact import TOKENIZER_FILES, tokenizer_files
     from anefx.targets.reader import MAX_TOKENIZER_BYTES, read_bounded, read_tokenizer_files
 
     if artifact is not None:

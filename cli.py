@@ -15,8 +15,8 @@ import sys
 import textwrap
 import warnings
 
+from anefx.core import rules
 from anefx.errors import AnefxGraphError, AnefxInputError
-from anefx.lowering import rules
 from anefx.progress import Progress
 
 
@@ -146,7 +146,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from anefx.models.infer_config import inspect_model
+    from anefx.models.inspection import inspect_model
 
     info = inspect_model(args.model, progress=Progress(not args.json))
     if args.json:

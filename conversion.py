@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from anefx.core import rules
 from anefx.errors import AnefxInputError
-from anefx.lowering import rules
 from anefx.progress import Progress, quiet
 
 LUT_KINDS = ("embed", "ffn", "head")

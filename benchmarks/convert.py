@@ -124,18 +124,25 @@ def analyse(
     name_to_module: dict[str, str] | None = None,
     function: str = "main",
     spec=None,
+    anefx_package: bool = True,
 ) -> dict:
     """Read a saved package back: op counts per layer, copies, and the rule check.
 
     FUNCTION picks one function of a multifunction package (its rule check only); SPEC, if
-    given, is the package's already read spec."""
-    from anefx.lowering.checker import check_spec
-    from anefx.lowering.op_counts import layer_stats, program_ops
+    given, is the package's already read spec; ANEFX_PACKAGE: the package holds anefx's report
+    (the stock path's does not)."""
+    from anefx.core.signature import Signature
     from anefx.targets.coreml import read_spec
+    from anefx.targets.mil_program import check_spec
+    from anefx.targets.op_counts import layer_stats, program_ops
+    from anefx.targets.reader import check_package
 
     spec = spec if spec is not None else read_spec(package)
-    # a layer's KV-cache reads and writes count in that layer, as in ANEMLL's op counts
-    ops = program_ops(spec, function)
+    # a layer's KV-cache reads and writes count in that layer, as in ANEMLL's op counts: the
+    # package's report says which layer each state holds
+    signatures = (check_package(package).get("signatures") or {}) if anefx_package else {}
+    signature = Signature.from_dict(signatures[function]) if function in signatures else None
+    ops = program_ops(spec, function, signature)
     if name_to_module is not None:
         for o in ops:
             o.module = o.module or _module_of(o.name, name_to_module)
@@ -387,7 +394,9 @@ def run_naive(model, seq: int, out: Path) -> dict:
         "stage_s": stages,
         "removed_nodes": removed,
         "peak_rss_gb": rss,
-        "analysis": analyse(package, model.config.num_hidden_layers, name_to_module),
+        "analysis": analyse(
+            package, model.config.num_hidden_layers, name_to_module, anefx_package=False
+        ),
     }
 
 
@@ -682,7 +691,7 @@ def _fmt_counts(d: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from anefx.cli import int_range
-    from anefx.lowering.rules import DIM_LIMITS
+    from anefx.core.rules import DIM_LIMITS
     from anefx.models.presets import PRESETS
 
     # the ranges anefx checks, checked here first: a bad value fails at once, not after the

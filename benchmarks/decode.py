@@ -274,7 +274,7 @@ def render(rec: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from anefx.cli import int_range
-    from anefx.lowering.rules import DIM_LIMITS
+    from anefx.core.rules import DIM_LIMITS
     from anefx.models.presets import PRESETS
 
     # the ranges lower_decoder checks, checked here first: before the load, not after it

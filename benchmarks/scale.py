@@ -217,7 +217,7 @@ def load_baseline(folder: Path) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from anefx.cli import float_range, int_range
-    from anefx.lowering.rules import DIM_LIMITS
+    from anefx.core.rules import DIM_LIMITS
     from anefx.models.presets import PRESETS
 
     # the same ranges anefx convert checks, checked here first: a bad value fails in a second,

@@ -29,7 +29,7 @@ from convert import _quiet, git_revision, peak_rss_gb
 
 def main() -> int:
     from anefx.cli import int_range
-    from anefx.lowering.rules import DIM_LIMITS
+    from anefx.core.rules import DIM_LIMITS
     from anefx.models.limits import MAX_STEPS
     from anefx.models.presets import PRESETS
 

@@ -9,15 +9,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core import rules
 from anefx.core.signature import Role, Signature, State, join_logits, signature_of
 from anefx.errors import AnefxInputError
-from anefx.lowering import rules
 from anefx.lowering.checker import Report, check_graph
-from anefx.lowering.pass_manager import PassLog, run_pipeline
+from anefx.lowering.pass_manager import PassLog, pipeline_stats, run_pipeline
 from anefx.lowering.pipeline import build_pipeline
 from anefx.lowering.shape_prop import propagate_shapes
 from anefx.models.capture import capture, causal_mask
-from anefx.passes.densify_experts import MOE_META, moe_summary
 
 SUPPORTED_DTYPES = (torch.float16, torch.float32)
 
@@ -154,14 +153,11 @@ def lower(
     propagate_shapes(gm)
     stats = {"model": source, "seq_len": seq_len, "dtype": str(dtype).replace("torch.", "")}
     captured_report = check_graph(gm, "captured", stats) if raw_report else None
-    gm, log = run_pipeline(
-        gm, build_pipeline(dtype=dtype, table_len=context or seq_len, argmax=argmax)
-    )
+    steps = build_pipeline(dtype=dtype, table_len=context or seq_len, argmax=argmax)
+    gm, log = run_pipeline(gm, steps)
     seconds["passes"] = log.seconds
     stats["lm_head_slices"] = len(signature_of(gm).logits) or 1
-    moe = gm.meta.get(MOE_META)
-    if moe:
-        stats["moe"] = moe_summary(moe)
+    stats.update(pipeline_stats(gm, steps))
     if context:
         stats["context"] = context
     report = check_graph(gm, "lowered", stats)

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from anefx.core.signature import to_logical
 from anefx.errors import AnefxGraphError, AnefxInputError
+from anefx.models.families import family_of
 from anefx.progress import Progress, quiet
 
 # a stage is bad below this PSNR (dB), per lowered dtype: fp32 should agree to rounding level,
@@ -117,19 +118,16 @@ def compare(ref: torch.Tensor, out: torch.Tensor, stage: str) -> StageDiff:
     return StageDiff(stage, err.abs().max().item(), psnr, cosine)
 
 
-def stage_modules(num_layers: int) -> list[str]:
-    return [
-        "model.embed_tokens",
-        *(f"model.layers.{i}" for i in range(num_layers)),
-        "model.norm",
-        "lm_head",
-    ]
+def stage_modules(config) -> list[str]:
+    """The modules compared, as CONFIG's family names them: embedding, each decoder layer,
+    final norm, head."""
+    return family_of(config).stage_modules(config.num_hidden_layers)
 
 
 def reference_stages(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """transformers' own values at each stage (forward hooks), (1, S, C) each."""
     seen: dict[str, torch.Tensor] = {}
-    names = stage_modules(model.config.num_hidden_layers)
+    names = stage_modules(model.config)
     handles = []
     modules = dict(model.named_modules())
     for name in names:
@@ -188,7 +186,7 @@ def lowered_stages(low, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """The lowered graph's values at each stage for IDS (1, S), (1, S, C) each, in fp32."""
     gm = low.graph_module
     cfg = low.config
-    names = stage_modules(cfg.num_hidden_layers)
+    names = stage_modules(cfg)
     nodes = _stage_nodes(gm, names)
     seq = low.seq_len
     n = ids.shape[1]
@@ -199,7 +197,7 @@ def lowered_stages(low, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     for name in names[:-1]:
         node = nodes[name]
         values[name] = _logical(rec.values[node], node, seq, cfg.hidden_size)[:, :n].float()
-    values["lm_head"] = low.logits(out)[:, :n].float()
+    values[names[-1]] = low.logits(out)[:, :n].float()
     return values
 
 
@@ -233,9 +231,8 @@ def diff(
     seq = len(ids)
     say(f"transformers: the hidden states of {cfg.num_hidden_layers + 3} stages")
     ref = reference_stages(model, ids_t)
-    names = stage_modules(cfg.num_hidden_layers)
-    stages = ["embedding", *(f"model.layers.{i}" for i in range(cfg.num_hidden_layers))]
-    stages += ["final norm", "logits"]
+    names = stage_modules(cfg)
+    stages = ["embedding", *names[1:-2], "final norm", "logits"]
     thresholds = {**DEFAULT_MIN_PSNR, **(min_psnr or {})}
     result = DiffResult(str(model_spec), seq, stages)
     for i, dtype in enumerate(dtypes):

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from anefx.lowering import rules
+from anefx.core import rules
 
 
 def matrix_row(preset: str, seq_len: int = 64) -> dict:

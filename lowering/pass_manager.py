@@ -11,18 +11,14 @@ After every pass the manager
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult
 
+from anefx.core.pass_registry import Check, PassFn, Summary
+from anefx.core.recompile import deferred_recompile
 from anefx.errors import AnefxGraphError
 from anefx.lowering.shape_prop import propagate_shapes
-from anefx.passes._util import deferred_recompile
-
-PassFn = Callable[[fx.GraphModule], PassResult]
-Check = Callable[[fx.GraphModule], list[str]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +29,7 @@ class Step:
     run: PassFn
     postcondition: Check
     reason: str
+    summary: Summary | None = None  # what the pass adds to the report's statistics
 
 
 @dataclass
@@ -123,3 +120,12 @@ def _verify(gm: fx.GraphModule, step: Step, done: list[Step]) -> None:
             f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         )
         raise AnefxGraphError(f"after pass {step.name}: {shown} (passes before it: {previous})")
+
+
+def pipeline_stats(gm: fx.GraphModule, steps: list[Step]) -> dict:
+    """The statistics the passes of STEPS add to the report (e.g. densify_experts: "moe")."""
+    stats: dict = {}
+    for step in steps:
+        if step.summary is not None:
+            stats.update(step.summary(gm) or {})
+    return stats

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-import anefx.lowering.ops  # noqa: F401  (registers anefx:: ops and their fake kernels)
+import anefx.core.ops  # noqa: F401  (registers anefx:: ops and their fake kernels)
 
 
 def _to_meta(x):

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from anefx.core.signature import Input, Output, Role, Signature, State, set_signature
+from anefx.core.signature import Input, Output, Role, Signature, set_signature
 from anefx.errors import AnefxInputError
+from anefx.models.families import family_of
+from anefx.models.kv_cache import cache_name
 from anefx.models.limits import MAX_STATE_BYTES
 from anefx.models.repeat_layers import (
     RepeatError,
@@ -37,13 +39,6 @@ from anefx.models.repeat_layers import (
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 CAUSAL_MASK = "causal_mask"
-
-INPUT_DESCRIPTIONS = {
-    INPUT_IDS: "token ids, int32 (1, S)",
-    POSITION_IDS: "position of each token, int32 (1, S)",
-    CAUSAL_MASK: "additive attention mask, (1, 1, S, S): 0 where attending is allowed, "
-    "a large negative value elsewhere",
-}
 
 
 class PrefillWrapper(torch.nn.Module):
@@ -65,50 +60,11 @@ class PrefillWrapper(torch.nn.Module):
         return out.logits
 
 
-class OneHotKVCache:
-    """A transformers-compatible cache whose update is written with ANE ops only.
-
-    Rows of the cache are addressed by a one-hot matrix ``write`` (context, S) built from the
-    position ids: ``cache' = cache * (1 - rowsum(write)) + write @ k``. No scatter, no dynamic
-    index, exact in fp16 (every product is with 0 or 1). A position >= context writes nothing.
-    """
-
-    is_compileable = False
-
-    def __init__(self, owner: StatefulWrapper, write: torch.Tensor):
-        self.owner, self.write = owner, write
-        self.keep = 1 - write.sum(-1, keepdim=True)
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        out = []
-        for kind, new in (("k", key_states), ("v", value_states)):
-            buf = getattr(self.owner, cache_name(kind, layer_idx))
-            merged = buf * self.keep + self.write @ new
-            buf.copy_(merged)  # export turns this into a state output
-            out.append(merged)
-        return tuple(out)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-def cache_name(kind: str, layer: int) -> str:
-    """State names: ``k_cache_<layer>`` and ``v_cache_<layer>``, each (1, Hkv, context, D)."""
-    return f"{kind}_cache_{layer}"
-
-
-def kv_cache_shape(config, context: int) -> tuple[int, int, int, int]:
-    """The shape of each layer's K (and V) state: (1, kv_heads, context, head_dim)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // (
-        config.num_attention_heads
-    )
-    return (1, config.num_key_value_heads, context, head_dim)
-
-
 def check_state_bytes(config, context: int) -> int:
-    """The bytes of every layer's K and V state at CONTEXT (fp16); AnefxInputError above
-    ``limits.MAX_STATE_BYTES``, before anything is allocated."""
-    total = 2 * config.num_hidden_layers * math.prod(kv_cache_shape(config, context)) * 2
+    """The bytes of every state of the family's KV cache at CONTEXT (fp16); AnefxInputError
+    above ``limits.MAX_STATE_BYTES``, before anything is allocated."""
+    states = family_of(config).states(config, context, "float16")
+    total = sum(math.prod(state.shape) for state in states) * 2
     if total > MAX_STATE_BYTES:
         raise AnefxInputError(
             f"--context {context}: the KV cache of {config.num_hidden_layers} layers would hold "
@@ -119,22 +75,21 @@ def check_state_bytes(config, context: int) -> int:
 
 
 class StatefulWrapper(torch.nn.Module):
-    """The stateful signature: ids (1,S), position ids (1,S), mask (1,1,S,context); a K and a V
-    cache per layer held as buffers the graph writes (Core ML state)."""
+    """The stateful signature: ids (1,S), position ids (1,S), mask (1,1,S,context); the
+    family's states (a K and a V cache per layer) held as buffers the graph writes (Core ML
+    state), updated by the family's cache object."""
 
     def __init__(self, model: torch.nn.Module, context: int):
         super().__init__()
         self.m = model
         self.context = context
-        cfg = model.config
+        self.family = family_of(model.config)
         param = next(model.parameters())
-        shape = kv_cache_shape(cfg, context)
-        for layer in range(cfg.num_hidden_layers):
-            for kind in ("k", "v"):
-                self.register_buffer(
-                    cache_name(kind, layer),
-                    torch.zeros(shape, dtype=param.dtype, device=param.device),
-                )
+        dtype = str(param.dtype).removeprefix("torch.")
+        for state in self.family.states(model.config, context, dtype):
+            self.register_buffer(
+                state.name, torch.zeros(state.shape, dtype=param.dtype, device=param.device)
+            )
         slots = torch.arange(context, dtype=torch.int32, device=param.device)[:, None]
         self.register_buffer("slots", slots, persistent=False)
 
@@ -146,7 +101,7 @@ class StatefulWrapper(torch.nn.Module):
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=causal_mask,
-            past_key_values=OneHotKVCache(self, write),
+            past_key_values=self.family.cache(self, write),
             use_cache=True,
         )
         return out.logits
@@ -355,12 +310,7 @@ def signature(
     fp = str(dtype).removeprefix("torch.")
     keys = context or seq_len
     vocab = config.vocab_size
-    by_name = {
-        cache_name(kind, layer): (role, layer)
-        for layer in range(config.num_hidden_layers)
-        for kind, role in (("k", "key"), ("v", "value"))
-    }
-    shape = kv_cache_shape(config, context) if context else None
+    specs = {s.name: s for s in family_of(config).states(config, context, fp)} if context else {}
     return Signature(
         inputs=(
             Input(INPUT_IDS, Role.TOKENS, (1, seq_len), "int32", ("B", "S")),
@@ -378,9 +328,7 @@ def signature(
                 description="logits",
             ),
         ),
-        states=tuple(
-            State(name, by_name[name][0], (by_name[name][1],), tuple(shape), fp) for name in states
-        ),
+        states=tuple(specs[name] for name in states),
     )
 
 

@@ -1,6 +1,6 @@
 """Bounds on what an input may ask for, checked before any memory or disk is spent on it.
 
-These are not ANE limits (those are the rule table's, ``lowering/rules.py``): they keep a
+These are not ANE limits (those are the rule table's, ``core/rules.py``): they keep a
 malformed or hostile config, manifest or flag from asking for a 20 000-layer model or a 128 GB
 state before a single weight is read. Each bound sits well above every published Qwen model
 (the largest, noted beside each, from the presets and the published configs), so no real

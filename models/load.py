@@ -11,26 +11,18 @@ goes through it, or takes its result.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
 import math
-import mmap
 import os
-import re
-import tempfile
 import warnings
-import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
 import torch
-import transformers
-from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -46,10 +38,25 @@ from anefx.models.checkpoint_files import (
     locate_tensors,
     read_json,
 )
+from anefx.models.families import family_of
 from anefx.models.hub import resolve_model
 from anefx.models.infer_config import ConfigDefaultsWarning, InferredConfig, infer_from_tensors
+from anefx.models.messages import shown
 from anefx.models.presets import count_parameters, get_preset
-from anefx.models.synthetic import random_init_
+from anefx.models.random_weights import random_init_
+from anefx.models.weights import (
+    ST_FLOAT_DTYPES,
+    Copy,
+    checkpoint_names,
+    copy_weights_,
+    map_converted_,
+    map_weights_,
+    mappable,
+    materialize_meta_,
+    release_mapped_pages,
+    tied_targets,
+    validate_tensors,
+)
 
 __all__ = [
     "LoadedModel",
@@ -57,19 +64,14 @@ __all__ = [
     "build_config",
     "build_meta_model",
     "check_folder",
+    "checkpoint_names",
     "load_model",
     "preflight",
+    "release_mapped_pages",
+    "tied_targets",
 ]
 
 PRESET_PREFIX = "preset:"
-
-# Model families we can build: model_type -> (config class, causal-LM class) by transformers
-# name. Adding a family that transformers already ships is one entry here.
-SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-}
 
 # The config classes silently default these (e.g. hidden_size=4096), which would turn a broken
 # config.json into a wrongly-shaped model, so they must be present.
@@ -94,12 +96,6 @@ _POSITIVE_INT_FIELDS = (
 )
 # ... of which these may be null (the class then derives them: KV heads = heads, no window)
 _NULLABLE_INT_FIELDS = ("num_key_value_heads", "sliding_window")
-# Per family, fields its config class would otherwise default (Qwen3MoeConfig: 128 experts of
-# width 768); each entry lists the accepted spellings (transformers itself writes
-# num_experts as num_local_experts, its attribute_map alias).
-_FAMILY_REQUIRED: dict[str, tuple[tuple[str, ...], ...]] = {
-    "qwen3_moe": (("num_experts", "num_local_experts"), ("moe_intermediate_size",)),
-}
 # The strict config classes check these are bools, but only after building per-layer lists;
 # checked first for a message naming the field.
 _BOOL_FIELDS = (
@@ -157,9 +153,7 @@ _ROPE_NUMBERS: dict[str, tuple[float | None, bool]] = {
 }
 
 LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ST_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _RAM_FRACTION = 0.8
-_LAYER_INDEX = re.compile(r"^model\.layers\.(\d{1,9})\.")
 
 
 @dataclass
@@ -175,38 +169,13 @@ class LoadedModel:
     plan: Preflight | None = None  # what preflight() found before the model was built
 
 
-_TensorEntry = TensorEntry  # the name this module used before checkpoint_files existed
-_input_error = input_error
-
-
 # ---------------------------------------------------------------------------------------------
 # Config validation and model construction
 
 
-def _family_classes(model_type: object, where: str) -> tuple[type, type]:
-    supported = ", ".join(sorted(SUPPORTED_FAMILIES))
-    if model_type is None:
-        raise _input_error(f"{where}: field 'model_type' missing; supported: {supported}")
-    if not isinstance(model_type, str) or model_type not in SUPPORTED_FAMILIES:
-        raise _input_error(
-            f"{where}: model_type {_shown(model_type)} is not supported; supported: {supported}"
-        )
-    config_name, model_name = SUPPORTED_FAMILIES[model_type]
-    return getattr(transformers, config_name), getattr(transformers, model_name)
-
-
 def model_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
     """The transformers *ForCausalLM class for `config.model_type`."""
-    return _family_classes(config.model_type, "config")[1]
-
-
-def _shown(value: object, width: int = 60) -> str:
-    """repr(VALUE) cut to WIDTH characters: a hostile value must not flood the message."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long for repr
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return family_of(config).model_cls()
 
 
 def _is_int(value: object) -> bool:
@@ -243,8 +212,8 @@ def _check_number(
     ok = ok and (low is None or (number > low if open_low else number >= low))
     ok = ok and (high is None or number <= high)
     if not ok:
-        raise _input_error(
-            f"{where}: field '{name}' must be {_wanted(low, open_low, high)}, got {_shown(value)}"
+        raise input_error(
+            f"{where}: field '{name}' must be {_wanted(low, open_low, high)}, got {shown(value)}"
         )
 
 
@@ -254,23 +223,23 @@ def _check_keys(raw: dict[str, Any], config_cls: type, where: str) -> None:
     fields = {f.name for f in dataclasses.fields(config_cls)}
     for key in raw:
         if not isinstance(key, str):
-            raise _input_error(f"{where}: field name {_shown(key)} is not a string")
+            raise input_error(f"{where}: field name {shown(key)} is not a string")
         if key in fields or key == "model_type":
             continue
         static = inspect.getattr_static(config_cls, key, None)
         settable = isinstance(static, property) and static.fset is not None
         if key.startswith("__") or (static is not None and not settable):
-            raise _input_error(
+            raise input_error(
                 f"{where}: field '{key}' is not a config field (it names "
                 f"{'a method' if callable(static) else 'a setting'} of {config_cls.__name__})"
             )
     if "quantization_config" in raw:
-        raise _input_error(
+        raise input_error(
             f"{where}: field 'quantization_config': quantized checkpoints are not supported; "
             "anefx reads float16, bfloat16 or float32 weights"
         )
     if "per_layer_config" in raw:
-        raise _input_error(
+        raise input_error(
             f"{where}: field 'per_layer_config': per-layer configs are not supported (Qwen "
             "layers share one config)"
         )
@@ -284,27 +253,27 @@ def _check_ints(raw: dict[str, Any], where: str) -> None:
             continue
         value = raw[field]
         if not _is_int(value) or value <= 0:
-            raise _input_error(
-                f"{where}: field '{field}' must be a positive integer, got {_shown(value)}"
+            raise input_error(
+                f"{where}: field '{field}' must be a positive integer, got {shown(value)}"
             )
     for field, (bound, name) in limits.CONFIG_BOUNDS.items():
         value = raw.get(field)
         if _is_int(value) and value > bound:
-            raise _input_error(
-                f"{where}: field '{field}' is {_shown(value)}, above the bound {bound} "
+            raise input_error(
+                f"{where}: field '{field}' is {shown(value)}, above the bound {bound} "
                 f"(anefx.models.limits.{name})"
             )
     labels = raw.get("num_labels")
     if labels is not None and (not _is_int(labels) or not 0 <= labels <= limits.MAX_LABELS):
         # transformers builds an id2label entry per label
-        raise _input_error(
+        raise input_error(
             f"{where}: field 'num_labels' must be an integer in [0, {limits.MAX_LABELS}] "
-            f"(anefx.models.limits.MAX_LABELS), got {_shown(labels)}"
+            f"(anefx.models.limits.MAX_LABELS), got {shown(labels)}"
         )
     if "max_window_layers" in raw and not _is_int(raw["max_window_layers"]):
-        raise _input_error(
+        raise input_error(
             f"{where}: field 'max_window_layers' must be an integer, got "
-            f"{_shown(raw['max_window_layers'])}"
+            f"{shown(raw['max_window_layers'])}"
         )
 
 
@@ -313,22 +282,22 @@ def _check_fields(raw: dict[str, Any], where: str) -> None:
     pad = raw.get("pad_token_id")
     if pad is not None and (not _is_int(pad) or not 0 <= pad < raw["vocab_size"]):
         # the embedding takes it as its padding row
-        raise _input_error(
+        raise input_error(
             f"{where}: field 'pad_token_id' must be a token id below vocab_size "
-            f"({raw['vocab_size']}) or null, got {_shown(pad)}"
+            f"({raw['vocab_size']}) or null, got {shown(pad)}"
         )
     for field in _BOOL_FIELDS:
         if field in raw and not isinstance(raw[field], bool):
-            raise _input_error(
-                f"{where}: field '{field}' must be true or false, got {_shown(raw[field])}"
+            raise input_error(
+                f"{where}: field '{field}' must be true or false, got {shown(raw[field])}"
             )
     for field, (low, open_low, high) in _FLOAT_FIELDS.items():
         if field in raw:
             _check_number(where, field, raw[field], low, open_low, high)
     act = raw.get("hidden_act", "silu")
     if not isinstance(act, str) or act not in ACT2FN:
-        raise _input_error(
-            f"{where}: field 'hidden_act' is {_shown(act)}, not an activation transformers "
+        raise input_error(
+            f"{where}: field 'hidden_act' is {shown(act)}, not an activation transformers "
             "knows (e.g. 'silu', 'gelu')"
         )
     for field in ("dtype", "torch_dtype"):
@@ -337,28 +306,28 @@ def _check_fields(raw: dict[str, Any], where: str) -> None:
             continue
         # transformers turns the string into getattr(torch, value): only a dtype's name may pass
         if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype):
-            raise _input_error(
-                f"{where}: field '{field}' is {_shown(value)}, not a torch dtype name "
+            raise input_error(
+                f"{where}: field '{field}' is {shown(value)}, not a torch dtype name "
                 "(e.g. 'bfloat16')"
             )
     layers = raw["num_hidden_layers"]
     kinds = raw.get("layer_types")
     if kinds is not None and (not isinstance(kinds, list) or len(kinds) != layers):
-        got = f"{len(kinds)} entries" if isinstance(kinds, list) else _shown(kinds)
-        raise _input_error(
+        got = f"{len(kinds)} entries" if isinstance(kinds, list) else shown(kinds)
+        raise input_error(
             f"{where}: field 'layer_types' must list one entry per layer ({layers}), got {got}"
         )
     dense = raw.get("mlp_only_layers")
     if dense is not None:
         if not isinstance(dense, list):
-            raise _input_error(
+            raise input_error(
                 f"{where}: field 'mlp_only_layers' must be a list of layer indices, got "
-                f"{_shown(dense)}"
+                f"{shown(dense)}"
             )
         bad = [i for i in dense if not _is_int(i) or not 0 <= i < layers]
         if bad:
-            raise _input_error(
-                f"{where}: field 'mlp_only_layers' holds {_shown(bad[0])}, not a layer index "
+            raise input_error(
+                f"{where}: field 'mlp_only_layers' holds {shown(bad[0])}, not a layer index "
                 f"(0..{layers - 1})"
             )
 
@@ -386,13 +355,13 @@ def _check_rope(raw: dict[str, Any], where: str, head_dim: int) -> None:
     if params is None:
         params = {}
     if not isinstance(params, dict):
-        raise _input_error(
+        raise input_error(
             f"{where}: field '{spelled}' must be an object (rope_type, rope_theta, ...), got "
-            f"{_shown(params)}"
+            f"{shown(params)}"
         )
     nested = [k for k, v in params.items() if isinstance(v, dict)]
     if nested:
-        raise _input_error(
+        raise input_error(
             f"{where}: field '{spelled}.{nested[0]}': per-layer-type rope parameters are not "
             "supported (Qwen layers share one rotary embedding)"
         )
@@ -405,44 +374,44 @@ def _check_rope(raw: dict[str, Any], where: str, head_dim: int) -> None:
     kind_key = "rope_type" if "rope_type" in params else "type"
     kind = params.get(kind_key, "default")
     if not isinstance(kind, str) or kind not in KNOWN_ROPE_TYPES:
-        raise _input_error(
-            f"{where}: field '{spelled}.{kind_key}' is {_shown(kind)}, not a rope type "
+        raise input_error(
+            f"{where}: field '{spelled}.{kind_key}' is {shown(kind)}, not a rope type "
             f"transformers knows ({', '.join(KNOWN_ROPE_TYPES)})"
         )
     if kind in _UNLOWERED_ROPE_TYPES:
-        raise _input_error(
+        raise input_error(
             f"{where}: field '{spelled}.{kind_key}' is '{kind}', which anefx does not lower: "
             f"{_UNLOWERED_ROPE_TYPES[kind]}"
         )
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
     if partial is not None and partial != 1:
         # Qwen attention rotates the whole head; a partial rotary table would not fit it
-        raise _input_error(
-            f"{where}: field 'partial_rotary_factor' is {_shown(partial)}; Qwen models rotate "
+        raise input_error(
+            f"{where}: field 'partial_rotary_factor' is {shown(partial)}; Qwen models rotate "
             "the whole head (1.0)"
         )
     if head_dim % 2 or (kind == "dynamic" and head_dim <= 2):
         # the tables hold head_dim / 2 frequencies (dynamic rope divides by head_dim - 2)
-        raise _input_error(
+        raise input_error(
             f"{where}: head_dim {head_dim} does not suit rope type '{kind}' (it must be even"
             + (" and above 2)" if kind == "dynamic" else ")")
         )
     original = params.get("original_max_position_embeddings")
     if original is not None and (not _is_int(original) or not 0 < original <= limits.MAX_POSITIONS):
-        raise _input_error(
+        raise input_error(
             f"{where}: field '{spelled}.original_max_position_embeddings' must be a positive "
-            f"integer up to {limits.MAX_POSITIONS}, got {_shown(original)}"
+            f"integer up to {limits.MAX_POSITIONS}, got {shown(original)}"
         )
     low, high = params.get("low_freq_factor"), params.get("high_freq_factor")
     if kind == "llama3" and low is not None and high is not None and not high > low:
-        raise _input_error(
-            f"{where}: field '{spelled}.high_freq_factor' ({_shown(high)}) must exceed "
-            f"'low_freq_factor' ({_shown(low)})"
+        raise input_error(
+            f"{where}: field '{spelled}.high_freq_factor' ({shown(high)}) must exceed "
+            f"'low_freq_factor' ({shown(low)})"
         )
     if "truncate" in params and not isinstance(params["truncate"], bool):
-        raise _input_error(
+        raise input_error(
             f"{where}: field '{spelled}.truncate' must be true or false, got "
-            f"{_shown(params['truncate'])}"
+            f"{shown(params['truncate'])}"
         )
 
 
@@ -455,26 +424,27 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     allocated from it. `where` names the source (a config.json path or "preset:NAME").
     """
     if not isinstance(raw, dict):
-        raise _input_error(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    config_cls, _ = _family_classes(raw.get("model_type"), where)
+        raise input_error(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    family = family_of(raw, where)
+    config_cls = family.config_cls()
     _check_keys(raw, config_cls, where)
-    required = [(f,) for f in REQUIRED_FIELDS] + list(_FAMILY_REQUIRED.get(raw["model_type"], ()))
+    required = [(f,) for f in REQUIRED_FIELDS] + list(family.required)
     for spellings in required:
         if not any(f in raw for f in spellings):
-            raise _input_error(
+            raise input_error(
                 f"{where}: field '{spellings[0]}' missing (needed by {config_cls.__name__})"
             )
     _check_ints(raw, where)
     _check_fields(raw, where)
     heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or 0
     if kv_heads and heads % kv_heads:
-        raise _input_error(
+        raise input_error(
             f"{where}: field 'num_attention_heads' ({heads}) must be a multiple of "
             f"'num_key_value_heads' ({kv_heads})"
         )
     head_dim, head_from = _head_dim(raw, config_cls)
     if head_dim < 1:
-        raise _input_error(
+        raise input_error(
             f"{where}: {head_from} is {head_dim}: num_attention_heads ({heads}) exceeds "
             f"hidden_size ({raw['hidden_size']})"
         )
@@ -483,7 +453,7 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     experts = raw.get("num_experts", raw.get("num_local_experts"))
     top_k = raw.get("num_experts_per_tok")
     if experts is not None and top_k is not None and top_k > experts:
-        raise _input_error(
+        raise input_error(
             f"{where}: field 'num_experts_per_tok' ({top_k}) exceeds 'num_experts' ({experts})"
         )
 
@@ -495,7 +465,7 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     try:
         config = config_cls(**kwargs)
     except Exception as exc:  # the strict config dataclasses raise several error types
-        raise _input_error(f"{where}: invalid config: {exc}") from exc
+        raise input_error(f"{where}: invalid config: {exc}") from exc
     # Eager attention is plain matmul/softmax with an additive mask, the form we lower; it
     # takes a prepared (B, 1, S, S) float mask as is.
     config._attn_implementation = "eager"
@@ -509,7 +479,7 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
         kinds = [window] * config.num_hidden_layers
     sliding = [i for i, kind in enumerate(kinds or []) if kind == "sliding_attention"]
     if sliding:
-        raise _input_error(
+        raise input_error(
             f"{where}: field 'use_sliding_window' is true and layers {sliding[0]}.."
             f"{sliding[-1]} use sliding-window attention (window {config.sliding_window}), which "
             "anefx does not lower (its causal mask would see every earlier token); published "
@@ -517,7 +487,7 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
         )
     params = count_config_parameters(config)
     if params > limits.MAX_PARAMETERS:
-        raise _input_error(
+        raise input_error(
             f"{where}: the config describes {params:,} parameters, above the bound "
             f"{limits.MAX_PARAMETERS:,} (anefx.models.limits.MAX_PARAMETERS)"
         )
@@ -566,7 +536,7 @@ def build_meta_model(config: PreTrainedConfig, dtype: torch.dtype) -> PreTrained
     except (ValueError, TypeError, KeyError, ArithmeticError, RuntimeError) as exc:
         # the config passed build_config; whatever the model class still refuses is the
         # config's fault too, and must not surface as a traceback
-        raise _input_error(f"config: transformers cannot build the model: {exc}") from exc
+        raise input_error(f"config: transformers cannot build the model: {exc}") from exc
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -591,17 +561,6 @@ def reset_rotary_(model: PreTrainedModel) -> None:
             model._init_weights(module)
 
 
-def tied_targets(model: PreTrainedModel) -> set[str]:
-    """State-dict names that are tied to another tensor and so absent from HF checkpoints."""
-    return set(getattr(model, "all_tied_weights_keys", None) or {})
-
-
-def checkpoint_names(model: PreTrainedModel) -> list[str]:
-    """Names of the tensors a checkpoint for `model` holds, in state-dict order."""
-    skip = tied_targets(model)
-    return [name for name in model.state_dict() if name not in skip]
-
-
 # ---------------------------------------------------------------------------------------------
 # Preflight: everything that needs neither the model nor the weights
 
@@ -609,7 +568,7 @@ def checkpoint_names(model: PreTrainedModel) -> list[str]:
 def _check_dtype(dtype: torch.dtype | None) -> None:
     if dtype is not None and dtype not in LOADABLE_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in LOADABLE_DTYPES)
-        raise _input_error(f"dtype {dtype} not supported; use one of {names}")
+        raise input_error(f"dtype {dtype} not supported; use one of {names}")
 
 
 def _config_dtype(config: PreTrainedConfig) -> torch.dtype | None:
@@ -631,7 +590,7 @@ def _resolve_dtype(
         return dtype
     if tensors is None:
         return torch.bfloat16
-    found = (_ST_FLOAT_DTYPES.get(e.dtype) for e in tensors.values())
+    found = (ST_FLOAT_DTYPES.get(e.dtype) for e in tensors.values())
     return next((d for d in found if d is not None), torch.float32)
 
 
@@ -685,9 +644,9 @@ class Preflight:
         return dataclasses.replace(self, dtype=_resolve_dtype(dtype, self.config, self.tensors))
 
 
-def _layer_span(named: set[int]) -> str:
+def _layer_span(named: set[int], layers_path: str) -> str:
     if not named:
-        return "no 'model.layers.<i>.*' tensor"
+        return f"no '{layers_path}.<i>.*' tensor"
     low, high = min(named), max(named)
     if len(named) == high - low + 1:
         return f"tensors for layers {low}..{high} only"
@@ -700,12 +659,14 @@ def _check_layers(
     """The stored tensors name every layer the config declares: checked on names alone, before
     a model of that many layers is built."""
     layers = config.num_hidden_layers
-    named = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.match(name))}
+    family = family_of(config)
+    named = {i for name in tensors if (i := family.layer_index(name)) is not None}
     missing = next((i for i in range(layers) if i not in named), None)
     if missing is not None:
-        raise _input_error(
-            f"{where}: num_hidden_layers is {layers} but {folder} holds {_layer_span(named)} "
-            f"(no tensor 'model.layers.{missing}.*')"
+        span = _layer_span(named, family.layers_path)
+        raise input_error(
+            f"{where}: num_hidden_layers is {layers} but {folder} holds {span} "
+            f"(no tensor '{family.layers_path}.{missing}.*')"
         )
 
 
@@ -777,12 +738,16 @@ def preflight(spec: str | os.PathLike[str], dtype: torch.dtype | None = None) ->
     )
 
 
-def check_tensors(plan: Preflight, model: PreTrainedModel) -> list[_Copy]:
+def check_tensors(plan: Preflight, model: PreTrainedModel) -> list[Copy]:
     """Check every tensor MODEL (built from PLAN's config) needs is stored with its shape and a
     float dtype; returns the copy plan. No tensor data is read."""
     assert plan.tensors is not None, "a preset has no stored tensors"
-    return _validate_tensors(
-        Path(plan.source), plan.tensors, model.state_dict(), checkpoint_names(model)
+    return validate_tensors(
+        Path(plan.source),
+        plan.tensors,
+        model.state_dict(),
+        checkpoint_names(model),
+        family_of(model.config).stored_parts,
     )
 
 
@@ -806,7 +771,7 @@ def _check_fits(plan: Preflight, what: str) -> None:
     ram = _total_ram_bytes()
     if ram is not None and need > _RAM_FRACTION * ram:
         name = str(plan.dtype).removeprefix("torch.")
-        raise _input_error(
+        raise input_error(
             f"{plan.source}: {what} {name} weights need {_human_bytes(need)} but this machine "
             f"has {_human_bytes(ram)} of RAM; use --meta to build the structure only"
         )
@@ -840,258 +805,17 @@ def _load_folder(plan: Preflight, meta: bool) -> LoadedModel:
     model = build_meta_model(copy.deepcopy(plan.config), dtype)
     copies = check_tensors(plan, model)
     if not meta:
-        mappable = [c for c in copies if _mappable(located[c[2]], c[1], dtype)]
-        _map_weights_(model, located, mappable)
+        in_place = [c for c in copies if mappable(located[c[2]], c[1], dtype)]
+        map_weights_(model, located, in_place)
         # another dtype, or experts stored apart: cast / assembled into a scratch file, mapped
-        rest = _map_converted_(model, located, [c for c in copies if c not in mappable], dtype)
+        rest = map_converted_(model, located, [c for c in copies if c not in in_place], dtype)
         if rest:
             _check_fits(plan, "the")
-        _materialize_meta_(model)  # storage for what is left and for the rotary buffers
+        materialize_meta_(model)  # storage for what is left and for the rotary buffers
         model.tie_weights()
-        _copy_weights_(model, located, rest)
+        copy_weights_(model, located, rest)
         reset_rotary_(model)
     return _finish(model, plan, meta)
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory-mapped weights: a tensor stored in the compute dtype is used where it lies in the
-# file, so conversion reads each part's weights from the page cache as it emits that part and
-# holds no copy of the model. The mappings are private (copy-on-write): nothing is written back.
-
-_MAPS: list[weakref.ref] = []
-
-
-def _mappable(entry: TensorEntry, index: tuple, dtype: torch.dtype) -> bool:
-    return index == () and _ST_FLOAT_DTYPES.get(entry.dtype) == dtype
-
-
-def _map_file(path: Path, cache: dict) -> mmap.mmap:
-    if path not in cache:
-        with open(path, "rb") as fh:
-            cache[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        _MAPS.append(weakref.ref(cache[path]))
-    return cache[path]
-
-
-def _bind_(model: PreTrainedModel, name: str, buf, offset: int, dtype, shape) -> None:
-    """Make parameter (or buffer) NAME the tensor at OFFSET of mapping BUF."""
-    count = math.prod(shape)
-    if count == 0:
-        tensor = torch.empty(shape, dtype=dtype)
-    else:
-        tensor = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape)
-    owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-    else:
-        owner._buffers[leaf] = tensor
-
-
-def _map_weights_(
-    model: PreTrainedModel, located: dict[str, _TensorEntry], copies: list[_Copy]
-) -> None:
-    """Point each parameter in COPIES at its bytes in the safetensors file (no copy)."""
-    cache: dict[Path, mmap.mmap] = {}
-    for name, _, src in copies:
-        entry = located[src]
-        buf = _map_file(entry.path, cache) if math.prod(entry.shape) else None
-        _bind_(model, name, buf, entry.offset, _ST_FLOAT_DTYPES[entry.dtype], entry.shape)
-
-
-def _map_converted_(
-    model: PreTrainedModel, located: dict[str, _TensorEntry], copies: list[_Copy], dtype
-) -> list[_Copy]:
-    """Write the parameters COPIES fill, cast to DTYPE and assembled, into an unlinked scratch
-    file (in $ANEFX_TMPDIR, else the system temp folder) and map them from it; one tensor is in
-    memory at a time. Returns the copies whose pieces do not lie in order in their parameter
-    (copied into memory instead)."""
-    by_param: dict[str, list[_Copy]] = {}
-    for c in copies:
-        by_param.setdefault(c[0], []).append(c)
-    state = model.state_dict()
-    ordered, left = {}, []
-    for name, group in by_param.items():
-        # the pieces must tile the parameter in memory order (per-expert tensors do)
-        whole = torch.empty(state[name].shape, device="meta")
-        at, ok = 0, True
-        for _, index, src in group:
-            piece = whole[index] if index else whole
-            ok &= piece.storage_offset() == at and piece.is_contiguous()
-            at += math.prod(located[src].shape)
-        if ok and at == whole.numel():
-            ordered[name] = group
-        else:
-            left += group
-    if not ordered:
-        return left
-    fd, path = tempfile.mkstemp(prefix="anefx-cast-", dir=os.environ.get("ANEFX_TMPDIR"))
-    os.unlink(path)  # the space is freed when the last mapping of it goes
-    placed = []
-    with os.fdopen(fd, "w+b") as fh, contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-        for name, group in ordered.items():
-            placed.append((name, fh.tell()))
-            for _, _, src in group:
-                entry = located[src]
-                try:
-                    if entry.path not in handles:
-                        handles[entry.path] = stack.enter_context(
-                            safe_open(str(entry.path), framework="pt", device="cpu")
-                        )
-                    t = handles[entry.path].get_tensor(src).to(dtype).contiguous()
-                except SafetensorError as exc:
-                    raise _input_error(
-                        f"{entry.file}: cannot read safetensors file: {exc}"
-                    ) from None
-                fh.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
-            fh.write(b"\0" * (-fh.tell() % 64))
-        fh.flush()
-        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if fh.tell() else None
-    if buf is not None:
-        _MAPS.append(weakref.ref(buf))
-    for name, offset in placed:
-        _bind_(model, name, buf, offset, dtype, tuple(state[name].shape))
-    return left
-
-
-def _materialize_meta_(model: PreTrainedModel) -> None:
-    """Give every parameter and buffer still on the meta device (uninitialised) CPU storage."""
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                if t is not None and t.is_meta:
-                    new = torch.empty_like(t, device="cpu")
-                    store[key] = (
-                        torch.nn.Parameter(new, requires_grad=False)
-                        if isinstance(t, torch.nn.Parameter)
-                        else new
-                    )
-
-
-def release_mapped_pages() -> int:
-    """Drop the memory-mapped weight pages from this process's resident set; returns how
-    many mappings were advised. The data stays in the page cache and is read back on the next
-    touch, so this is safe at any time; the chunked emitter calls it after each part."""
-    advised = 0
-    for ref in list(_MAPS):
-        mm = ref()
-        if mm is None:
-            _MAPS.remove(ref)
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            mm.madvise(mmap.MADV_DONTNEED)
-            advised += 1
-    return advised
-
-
-# One stored tensor and where it goes: (state-dict name, index into that tensor, stored name).
-# The index is () for the whole tensor; a per-expert tensor fills one slice of a fused one.
-_Copy = tuple[str, tuple[int | slice, ...], str]
-
-_FUSED_EXPERTS = re.compile(r"^(.+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-
-
-def expert_sources(name: str, shape: tuple[int, ...]) -> list[tuple[tuple[int | slice, ...], str]]:
-    """The per-expert checkpoint tensors making up fused expert parameter `name` (else []).
-
-    Published Qwen3-MoE checkpoints, and transformers' own save_pretrained (which undoes its
-    load-time fusion), store `experts.<e>.{gate,up,down}_proj.weight`; the model holds
-    `experts.gate_up_proj` (E, 2I, H), gate rows first, and `experts.down_proj` (E, H, I).
-    """
-    match = _FUSED_EXPERTS.match(name)
-    if match is None or len(shape) != 3:
-        return []
-    prefix, kind = match.groups()
-    if kind == "down_proj":
-        return [((e,), f"{prefix}.{e}.down_proj.weight") for e in range(shape[0])]
-    half = shape[1] // 2
-    parts = []
-    for e in range(shape[0]):
-        parts.append(((e, slice(0, half)), f"{prefix}.{e}.gate_proj.weight"))
-        parts.append(((e, slice(half, None)), f"{prefix}.{e}.up_proj.weight"))
-    return parts
-
-
-def _validate_tensors(
-    folder: Path,
-    located: dict[str, _TensorEntry],
-    expected: dict[str, torch.Tensor],
-    wanted: Iterable[str],
-) -> list[_Copy]:
-    """Check every tensor the model needs is stored with its shape; returns the copy plan."""
-    copies: list[_Copy] = []
-    missing: list[str] = []
-    for name in wanted:
-        if name in located:
-            copies.append((name, (), name))
-            continue
-        parts = expert_sources(name, tuple(expected[name].shape))
-        absent = [src for _, src in parts if src not in located]
-        if parts and not absent:
-            copies.extend((name, index, src) for index, src in parts)
-        elif parts and len(absent) < len(parts):
-            missing.append(absent[0])  # stored per expert, but not every expert
-        elif parts:
-            missing.append(f"{name}' (or per expert '{parts[0][1]}")
-        else:
-            missing.append(name)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise _input_error(f"{folder}: tensor '{missing[0]}' missing from all shards{more}")
-    for name, index, src in copies:
-        entry, want = located[src], tuple(expected[name][index].shape)
-        if entry.shape != want:
-            raise _input_error(
-                f"{entry.file}: tensor '{src}' has shape {list(entry.shape)}, expected {list(want)}"
-            )
-        if entry.dtype not in _ST_FLOAT_DTYPES:
-            raise _input_error(
-                f"{entry.file}: tensor '{src}' has dtype {entry.dtype}, expected one of "
-                f"{', '.join(_ST_FLOAT_DTYPES)}"
-            )
-    # Tied targets (lm_head.weight) that a checkpoint carries anyway are checked when copying.
-    extra = sorted(set(located) - set(expected) - {src for _, _, src in copies})
-    if extra:
-        shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
-        warnings.warn(
-            f"{folder}: ignoring {len(extra)} tensor(s) the model does not use: {shown}",
-            stacklevel=4,
-        )
-    return copies
-
-
-def _copy_weights_(
-    model: PreTrainedModel, located: dict[str, _TensorEntry], copies: list[_Copy]
-) -> None:
-    targets = model.state_dict(keep_vars=True)
-    by_file: dict[Path, list[_Copy]] = {}
-    for one in copies:
-        by_file.setdefault(located[one[2]].file, []).append(one)
-    # HF keeps the tie when a checkpoint stores the tied copy too, but only if they agree.
-    redundant = [t for t in tied_targets(model) if t in located]
-    with torch.no_grad():
-        for path, group in by_file.items():
-            try:
-                # safe_open memory-maps the file, so only one tensor is materialised at a time.
-                real = located[group[0][2]].path
-                with safe_open(str(real), framework="pt", device="cpu") as fh:
-                    for name, index, src in group:
-                        targets[name][index].copy_(fh.get_tensor(src))
-            except SafetensorError as exc:
-                raise _input_error(f"{path}: cannot read safetensors file: {exc}") from exc
-        for name in redundant:
-            entry = located[name]
-            with safe_open(str(entry.path), framework="pt", device="cpu") as fh:
-                stored = fh.get_tensor(name)
-            if stored.shape != targets[name].shape or not torch.equal(
-                stored.to(targets[name].dtype), targets[name]
-            ):
-                warnings.warn(
-                    f"{entry.file}: tensor '{name}' differs from the weight it is tied to "
-                    "(tie_word_embeddings is true); it is ignored",
-                    stacklevel=4,
-                )
 
 
 def load_model(

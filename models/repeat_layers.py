@@ -18,17 +18,26 @@ from collections.abc import Iterator
 import torch
 import torch.fx as fx
 
+from anefx.models.families import FAMILIES
+
 
 class RepeatError(Exception):
     """The captured layers cannot be repeated safely (the reason is the message)."""
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
-    """The ModuleList of decoder layers and its path (``model.layers``), if the model has one."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
+    """The ModuleList of decoder layers and its path (the family's, ``model.layers``), if the
+    model is of a known family and has one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        return None
+    try:
+        layers = model.get_submodule(family.layers_path)
+    except AttributeError:
+        return None
     if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-        return "model.layers", layers
+        return family.layers_path, layers
     return None
 
 
@@ -63,18 +72,20 @@ def truncated(model: torch.nn.Module, k: int) -> Iterator[None]:
     """MODEL with only its first K decoder layers (config included) while inside."""
     found = decoder_layers(model)
     assert found is not None
-    _, layers = found
+    path, layers = found
+    owner_path, _, leaf = path.rpartition(".")
+    owner = model.get_submodule(owner_path)
     config = model.config
-    saved_layers, saved_n = model.model.layers, config.num_hidden_layers
+    saved_layers, saved_n = layers, config.num_hidden_layers
     saved_types = getattr(config, "layer_types", None)
-    model.model.layers = torch.nn.ModuleList(list(layers)[:k])
+    setattr(owner, leaf, torch.nn.ModuleList(list(layers)[:k]))
     config.num_hidden_layers = k
     if isinstance(saved_types, list):
         config.layer_types = saved_types[:k]
     try:
         yield
     finally:
-        model.model.layers = saved_layers
+        setattr(owner, leaf, saved_layers)
         config.num_hidden_layers = saved_n
         if isinstance(saved_types, list):
             config.layer_types = saved_types

@@ -8,7 +8,6 @@ tying or the order in which tensors are visited.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,71 +15,28 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-_CHUNK = 1 << 22  # elements generated at once: bounds the float32 scratch to 16 MB
-_STD, _NORM_STD = 0.02, 0.1  # random_init_'s defaults, which checkpoints are written with
+from anefx.models.families import family_of
+from anefx.models.load import (
+    build_config,
+    build_meta_model,
+    checkpoint_names,
+    materialize_,
+    reset_rotary_,
+)
+from anefx.models.random_weights import CHUNK, NORM_STD, STD, fill_normal_, init_stats, random_init_
 
-
-def _stream_seed(seed: int, name: str) -> int:
-    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _fill_normal_(
-    tensor: torch.Tensor,
-    seed: int,
-    name: str,
-    mean: float,
-    std: float,
-    scratch: torch.Tensor | None = None,
-) -> None:
-    # `scratch`, float32 of at least _CHUNK elements, is reused across calls by the checkpoint
-    # writer: a fresh 16 MB buffer per chunk fragments the heap between the tensors it keeps.
-    gen = torch.Generator(device="cpu").manual_seed(_stream_seed(seed, name))
-    flat = tensor.view(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        stop = min(start + _CHUNK, flat.numel())
-        if scratch is None:
-            chunk = torch.empty(stop - start, dtype=torch.float32)
-        else:
-            chunk = scratch[: stop - start]
-        chunk.normal_(generator=gen)
-        flat[start:stop].copy_(chunk.mul_(std).add_(mean))
-
-
-def _init_stats(model: nn.Module, name: str, std: float, norm_std: float) -> tuple[float, float]:
-    """(mean, std) of parameter `name`: norm weights 1 + norm_std * N(0, 1), the rest std * N."""
-    owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    if leaf == "weight" and "Norm" in type(owner).__name__:
-        return 1.0, norm_std
-    # Biases use the same scale as matrices: small, but non-zero so they are tested.
-    return 0.0, std
-
-
-def random_init_(
-    model: nn.Module, seed: int = 0, std: float = _STD, norm_std: float = _NORM_STD
-) -> nn.Module:
-    """Overwrite every parameter with seeded random values, in place; returns `model`.
-
-    Matrices and embeddings ~ N(0, std); norm weights ~ 1 + norm_std * N(0, 1), so a test that
-    ignored them would notice; biases ~ std * N(0, 1). Tied parameters are filled once.
-    """
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.is_meta:
-                raise ValueError(f"parameter '{name}' is on the meta device; materialise it first")
-            mean, scale = _init_stats(model, name, std, norm_std)
-            _fill_normal_(param, seed, name, mean, scale)
-    return model
+__all__ = [
+    "checkpoint_tensors",
+    "random_init_",
+    "random_model",
+    "write_random_checkpoint",
+]
 
 
 def _config_copy(config: dict[str, Any] | PreTrainedConfig) -> PreTrainedConfig:
     """A private, validated config set to eager attention (the caller's object is not touched)."""
-    from anefx.models.load import build_config
-
     if isinstance(config, PreTrainedConfig):
         cfg = copy.deepcopy(config)
         cfg._attn_implementation = "eager"
@@ -95,8 +51,6 @@ def random_model(
 
     Weights match what `load_model` returns for a checkpoint written with the same seed.
     """
-    from anefx.models.load import build_meta_model, materialize_, reset_rotary_
-
     model = build_meta_model(_config_copy(config), dtype)
     materialize_(model)
     random_init_(model, seed)
@@ -136,15 +90,14 @@ _Source = tuple[str, str, tuple[int | slice, ...]]
 
 def _stored_sources(model: PreTrainedModel, expert_layout: str) -> list[_Source]:
     """Where each tensor of `model`'s checkpoint comes from, in checkpoint (state-dict) order."""
-    from anefx.models.load import checkpoint_names, expert_sources
-
     if expert_layout not in ("per_expert", "fused"):
         raise ValueError(f"expert_layout must be 'per_expert' or 'fused', got {expert_layout!r}")
     full = model.state_dict()
+    stored_parts = family_of(model.config).stored_parts
     sources: list[_Source] = []
     for name in checkpoint_names(model):
         shape = tuple(full[name].shape)
-        parts = expert_sources(name, shape) if expert_layout == "per_expert" else []
+        parts = stored_parts(name, shape) if expert_layout == "per_expert" else []
         if parts:
             sources.extend((src, name, index) for index, src in parts)
         else:
@@ -192,8 +145,6 @@ def write_random_checkpoint(
     the one fused expert parameter they are sliced from). Use an empty folder: files from an
     earlier write are not removed.
     """
-    from anefx.models.load import build_meta_model
-
     if max_shard_bytes is None and shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     if max_shard_bytes is not None and max_shard_bytes < 1:
@@ -221,14 +172,14 @@ def write_random_checkpoint(
             return "model.safetensors"
         return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
-    scratch = torch.empty(_CHUNK, dtype=torch.float32)
+    scratch = torch.empty(CHUNK, dtype=torch.float32)
 
     def generate(name: str) -> torch.Tensor:
         # The same values random_init_ puts in the materialised parameter of that name.
         param = params[name]
         tensor = torch.empty(param.shape, dtype=param.dtype)
-        mean, std = _init_stats(model, name, _STD, _NORM_STD)
-        _fill_normal_(tensor, seed, name, mean, std, scratch)
+        mean, std = init_stats(model, name, STD, NORM_STD)
+        fill_normal_(tensor, seed, name, mean, std, scratch)
         return tensor
 
     weight_map: dict[str, str] = {}

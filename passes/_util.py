@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
+
+from anefx.core.recompile import deferred_recompile, recompile
 
 __all__ = [
     "PassResult",
@@ -89,25 +90,6 @@ def add_const(
             if key in like.meta:
                 node.meta[key] = like.meta[key]
     return node
-
-
-_DEFER = [0]
-
-
-def recompile(gm: fx.GraphModule) -> None:
-    """Regenerate GM's code, unless a pipeline defers it to its end (it costs ~0.3 s per
-    call on a 28-layer graph and nothing between passes runs the generated code)."""
-    if not _DEFER[0]:
-        gm.recompile()
-
-
-@contextmanager
-def deferred_recompile():
-    _DEFER[0] += 1
-    try:
-        yield
-    finally:
-        _DEFER[0] -= 1
 
 
 def tensor_args(node: fx.Node) -> Iterable[fx.Node]:

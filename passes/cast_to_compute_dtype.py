@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from anefx.core.pass_registry import register_pass
 from anefx.passes._util import PassResult, aten, const_value, is_op, recompile, val
 
 
@@ -91,3 +92,6 @@ def postcondition(gm: fx.GraphModule) -> list[str]:
     if len(dtypes) > 1:
         return [f"mixed floating dtypes: {', '.join(f'{d} at {n}' for d, n in dtypes.items())}"]
     return []
+
+
+register_pass("cast_to_compute_dtype", CastToComputeDtype, postcondition)

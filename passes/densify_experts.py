@@ -9,7 +9,7 @@ The block is found from the graph (a topk whose indices route a pair of grouped 
 3-D weights), never from a class name. The router's values-to-weights steps (e.g. the top-k
 renormalisation) and the activation between the two matmuls are copied from the captured graph,
 so the dense form computes what the model computes. Experts are grouped so every conv fits the
-width limits in lowering/rules.py. Ties in the router probabilities select every tied expert.
+width limits in core/rules.py. Ties in the router probabilities select every tied expert.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from anefx.lowering import rules
+from anefx.core import rules
+from anefx.core.pass_registry import register_pass
 from anefx.passes._util import (
     PassResult,
     add_const,
@@ -379,6 +380,12 @@ def moe_summary(info: dict) -> dict:
     return out
 
 
+def report_summary(gm: fx.GraphModule) -> dict | None:
+    """The report's statistics from this pass: {"moe": ...} when the graph had expert blocks."""
+    info = gm.meta.get(MOE_META)
+    return {"moe": moe_summary(info)} if info else None
+
+
 def postcondition(gm: fx.GraphModule) -> list[str]:
     """No data-dependent routing op is left, except in blocks reported as not understood."""
     unmatched = [u["module"] for u in gm.meta.get(MOE_META, {}).get("unmatched", [])]
@@ -388,3 +395,6 @@ def postcondition(gm: fx.GraphModule) -> list[str]:
         if (is_op(n, *_ROUTING_OPS) or _is_grouped_mm(n))
         and not any((n.meta.get("anefx_module") or "").startswith(u) for u in unmatched)
     ]
+
+
+register_pass("densify_experts", lambda: densify_experts, postcondition, summary=report_summary)

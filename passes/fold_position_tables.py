@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from anefx.core.pass_registry import register_pass
 from anefx.core.signature import Role, has_signature, signature_of
 from anefx.passes._util import PassResult, add_const, aten, emit, is_op, recompile, shape_of, val
 
@@ -174,3 +175,6 @@ def postcondition(gm: fx.GraphModule) -> list[str]:
         for n in gm.graph.nodes
         if is_op(n, aten.cos, aten.sin)
     ]
+
+
+register_pass("fold_position_tables", FoldPositionTables, postcondition)

@@ -13,6 +13,7 @@ import math
 
 import torch.fx as fx
 
+from anefx.core.pass_registry import register_pass
 from anefx.passes._util import (
     PassResult,
     add_const,
@@ -64,3 +65,6 @@ def linear_to_conv2d(gm: fx.GraphModule) -> PassResult:
 def postcondition(gm: fx.GraphModule) -> list[str]:
     """No aten.linear is left."""
     return [f"{n.name}: aten.linear left" for n in gm.graph.nodes if is_op(n, aten.linear)]
+
+
+register_pass("linear_to_conv2d", lambda: linear_to_conv2d, postcondition)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from anefx.core.pass_registry import register_pass
 from anefx.passes._util import PassResult, aten, emit, is_op, recompile, shape_of, val
 
 _ASSERTS = (
@@ -176,3 +177,6 @@ def postcondition(gm: fx.GraphModule) -> list[str]:
         elif node.op in ("call_function", "get_attr") and not node.users:
             out.append(f"{node.name}: dead node left in the graph")
     return out
+
+
+register_pass("remove_noop_nodes", lambda: remove_noop_nodes, postcondition)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from anefx.lowering.ops import LAYER_NORM
+from anefx.core.ops import LAYER_NORM
+from anefx.core.pass_registry import register_pass
 from anefx.passes._util import (
     PassResult,
     add_const,
@@ -115,3 +116,6 @@ def postcondition(gm: fx.GraphModule) -> list[str]:
         for n in gm.graph.nodes
         if is_op(n, aten.rsqrt, aten.pow)
     ]
+
+
+register_pass("rms_norm_to_layer_norm", lambda: rms_norm_to_layer_norm, postcondition)

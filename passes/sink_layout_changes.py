@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from anefx.core.ops import LAYER_NORM
+from anefx.core.pass_registry import register_pass
 from anefx.core.signature import AxisMap, has_signature, set_axis_map, signature_of
-from anefx.lowering.ops import LAYER_NORM
 from anefx.passes._util import PassResult, aten, const_value, is_op, recompile, shape_of
 
 _ELEMENTWISE = (
@@ -554,3 +555,6 @@ def postcondition(gm: fx.GraphModule) -> list[str]:
             ):
                 out.append(f"{n.name}: output of {n.args[0].name} permuted inside the graph")
     return out
+
+
+register_pass("sink_layout_changes", lambda: sink_layout_changes, postcondition)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from anefx.core.pass_registry import register_pass
+from anefx.core.rules import MAX_CONV_OUT_CHANNELS, lm_head_slice_width
 from anefx.core.signature import Output, Role, has_signature, set_signature, signature_of
-from anefx.lowering.rules import MAX_CONV_OUT_CHANNELS, lm_head_slice_width
 from anefx.passes._util import (
     PassResult,
     add_const,
@@ -120,3 +121,6 @@ def postcondition(gm: fx.GraphModule) -> list[str]:
                 f"{n.name}: conv with {s[1]} output channels (limit {MAX_CONV_OUT_CHANNELS})"
             )
     return out
+
+
+register_pass("split_lm_head", lambda: split_lm_head, postcondition)

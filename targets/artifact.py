@@ -26,9 +26,10 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from anefx.core.signature import Signature
-from anefx.errors import AnefxInputError
+from anefx.errors import AnefxGraphError, AnefxInputError
 
 PACKAGE_SUFFIX = ".mlpackage"
 # /2: the report records each function's signature (roles, layouts, vocabulary ranges)
@@ -603,3 +604,52 @@ def _take_staging(staging: Path, path: Path, resume: bool) -> bool:
             f"-o {path}: cannot write in {staging.parent} ({exc.strerror})"
         ) from None
     return False
+
+
+# copied from a checkpoint folder into the artifact (next to the parts, or inside a package), so
+# generate and chat run from the artifact alone; transformers 5 keeps the chat template in
+# chat_template.jinja, older checkpoints in tokenizer_config.json
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+def tokenizer_files(source: str) -> dict[str, Path]:
+    """The tokenizer files of checkpoint folder SOURCE that travel with the artifact (name ->
+    the file, confined to the checkpoint like its weights: a link out of it is refused), in
+    the order of TOKENIZER_FILES."""
+    from anefx.models.checkpoint_files import confined, confinement_root
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return {}
+    root = confinement_root(folder)
+    return {
+        name: confined(folder, name, str(folder / name), root)
+        for name in TOKENIZER_FILES
+        if os.path.lexists(folder / name)
+    }
+
+
+def refuse_unless_forced(errors: list[tuple[str, Any]], force: bool, say) -> bool:
+    """Both writers' rule: a graph with ANE errors is not emitted unless the caller forces it.
+
+    ERRORS are (where, violation) pairs, WHERE naming the function or the part (" in part
+    part_01, function decode"; "" for a single graph). Returns whether the artifact is forced
+    (the report says so); without FORCE the first error is named and nothing is written."""
+    if errors and not force:
+        where, first = errors[0]
+        raise AnefxGraphError(
+            f"refusing to emit: {len(errors)} ANE error(s) (first: {first.rule} at "
+            f"{first.node}{where}); use --force to emit anyway"
+        )
+    if errors:
+        say(f"--force: emitting despite {len(errors)} error(s)")
+    return bool(errors)

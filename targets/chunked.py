@@ -1,7 +1,7 @@
 """Chunked emission: a model too large for one package becomes a folder of parts + a manifest.
 
 The lowered graphs (``prefill`` and ``decode``, or ``main``) are cut by
-:mod:`anefx.lowering.partition` into the embedding, decoder chunks of contiguous layers sized by
+:mod:`anefx.targets.split_packages` into the embedding, decoder chunks of contiguous layers sized by
 weight bytes, and the LM head; each part is one package holding every function. The whole
 folder is built in the output's staging folder (:class:`anefx.targets.artifact.Output`), each
 finished part followed by a progress record, so an interrupted conversion resumes at the first
@@ -10,7 +10,7 @@ the parts in order, each function's inputs (and where each comes from), outputs 
 the context, the tokenizer files, the rule table version and the checker results. It holds no
 timings, so an interrupted-and-resumed conversion and an uninterrupted one give the same bytes.
 
-:class:`anefx.targets.reader.ChainProgram` reads such a folder back (checked against its
+:class:`anefx.targets.coreml_exec.ChainProgram` reads such a folder back (checked against its
 digests) and runs it on the reference executor with the interface of one program
 (``run(function, inputs, states)``), which is how ``anefx verify`` and ``anefx generate`` run a
 chunked artifact.
@@ -26,11 +26,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from anefx.core import rules
 from anefx.core.signature import signature_of
-from anefx.errors import AnefxGraphError, AnefxInputError
-from anefx.lowering import rules
+from anefx.errors import AnefxInputError
 from anefx.lowering.checker import check_graph
-from anefx.lowering.partition import PartPlan, plan_parts, split_graph
 from anefx.models.load import release_mapped_pages
 from anefx.targets.artifact import (
     MANIFEST,
@@ -41,23 +40,13 @@ from anefx.targets.artifact import (
     copy_new,
     package_signature,
     prepare_output,
+    refuse_unless_forced,
+    tokenizer_files,
     tree_digest,
     write_json,
 )
+from anefx.targets.split_packages import PartPlan, plan_parts, split_graph
 
-# copied from a checkpoint folder into the artifact (next to the parts, or inside a package), so
-# generate and chat run from the artifact alone; transformers 5 keeps the chat template in
-# chat_template.jinja, older checkpoints in tokenizer_config.json
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "generation_config.json",
-)
 _LUT_KINDS = {"embed": "embed", "decoder": "ffn", "head": "head"}
 
 
@@ -163,17 +152,12 @@ def emit_chunked(
         for i, p in enumerate(plans)
     ]
     errors = [
-        (p.name, fn, e)
+        (f" in part {p.name}, function {fn}", e)
         for p, by_fn in zip(plans, parts, strict=True)
         for fn, low in by_fn.items()
         for e in low.report.errors
     ]
-    if errors and not force:
-        part, fn, e = errors[0]
-        raise AnefxGraphError(
-            f"refusing to emit: {len(errors)} ANE error(s) in the parts (first: {e.rule} at "
-            f"{e.node} in part {part}, function {fn}); use --force to emit anyway"
-        )
+    forced = refuse_unless_forced(errors, force, say)
     first = lowered_by_name[names[0]]
     tokenizer = tokenizer_files(first.source)  # checked before any part is written
     key_doc = {
@@ -253,7 +237,16 @@ def emit_chunked(
                 }
             )
         manifest = _manifest(
-            lowered_by_name, default, key, part_docs, staged, options, lut, max_bytes, tokenizer
+            lowered_by_name,
+            default,
+            key,
+            part_docs,
+            staged,
+            options,
+            lut,
+            max_bytes,
+            tokenizer,
+            forced,
         )
         write_json(staged / MANIFEST, manifest)
         (staged / PROGRESS).unlink()
@@ -295,25 +288,8 @@ def _resumable(staged: Path, key: str) -> tuple[dict[str, str], dict[str, list]]
     return kept, {n: emitted[n] for n in kept}
 
 
-def tokenizer_files(source: str) -> dict[str, Path]:
-    """The tokenizer files of checkpoint folder SOURCE that travel with the artifact (name ->
-    the file, confined to the checkpoint like its weights: a link out of it is refused), in
-    the order of TOKENIZER_FILES."""
-    from anefx.models.checkpoint_files import confined, confinement_root
-
-    folder = Path(source)
-    if not folder.is_dir():
-        return {}
-    root = confinement_root(folder)
-    return {
-        name: confined(folder, name, str(folder / name), root)
-        for name in TOKENIZER_FILES
-        if os.path.lexists(folder / name)
-    }
-
-
 def _manifest(
-    lowered_by_name, default, key, part_docs, folder, options, lut, max_bytes, tokenizer
+    lowered_by_name, default, key, part_docs, folder, options, lut, max_bytes, tokenizer, forced
 ) -> dict:
     from anefx.targets.artifact import file_digest
 
@@ -348,6 +324,7 @@ def _manifest(
         "checker": {
             "errors": sum(p["errors"] for p in part_docs),
             "warnings": sum(p["warnings"] for p in part_docs),
+            "forced": forced,
         },
         "parts": part_docs,
     }

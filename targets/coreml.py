@@ -1,8 +1,11 @@
 """Core ML emission: the lowered fx graph -> an mlprogram (fp16, iOS18) written atomically.
 
-It translates the lowered graph op by op with the MIL builder (the graph holds only ops the ANE
-runs, so the translation is one-to-one and needs no converter heuristics), names every MIL op
-"<module>|<pass>|<node>" so the checker can point back to the source, writes the package into
+It translates the lowered graph op by op with the MIL builder, each op by its translator in the
+op registry (:mod:`anefx.targets.op_registry`; the graph holds only ops the ANE runs, so the
+translation is one-to-one and needs no converter heuristics), names the Core ML inputs, outputs
+and states from the graph's signature, names every MIL op "<module>__<pass>__<node>"
+(:mod:`anefx.targets.mil_program` reads the names back) so the checker can point back to the
+source, writes the package into
 the output's staging folder (:mod:`anefx.targets.artifact`), checks the saved program, stores
 the report inside the package, and only then swaps it into place.
 """
@@ -22,11 +25,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from anefx.core.signature import signature_of
+from anefx.core import rules
+from anefx.core.signature import Role, signature_of
 from anefx.errors import AnefxGraphError
-from anefx.lowering import rules
-from anefx.lowering.checker import MODULES_KEY, NAME_SEP, Report, check_spec, encode_module
-from anefx.targets import mil_ops
+from anefx.lowering.checker import Report
+from anefx.targets import op_registry
 from anefx.targets.artifact import (
     PACKAGE_FORMAT,
     PACKAGE_MANIFEST,
@@ -37,8 +40,11 @@ from anefx.targets.artifact import (
     package_files,
     package_signature,
     prepare_output,
+    refuse_unless_forced,
+    tokenizer_files,
     write_new,
 )
+from anefx.targets.mil_program import MODULES_KEY, NAME_SEP, check_spec, encode_module
 
 # consts of at least this many elements go to the weight blob (coremltools writes smaller ones
 # inline, where sharing means nothing)
@@ -172,8 +178,8 @@ class _Emitter:
         raise AnefxGraphError("lowered graph has no output")
 
     def op(self, node: fx.Node):
-        """NODE's MIL value, by its op's translator in the registry (targets/mil_ops.py)."""
-        return mil_ops.translate(self, node, _name(node))
+        """NODE's MIL value, by its op's translator in the registry (targets/op_registry.py)."""
+        return op_registry.translate(self, node, _name(node))
 
 
 def read_spec(path: str | Path):
@@ -189,18 +195,13 @@ def check_package(path: str | Path) -> list[Report]:
     return check_spec(read_spec(path))
 
 
-def _refuse_or_warn(lowered_by_name: dict, force: bool, say) -> bool:
-    errors = {n: low.report.errors for n, low in lowered_by_name.items() if low.report.errors}
-    if errors and not force:
-        name, errs = next(iter(errors.items()))
-        raise AnefxGraphError(
-            f"refusing to emit: the lowered graph{'' if name == 'main' else ' ' + name} has "
-            f"{len(errs)} ANE error(s) (first: {errs[0].rule} at {errs[0].node}); "
-            "use --force to emit anyway"
-        )
-    if errors:
-        say(f"--force: emitting despite {sum(len(e) for e in errors.values())} error(s)")
-    return bool(errors)
+def _errors(lowered_by_name: dict) -> list[tuple[str, object]]:
+    """(where, violation) of every ANE error of the graphs, for refuse_unless_forced."""
+    return [
+        ("" if name == "main" else f" in function {name}", e)
+        for name, low in lowered_by_name.items()
+        for e in low.report.errors
+    ]
 
 
 def _modules(lowered_by_name: dict) -> dict[str, str]:
@@ -252,9 +253,11 @@ def _convert(
     prog.export_as_multifunction = len(lowered_by_name) > 1
     metadata = {}
     if lut:
+        from anefx.models.families import family_of
         from anefx.targets.palettize import LUT_KEY, palettize_program
 
-        summary = palettize_program(prog, lut, _modules(lowered_by_name))
+        family = family_of(next(iter(lowered_by_name.values())).config)
+        summary = palettize_program(prog, lut, _modules(lowered_by_name), family.weight_kind)
         metadata[LUT_KEY] = json.dumps(summary.to_metadata(), separators=(",", ":"))
     convert_program(prog, package_dir=path)
     return metadata
@@ -298,17 +301,16 @@ def emit_functions(
     (:class:`anefx.targets.artifact.Output`; OUTPUT when the caller checked PATH already):
     PATH may be new, an empty folder or an anefx package.
 
-    The checkpoint's tokenizer files (:data:`anefx.targets.chunked.TOKENIZER_FILES`) are
+    The checkpoint's tokenizer files (:data:`anefx.targets.artifact.TOKENIZER_FILES`) are
     stored beside the report (``Data/anefx/tokenizer.json``, ...), listed in its
     ``tokenizer_files`` and covered by its digests, so the package runs alone.
     """
     from anefx.targets.artifact import copy_new
-    from anefx.targets.chunked import tokenizer_files
     from anefx.targets.palettize import check_lut
 
     say = progress or (lambda msg: None)
     check_lut(lut)
-    forced = _refuse_or_warn(lowered_by_name, force, say)
+    forced = refuse_unless_forced(_errors(lowered_by_name), force, say)
     first = next(iter(lowered_by_name.values()))
     tokenizer = tokenizer_files(first.source)  # checked before anything is written
     out = output or prepare_output(path, "package", source_folders(lowered_by_name))
@@ -440,20 +442,27 @@ def _spec_file(package: Path) -> Path:
 
 
 def _descriptions(lowered) -> dict[str, str]:
-    """Feature name -> description for one lowered graph's inputs and outputs."""
-    from anefx.models.capture import INPUT_DESCRIPTIONS
-
-    texts = dict(INPUT_DESCRIPTIONS)
-    if lowered.context:
-        texts["causal_mask"] = (
-            f"additive attention mask (1, 1, S, {lowered.context}): 0 where a query may see a "
+    """Feature name -> description for one lowered graph's inputs, outputs and states, by the
+    role each has in the graph's signature."""
+    sig = signature_of(lowered.graph_module)
+    context = lowered.context
+    by_role = {
+        Role.TOKENS: "token ids, int32 (1, S)",
+        Role.POSITIONS: "position of each token, int32 (1, S)",
+        Role.MASK: "additive attention mask, (1, 1, S, S): 0 where attending is allowed, "
+        "a large negative value elsewhere",
+        Role.HIDDEN: "hidden state from the previous part, fp16",
+    }
+    if context:
+        by_role[Role.MASK] = (
+            f"additive attention mask (1, 1, S, {context}): 0 where a query may see a "
             "cache slot, a large negative value elsewhere"
         )
-        texts["position_ids"] = (
-            f"absolute position of each token, int32 (1, S); {lowered.context} (= context) "
+        by_role[Role.POSITIONS] = (
+            f"absolute position of each token, int32 (1, S); {context} (= context) "
             "marks a padding slot, which writes nothing to the cache"
         )
-    sig = signature_of(lowered.graph_module)
+    texts = {i.name: by_role.get(i.role, i.name) for i in sig.inputs}
     for st in sig.states:
         texts[st.name] = (
             f"KV cache of one layer, {'x'.join(map(str, st.shape))} fp16 "

@@ -11,10 +11,11 @@ heavy-tailed weights. docs/palettization.md has the measurements behind every ch
 
 Which weights: a const of at least ``MIN_ELEMENTS`` elements whose every reader is a conv (as its
 weight) or a gather (as its table); norm vectors, rotary tables and one-hot constants feed other
-ops and stay dense. Its kind decides its bits: "embed" for a gather table (the embedding, even
-when it is tied to the head and so named after lm_head), "head" for a conv under ``lm_head``,
-"ffn" for a conv under ``model.layers.<i>`` (attention and MLP alike; a mixture-of-experts
-router, ``mlp.gate``, stays dense).
+ops and stay dense. Its kind, which the model's family decides (``Family.weight_kind``), decides
+its bits: "embed" for a gather table (the embedding, even when it is tied to the head and so
+named after lm_head), "head" for a conv under the head (``lm_head``), "ffn" for a conv in a
+decoder layer (attention and MLP alike; a mixture-of-experts router, ``mlp.gate``, stays
+dense).
 
 A weight that several functions of one package share (same ``weight_id``: same bytes) is
 clustered once; the other functions get the same indices and table under shared blob ids, so
@@ -25,14 +26,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from anefx.core.rules import LUT_BITS
 from anefx.errors import AnefxGraphError, AnefxInputError
-from anefx.lowering.checker import split_op_name
-from anefx.lowering.partition import layer_of
-from anefx.lowering.rules import LUT_BITS
+from anefx.models import families
+from anefx.targets.mil_program import split_op_name
 
 KINDS = ("embed", "ffn", "head")
 # Output channels that share one table. 16 keeps the table overhead small at 8 bits (512 B per
@@ -217,7 +219,11 @@ def _palettized_bytes(shape: tuple[int, ...], bits: int, group: int) -> int:
     return math.ceil(math.prod(shape) * bits / 8) + (shape[0] // group) * (1 << bits) * 2
 
 
-def _kind(op, modules: dict[str, str]) -> tuple[str | None, str | None]:
+# (module path, reader op "gather" / "conv") -> "embed" / "ffn" / "head", or None: dense
+WeightKind = Callable[[str | None, str], str | None]
+
+
+def _kind(op, modules: dict[str, str], weight_kind: WeightKind) -> tuple[str | None, str | None]:
     """(kind, module) of a const op by its readers; kind None: not a palettizable weight."""
     var = op.outputs[0]
     module = split_op_name(op.name, modules)[0]
@@ -225,18 +231,13 @@ def _kind(op, modules: dict[str, str]) -> tuple[str | None, str | None]:
     if not readers:
         return None, module
     if all(c.op_type == "gather" and c.x is var for c in readers):
-        return "embed", module
+        return weight_kind(module, "gather"), module
     if all(c.op_type == "conv" and c.weight is var for c in readers):
-        if module and (module == "lm_head" or module.startswith("lm_head.")):
-            return "head", module
-        # a mixture-of-experts router (mlp.gate) stays dense: its scores are compared to pick
-        # the experts, where a small error changes which experts run
-        if layer_of(module) is not None and not module.endswith(".mlp.gate"):
-            return "ffn", module
+        return weight_kind(module, "conv"), module
     return None, module
 
 
-def _candidates(fn, modules: dict[str, str]):
+def _candidates(fn, modules: dict[str, str], weight_kind: WeightKind):
     """(op, kind, module, shape) for every weight-sized fp16 const of FN read by conv/gather."""
     for op in fn.operations:
         if op.op_type != "const":
@@ -246,7 +247,7 @@ def _candidates(fn, modules: dict[str, str]):
             continue
         if val.ndim < 2 or val.size < MIN_ELEMENTS:
             continue
-        kind, module = _kind(op, modules)
+        kind, module = _kind(op, modules, weight_kind)
         if kind is not None:
             yield op, kind, module, tuple(int(d) for d in val.shape)
 
@@ -265,16 +266,21 @@ class _Entry:
         return f"{self.weight_id}_lut{self.weight.bits}g{self.weight.group_size}"
 
 
-def palettize_program(prog, lut: dict[str, int], modules: dict[str, str]) -> LutSummary:
+def palettize_program(
+    prog, lut: dict[str, int], modules: dict[str, str], weight_kind: WeightKind | None = None
+) -> LutSummary:
     """Palettize the chosen weights of a pymil Program in place; return what was done.
 
     LUT maps a weight kind ("embed", "ffn", "head") to bits; a missing kind stays dense.
-    MODULES maps the encoded module names in op names to dotted module paths.
+    MODULES maps the encoded module names in op names to dotted module paths. WEIGHT_KIND is
+    the model's family's rule (``family_of(config).weight_kind``); without it, a weight gets
+    the kind every family agrees on, and stays dense where any family keeps it dense.
     """
     from coremltools.converters.mil.mil import Program
     from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig
     from coremltools.optimize.coreml._quantization_passes import palettize_weights
 
+    weight_kind = weight_kind or families.weight_kind
     bits_by_kind = check_lut(lut)
     t0 = time.perf_counter()
     done: dict[tuple, _Entry] = {}  # (blob id, bits, group) -> its first palettization
@@ -284,7 +290,7 @@ def palettize_program(prog, lut: dict[str, int], modules: dict[str, str]) -> Lut
         configs: dict[str, object] = {}
         fresh: list[_Entry] = []
         reuse: list[tuple[object, _Entry]] = []
-        for op, kind, module, shape in _candidates(fn, modules):
+        for op, kind, module, shape in _candidates(fn, modules, weight_kind):
             bits = bits_by_kind.get(kind)
             if bits is None:
                 continue

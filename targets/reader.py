@@ -20,7 +20,6 @@ package's ``Manifest.json`` when it opens it: the spec is parsed with protobuf d
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -32,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from anefx.core.signature import Input, Role, Signature
+from anefx.core.signature import Role, Signature
 from anefx.errors import AnefxInputError
 from anefx.models import limits
 from anefx.targets import artifact
@@ -47,7 +46,6 @@ from anefx.targets.artifact import (
 
 __all__ = [
     "MODEL_INPUTS",
-    "ChainProgram",
     "PackageLayout",
     "artifact_kind",
     "check_package",
@@ -813,7 +811,7 @@ class _ManifestCheck:
 # Running a parts folder
 
 
-def _agree(where: Path, part: dict, program, fns: list[str]) -> None:
+def check_part_program(where: Path, part: dict, program, fns: list[str]) -> None:
     """What the manifest says about PART must be what its program declares."""
     name = part["file"]
     if set(program.functions) != set(fns):
@@ -896,109 +894,3 @@ def package_signatures(path: str | Path, report: dict, program) -> dict[str, Sig
             where, "the package", fn, io, program.functions[fn], "package", "its report"
         )
     return out
-
-
-class ChainProgram:
-    """A parts folder on the reference executor, with the interface of one program:
-    ``run(function, inputs, states)`` runs every part in order, wiring each part's inputs
-    from the model inputs or from an earlier part's outputs.
-
-    Opening it validates the manifest, checks every part against its sha256, and checks that
-    each part's program declares what the manifest says.
-    """
-
-    def __init__(self, folder: str | Path):
-        from anefx.targets.coreml_exec import load_package
-
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        check_parts(self.folder, self.manifest)
-        self.parts = []
-        for p in self.manifest["parts"]:
-            program = load_package(self.folder / p["file"])
-            _agree(self.folder / MANIFEST, p, program, self.manifest["functions"])
-            self.parts.append((program, p))
-        # validated with the manifest: each part's functions, as signatures
-        self.signatures = [
-            {fn: Signature.from_dict(io) for fn, io in p["functions"].items()}
-            for _, p in self.parts
-        ]
-
-    @property
-    def functions(self) -> list[str]:
-        return list(self.manifest["functions"])
-
-    def signature(self, function: str) -> Signature:
-        """The chain as one function: the model inputs the parts read, the outputs no later part
-        reads (the logits), every part's states."""
-        inputs: dict[str, Input] = {}
-        for sig in self.signatures:
-            for i in sig[function].inputs:
-                if i.source is not None and i.source.model is not None:
-                    inputs.setdefault(i.source.model, dataclasses.replace(i, source=None))
-        final = {(o["name"], i) for i, o in self._final(function)}
-        return Signature(
-            inputs=tuple(inputs.values()),
-            outputs=tuple(
-                o
-                for i, sig in enumerate(self.signatures)
-                for o in sig[function].outputs
-                if (o.name, i) in final
-            ),
-            states=tuple(s for sig in self.signatures for s in sig[function].states),
-        )
-
-    def _final(self, function: str) -> list[tuple[int, dict]]:
-        read = {
-            (inp["from"]["part"], inp["from"]["output"])
-            for _, p in self.parts
-            for inp in p["functions"][function]["inputs"]
-            if "part" in inp["from"]
-        }
-        return [
-            (i, o)
-            for i, (_, p) in enumerate(self.parts)
-            for o in p["functions"][function]["outputs"]
-            if (i, o["name"]) not in read
-        ]
-
-    def final_outputs(self, function: str) -> list[dict]:
-        """The outputs no later part reads (the logits), in part order."""
-        read = {
-            (inp["from"]["part"], inp["from"]["output"])
-            for _, p in self.parts
-            for inp in p["functions"][function]["inputs"]
-            if "part" in inp["from"]
-        }
-        return [
-            o
-            for i, (_, p) in enumerate(self.parts)
-            for o in p["functions"][function]["outputs"]
-            if (i, o["name"]) not in read
-        ]
-
-    def states(self, function: str) -> list[dict]:
-        return [s for _, p in self.parts for s in p["functions"][function]["states"]]
-
-    def zero_states(self, function: str) -> dict[str, np.ndarray]:
-        return {s["name"]: np.zeros(s["shape"], np.float16) for s in self.states(function)}
-
-    def run(self, function: str, inputs: dict, states: dict | None = None):
-        states = states or {}
-        produced: list[dict] = []
-        new_states: dict = {}
-        for program, part in self.parts:
-            io = part["functions"][function]
-            feeds = {}
-            for inp in io["inputs"]:
-                src = inp["from"]
-                if "model" in src:
-                    feeds[inp["name"]] = inputs[src["model"]]
-                else:
-                    feeds[inp["name"]] = produced[src["part"]][src["output"]]
-            mine = {s["name"]: states[s["name"]] for s in io["states"] if s["name"] in states}
-            outs, new = program.run(function, feeds, mine)
-            produced.append(outs)
-            new_states.update(new)
-        final = {o["name"] for o in self.final_outputs(function)}
-        return {k: v for outs in produced for k, v in outs.items() if k in final}, new_states

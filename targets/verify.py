@@ -135,9 +135,8 @@ def _function(path, program, name: str, sig: Signature) -> PackageFunction:
 def package_functions(path: str | Path) -> dict[str, PackageFunction]:
     """The functions of the artifact at PATH (a package, or a parts folder run part by part)
     as PackageFunction objects, by name; the artifact is checked against its digests first."""
-    from anefx.targets.coreml_exec import load_package
+    from anefx.targets.coreml_exec import ChainProgram, load_package
     from anefx.targets.reader import (
-        ChainProgram,
         artifact_kind,
         check_package,
         package_signatures,
@@ -292,7 +291,7 @@ def verify(
 
 def _check_matches(package, fns: dict, config) -> None:
     """The package must have MODEL's shapes: vocabulary, and per layer a K and a V cache."""
-    from anefx.models.capture import kv_cache_shape
+    from anefx.models.families import family_of
 
     for fn in fns.values():
         sig, problem = fn.signature, None
@@ -302,7 +301,8 @@ def _check_matches(package, fns: dict, config) -> None:
                 f"{config.vocab_size}"
             )
         elif sig.states:
-            want = [kv_cache_shape(config, sig.context)] * (2 * config.num_hidden_layers)
+            states = family_of(config).states(config, sig.context, "float16")
+            want = [state.shape for state in states]
             got = [s.shape for s in sig.states]
             if got != want:
                 problem = (

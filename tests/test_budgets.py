@@ -4,7 +4,7 @@ The counts depend on the layer shapes, not on the depth or the vocabulary, and a
 conversion is too slow for the default run. So a slice of preset:qwen3-0.6b with the real layer
 shapes (hidden 1024, 16 heads, 8 KV heads, head_dim 128, intermediate 3072), 3 layers and a
 small vocabulary, with random weights, is lowered, emitted and read back; its ops are counted
-per layer as benchmarks/convert.py counts them (``anefx.lowering.op_counts``: op names carry
+per layer as benchmarks/convert.py counts them (``anefx.targets.op_counts``: op names carry
 their source module; a layer's KV-cache reads and writes count in that layer).
 
 Three layers, because the tables every layer shares (the rotary-table lookup, the mask relayout)
@@ -67,11 +67,12 @@ BUDGETS = {
 def programs(tmp_path_factory) -> dict[str, list]:
     """Budget name -> the ops of that function of the emitted slice (program order)."""
     import anefx
+    from anefx.core.signature import signature_of
     from anefx.generation import lower_decoder
-    from anefx.lowering.op_counts import program_ops
     from anefx.models.presets import get_preset
     from anefx.models.synthetic import random_model
     from anefx.targets.coreml import emit_functions, read_spec
+    from anefx.targets.op_counts import program_ops
 
     config = get_preset("qwen3-0.6b")
     config.update(num_hidden_layers=LAYERS, max_window_layers=LAYERS, vocab_size=VOCAB)
@@ -85,8 +86,8 @@ def programs(tmp_path_factory) -> dict[str, list]:
     spec = read_spec(stateful)
     return {
         "prefill": program_ops(read_spec(prefill), "main"),
-        "decode": program_ops(spec, "decode"),
-        "stateful_prefill": program_ops(spec, "prefill"),
+        "decode": program_ops(spec, "decode", signature_of(dec.decode.graph_module)),
+        "stateful_prefill": program_ops(spec, "prefill", signature_of(dec.prefill.graph_module)),
     }
 
 
@@ -111,7 +112,7 @@ def test_the_slice_has_the_real_layer_shapes(programs: dict) -> None:
 
 @pytest.mark.parametrize("name", sorted(BUDGETS))
 def test_ops_per_decoder_layer_within_budget(programs: dict, name: str) -> None:
-    from anefx.lowering.op_counts import layer_histograms, layer_stats
+    from anefx.targets.op_counts import layer_histograms, layer_stats
 
     budget = BUDGETS[name]
     ops = programs[name]
@@ -140,7 +141,7 @@ def test_ops_per_decoder_layer_within_budget(programs: dict, name: str) -> None:
 
 def test_every_layer_reads_and_writes_its_own_cache(programs: dict) -> None:
     """The state ops are attributed to their layers: the decode budget counts them."""
-    from anefx.lowering.op_counts import layer_histograms
+    from anefx.targets.op_counts import layer_histograms
 
     for name in ("decode", "stateful_prefill"):
         per_layer, _ = layer_histograms(programs[name], LAYERS)

@@ -448,7 +448,7 @@ def test_refused_flags(ckpt: Path, tmp_path: Path) -> None:
 
 def test_chat_template_jinja_travels(ckpt: Path, hf, tmp_path: Path) -> None:
     """transformers 5 saves the template as chat_template.jinja: it is copied, and read."""
-    from anefx.targets.chunked import tokenizer_files
+    from anefx.targets.artifact import tokenizer_files
 
     saved = tmp_path / "saved"
     hf.save_pretrained(saved)

@@ -10,10 +10,11 @@ import torch
 import torch.fx as fx
 
 import anefx
-from anefx.lowering import rules
-from anefx.lowering.checker import OpInfo, Report, check_graph, check_ops, check_spec
+from anefx.core import rules
+from anefx.lowering.checker import OpInfo, Report, check_graph, check_ops
 from anefx.lowering.shape_prop import propagate_shapes
 from anefx.passes._util import add_const
+from anefx.targets.mil_program import check_spec
 
 aten = torch.ops.aten
 

@@ -21,15 +21,15 @@ import anefx
 from anefx.cli import main
 from anefx.core.signature import Source, signature_of
 from anefx.generation import lower_decoder
-from anefx.lowering.partition import _min_cap_chunks, plan_parts, split_graph
 from anefx.models.capture import context_mask
 from anefx.models.presets import get_preset
 from anefx.models.synthetic import write_random_checkpoint
 from anefx.targets import chunked
 from anefx.targets.artifact import PROGRESS, staging_path
 from anefx.targets.chunked import emit_chunked
-from anefx.targets.coreml_exec import load_package
-from anefx.targets.reader import ChainProgram, read_manifest
+from anefx.targets.coreml_exec import ChainProgram, load_package
+from anefx.targets.reader import read_manifest
+from anefx.targets.split_packages import _min_cap_chunks, plan_parts, split_graph
 from anefx.targets.verify import verify
 
 LAYERS = 5
@@ -161,9 +161,7 @@ def test_cli_artifact_runs_verifies_and_matches_one_package(
     assert [len(p["layers"]) for p in man["parts"] if p["kind"] == "decoder"] == [2, 2, 1]
     assert man["tokenizer_files"] == ["tokenizer.json"] and (out / "tokenizer.json").is_file()
     assert man["functions"] == ["prefill", "decode"] and man["context"] == CONTEXT
-    assert (
-        man["checker"]["errors"] == 0 and man["rules_version"] == anefx.lowering.rules.RULES_VERSION
-    )
+    assert man["checker"]["errors"] == 0 and man["rules_version"] == anefx.core.rules.RULES_VERSION
     for p in man["parts"]:
         assert {r["stage"] for r in p["emitted"]} == {"emitted:prefill", "emitted:decode"}
         assert p["weight_bytes"] <= _three_chunks(layer_bytes)

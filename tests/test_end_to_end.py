@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import anefx
-from anefx.lowering import rules
+from anefx.core import rules
 from anefx.models.capture import causal_mask
 from anefx.models.load import load_model
 from anefx.models.presets import get_preset

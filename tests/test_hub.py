@@ -31,7 +31,7 @@ from huggingface_hub.utils.sha import git_hash
 
 from anefx.errors import AnefxInputError
 from anefx.models.hub import hub_cache_dir, is_hub_id, resolve_model
-from anefx.models.infer_config import inspect_model
+from anefx.models.inspection import inspect_model
 from anefx.models.load import load_model, preflight
 from anefx.models.presets import get_preset
 from anefx.models.synthetic import write_random_checkpoint

@@ -13,7 +13,7 @@ from transformers import Qwen3MoeForCausalLM
 
 from anefx import cli
 from anefx.errors import AnefxInputError
-from anefx.models import load as load_mod
+from anefx.models import weights
 from anefx.models.infer_config import (
     DEFAULTS,
     ConfigDefaultsWarning,
@@ -414,7 +414,7 @@ def test_inspect_json_inferred(capsys, tmp_path: Path, monkeypatch) -> None:
     def no_reading(*args: object, **kwargs: object) -> None:
         raise AssertionError("inspect read tensor data")
 
-    monkeypatch.setattr(load_mod, "safe_open", no_reading)  # headers only
+    monkeypatch.setattr(weights, "safe_open", no_reading)  # headers only
     assert cli.main(["inspect", str(folder), "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     info = json.loads(out[-1])

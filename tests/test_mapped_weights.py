@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from anefx.models import load
+from anefx.models import load, weights
 from anefx.models.presets import get_preset
 from anefx.models.synthetic import random_model, write_random_checkpoint
 
 
 def _mapped_ranges() -> list[tuple[int, int]]:
-    maps = [r() for r in load._MAPS]
+    maps = [r() for r in weights._MAPS]
     return [(ctypes.addressof(ctypes.c_char.from_buffer(m)), len(m)) for m in maps if m]
 
 

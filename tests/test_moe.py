@@ -16,8 +16,8 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import anefx
+from anefx.core import rules
 from anefx.generation import Session, lower_decoder
-from anefx.lowering import rules
 from anefx.passes.densify_experts import densify_experts
 from anefx.targets.coreml import emit
 

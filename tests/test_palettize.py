@@ -25,13 +25,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import anefx
+from anefx.core.rules import LUT_BITS
 from anefx.generation import lower_decoder
-from anefx.lowering.checker import check_spec, mil_luts, split_op_name
-from anefx.lowering.rules import LUT_BITS
 from anefx.models.presets import get_preset
 from anefx.models.synthetic import write_random_checkpoint
 from anefx.targets.coreml import check_package, emit_functions, read_spec
 from anefx.targets.coreml_exec import load_package
+from anefx.targets.mil_program import check_spec, mil_luts, split_op_name
 from anefx.targets.palettize import (
     GROUP_SIZE,
     LUT_KEY,

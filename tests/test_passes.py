@@ -50,12 +50,12 @@ from hypothesis import Phase, example, given, settings
 from hypothesis import seed as fixed_seed
 from hypothesis import strategies as st
 
+from anefx.core.ops import LAYER_NORM
+from anefx.core.rules import MAX_CONV_OUT_CHANNELS, MAX_RANK
 from anefx.core.signature import Role, signature_of
 from anefx.errors import AnefxGraphError
-from anefx.lowering.ops import LAYER_NORM
 from anefx.lowering.pass_manager import Step, run_pipeline
 from anefx.lowering.pipeline import build_pipeline
-from anefx.lowering.rules import MAX_CONV_OUT_CHANNELS, MAX_RANK
 from anefx.lowering.shape_prop import propagate_shapes
 from anefx.passes import (
     add_argmax_head,

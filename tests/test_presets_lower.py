@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import anefx
-from anefx.lowering import rules
+from anefx.core import rules
 from anefx.models.presets import PRESETS, sparse_layers
 
 REAL = [name for name in PRESETS if name != "qwen3-tiny"]

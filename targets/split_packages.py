@@ -12,7 +12,6 @@ applied to every graph of the model (prefill and decode), so both split identica
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -31,11 +30,10 @@ from anefx.core.signature import (
 )
 from anefx.errors import AnefxGraphError
 from anefx.lowering.checker import weight_key
+from anefx.models import families
 
 EMBED, DECODER, HEAD = "embed", "decoder", "head"
 HIDDEN = "hidden_states"
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,9 @@ class _Roles:
 
 
 def layer_of(module: str | None) -> int | None:
-    """The decoder layer index in a module path such as ``model.layers.3.self_attn``."""
-    m = _LAYER.search(module or "")
-    return int(m.group(1)) if m else None
+    """The decoder layer index in a module path such as ``model.layers.3.self_attn``, by the
+    families' decoder-layer paths (models/families/)."""
+    return families.layer_index(module)
 
 
 def _output_values(gm: fx.GraphModule) -> list:

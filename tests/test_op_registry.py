@@ -1,4 +1,4 @@
-"""The op registry (targets/mil_ops.py), op by op: every translator against torch.
+"""The op registry (targets/op_registry.py), op by op: every translator against torch.
 
 Each property test builds a small fx graph holding the ops of one family (several outputs of one
 graph, to convert once), propagates shapes, translates it with the emitter into a one-function
@@ -19,7 +19,7 @@ in 1 + erf); a sum of K terms (matmul, conv, reduce_sum, softmax's normaliser) a
 K * 2^-24 * sum|terms|; layer_norm adds the float32 cancellation in x - mean.
 
 Then: one test per refused argument (the error names the node, its op and its module), an op
-without a translator, the registry against lowering/ops.py's vocabulary, and the checker's
+without a translator, the registry against core/ops.py's vocabulary, and the checker's
 unsupported_op rule on a planted op.
 """
 
@@ -40,12 +40,12 @@ import torch.fx as fx
 from hypothesis import given
 from hypothesis import strategies as st
 
+from anefx.core import rules
+from anefx.core.ops import EMITTABLE, LAYER_NORM
 from anefx.errors import AnefxGraphError
-from anefx.lowering import rules
 from anefx.lowering.checker import check_graph
-from anefx.lowering.ops import EMITTABLE, LAYER_NORM
 from anefx.lowering.shape_prop import propagate_shapes
-from anefx.targets import mil_ops
+from anefx.targets import op_registry
 from anefx.targets.coreml import _Emitter, convert_program
 from anefx.targets.coreml_exec import load_package
 
@@ -734,10 +734,10 @@ def test_an_argument_it_does_not_translate_is_refused_naming_the_node(case: str)
 def test_an_argument_no_translator_reads_is_refused(monkeypatch) -> None:
     """The safety net: a translator that forgets an argument cannot drop it silently."""
 
-    def forgetful(c: mil_ops.Call):
+    def forgetful(c: op_registry.Call):
         return c.mb.conv(x=c.tensor("input"), weight=c.tensor("weight"), name=c.name)
 
-    monkeypatch.setitem(mil_ops.TRANSLATORS, aten.conv2d.default, forgetful)
+    monkeypatch.setitem(op_registry.TRANSLATORS, aten.conv2d.default, forgetful)
     message = _refusal(_conv(stride=[2, 2]))
     assert "cannot emit node bad (aten.conv2d.default)" in message
     assert "argument stride=[2, 2] is not translated" in message
@@ -760,10 +760,10 @@ def _graph(build: Callable[[G], None]) -> fx.GraphModule:
 
 
 def test_the_registry_is_the_vocabulary_the_checker_reads() -> None:
-    names = [str(op) for op in mil_ops.TRANSLATORS]
+    names = [str(op) for op in op_registry.TRANSLATORS]
     assert len(set(names)) == len(names)
     assert set(names) == EMITTABLE
-    assert set().union(*FAMILIES.values()) == set(mil_ops.TRANSLATORS)
+    assert set().union(*FAMILIES.values()) == set(op_registry.TRANSLATORS)
 
 
 def test_unsupported_op_is_a_checker_error_on_lowered_graphs_only(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ did not read must still hold the schema's default, else the call is refused too:
 is never dropped silently. An op without an entry, an unknown kwarg and a runtime value where
 Core ML needs a constant are refused the same way.
 
-The checker may not import targets/, so lowering/ops.py lists the same ops (``EMITTABLE``):
+The checker may not import targets/, so core/ops.py lists the same ops (``EMITTABLE``):
 a lowered graph holding another op is a checker error (``unsupported_op``) before conversion
-starts. tests/test_mil_ops.py holds the two lists equal.
+starts. tests/test_op_registry.py holds the two lists equal.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from anefx.core.ops import LAYER_NORM
 from anefx.errors import AnefxGraphError
-from anefx.lowering.ops import LAYER_NORM
 
 aten = torch.ops.aten
 
@@ -561,4 +561,4 @@ TRANSLATORS: dict[torch._ops.OpOverload, Callable[[Call], Any]] = {
     aten.amax.default: _amax,
     aten.argmax.default: _argmax,
 }
-"""fx op overload -> its translator; lowering/ops.py ``EMITTABLE`` names the same ops."""
+"""fx op overload -> its translator; core/ops.py ``EMITTABLE`` names the same ops."""

@@ -65,7 +65,7 @@ RULES = [
         f"palettized weight Core ML cannot run: index bits not in {LUT_BITS}, LUT not "
         f"{LUT_DTYPE} or not 2**bits entries, or LUT groups that do not tile the weight",
     ),
-    # source: this project's emitter (targets/mil_ops.py); lowering/ops.py EMITTABLE lists its
+    # source: this project's emitter (targets/op_registry.py); core/ops.py EMITTABLE lists its
     # ops. Checked on lowered graphs only: a captured graph is reported by the rules above.
     Rule("unsupported_op", "error", "an op the Core ML emitter has no translation for"),
     Rule("gather", "warning", "gather (embedding lookup) runs on the CPU"),

@@ -70,6 +70,6 @@ EMITTABLE: frozenset[str] = frozenset(
     }
 )
 """The op vocabulary of a lowered graph: the fx ops (``str`` of the overload) the Core ML emitter
-translates (targets/mil_ops.py ``TRANSLATORS``, which tests hold equal to this). The checker
+translates (targets/op_registry.py ``TRANSLATORS``, which tests hold equal to this). The checker
 reads it here because lowering/ never imports targets/: a lowered graph holding any other op is
 an ``unsupported_op`` error before conversion starts."""

@@ -1,6 +1,6 @@
 """Op counts per decoder layer of an emitted program, read back from its spec.
 
-Emitted op names carry their source module (lowering/checker.py: ``split_op_name``), so each
+Emitted op names carry their source module (targets/mil_program.py: ``split_op_name``), so each
 operation of a function can be attributed to ``model.layers.<i>``. The README's figures ("54
 ops per decoder layer, 0 transposes + 8 reshapes") are these counts; benchmarks/convert.py
 reports them and tests/test_budgets.py holds them as upper bounds, through the functions here.
@@ -8,43 +8,50 @@ reports them and tests/test_budgets.py holds them as upper bounds, through the f
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections import Counter
 
-from anefx.lowering.checker import OpInfo, mil_ops
+from anefx.core.signature import Signature
+from anefx.lowering.checker import OpInfo
+from anefx.models.families import layer_index
+from anefx.models.family import Family
+from anefx.targets.mil_program import mil_ops
 
-# a decoder layer's module path; the layer index is the first group
-LAYER = re.compile(r"^model\.layers\.(\d+)(?:\.|$)")
-# the emitter's KV-cache states, one K and one V per layer (models/capture.py: state_name)
-STATE = re.compile(r"^[kv]_cache_(\d+)$")
 
-
-def program_ops(spec, function: str = "main") -> list[OpInfo]:
+def program_ops(
+    spec,
+    function: str = "main",
+    signature: Signature | None = None,
+    layers_path: str = Family.layers_path,
+) -> list[OpInfo]:
     """The operations of FUNCTION (no inputs, no consts), in program order.
 
     A layer's KV-cache reads and writes count in that layer (``model.layers.<i>.self_attn``),
     as in ANEMLL's op counts: write_state has no output to carry a module in its name, so the
-    state it touches names the layer."""
+    state it touches names the layer, as the function's SIGNATURE records it (without one, the
+    state ops count outside every layer); LAYERS_PATH is the family's decoder-layer path."""
     every = mil_ops(spec, function)
+    layer_of_state = {
+        s.name: s.layers[0] for s in (signature.states if signature else ()) if len(s.layers) == 1
+    }
     # mil_ops lists the tensor inputs, then one record per operation in program order
-    state_layers = _state_layers(spec, function)
+    state_layers = _state_layers(spec, function, layer_of_state)
     for o, layer in zip(every[len(every) - len(state_layers) :], state_layers, strict=True):
         if layer is not None and not o.module:
-            o.module = f"model.layers.{layer}.self_attn"
+            o.module = f"{layers_path}.{layer}.self_attn"
     return [o for o in every if o.kind not in ("input", "const")]
 
 
-def _state_layers(spec, function: str) -> list[int | None]:
-    """For each operation of FUNCTION in program order: the layer of the KV-cache state a
-    read_state / write_state touches, else None."""
+def _state_layers(spec, function: str, layer_of_state: dict[str, int]) -> list[int | None]:
+    """For each operation of FUNCTION in program order: the layer of the state a read_state /
+    write_state touches (LAYER_OF_STATE: state name -> layer), else None."""
     fn = spec.mlProgram.functions[function]
     out: list[int | None] = []
     for op in fn.block_specializations[fn.opset].operations:
-        m = None
+        layer = None
         if op.type in ("read_state", "write_state") and "input" in op.inputs:
-            m = STATE.match(op.inputs["input"].arguments[0].name)
-        out.append(int(m[1]) if m else None)
+            layer = layer_of_state.get(op.inputs["input"].arguments[0].name)
+        out.append(layer)
     return out
 
 
@@ -54,9 +61,9 @@ def layer_histograms(ops: list[OpInfo], n_layers: int) -> tuple[list[Counter], i
     per_layer = [Counter() for _ in range(n_layers)]
     outside = 0
     for o in ops:
-        m = LAYER.match(o.module or "")
-        if m and int(m[1]) < n_layers:
-            per_layer[int(m[1])][o.op] += 1
+        layer = layer_index(o.module)
+        if layer is not None and layer < n_layers:
+            per_layer[layer][o.op] += 1
         else:
             outside += 1
     return per_layer, outside

@@ -1,0 +1,131 @@
+"""What anefx knows about one model family, in one frozen object.
+
+A :class:`Family` says how to recognise a checkpoint of the family (its config's `model_type`,
+its tensor names), which transformers classes build it, what its config needs and what tensor
+shapes cannot tell, its presets, where its modules sit (embedding, decoder layers, final norm,
+head), the KV-cache states a stateful capture holds and the cache object handed to the stock
+model, the stages `anefx diff` compares, which weights palettization may compress, and what a
+padded prefill slot leaves untouched. Generic code asks the family; nothing else tests a
+`model_type`. The families themselves are the modules of ``models/families/``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from anefx.core.signature import State
+from anefx.models.tensor_shapes import ShapeReader
+
+# One parameter stored in pieces: (index into the parameter, stored tensor name) per piece.
+StoredParts = list[tuple[tuple[int | slice, ...], str]]
+
+
+@dataclass(frozen=True)
+class Default:
+    """A config field tensor shapes cannot tell, and the value a family gives it."""
+
+    field: str
+    value: Any  # a constant, or a function of the fields inferred so far
+    why: str
+
+
+@dataclass(frozen=True)
+class PadRule:
+    """What a padded prefill slot (a position at or past the context) must leave untouched:
+    in every state whose kind is in ``kinds``, each index along axis ``axis`` that no real
+    token of the call writes (the slots of the real tokens are the only ones that change)."""
+
+    kinds: tuple[str, ...]
+    axis: str = "T"
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """One model family: everything family-specific that capture, loading, inference of a
+    config from tensors, diff, palettization and part splitting need."""
+
+    model_type: str  # the config's `model_type`
+    order: int  # where the family and its presets sit in listings (published models first)
+    config_class: str  # transformers' config class, by name
+    model_class: str  # transformers' *ForCausalLM class, by name
+    architectures: tuple[str, ...]  # the config's `architectures`
+    # fields the config class would silently default, each with its accepted spellings
+    required: tuple[tuple[str, ...], ...]
+    # Recognition from tensor names: (suffixes under any decoder layer, those of layer 0) -> a
+    # score, 0 for "not this family"; the highest score wins (a MoE checkpoint also carries
+    # the q_norm of dense Qwen3, so MoE scores above it).
+    recognise: Callable[[frozenset[str], frozenset[str]], int]
+    # what recognition looks for, said when no family matches (None: nothing of its own)
+    sign: str | None
+    # a layout close to this family's that anefx refuses, and why (None: not refused)
+    refuse: Callable[[frozenset[str], frozenset[str]], str | None]
+    # family-specific inference from tensor shapes: attention, MLP / experts fields
+    infer: Callable[[ShapeReader], None]
+    defaults: tuple[Default, ...]  # what shapes cannot tell, in the order they are applied
+    presets: Mapping[str, dict[str, Any]]  # name -> config dict (real published shapes)
+    tiny: str  # the name of its tiny preset (tests)
+    # parameters of one attention block beside its four projection matrices: (config, head_dim)
+    attention_parameters: Callable[[Mapping[str, Any], int], int]
+    experts: Callable[[Mapping[str, Any]], int]  # experts per sparse layer (0: dense)
+    # a model parameter a checkpoint may store in pieces: (name, shape) -> pieces ([]: whole)
+    stored_parts: Callable[[str, tuple[int, ...]], StoredParts]
+    # the KV-cache states of a stateful capture: (config, context, dtype name) -> states, in
+    # call order
+    states: Callable[[Any, int, str], tuple[State, ...]]
+    # the cache object capture hands to the stock model: (owner of the state buffers, the
+    # (context, S) one-hot write matrix) -> a transformers-compatible cache
+    cache: Callable[[Any, Any], Any]
+    padding: PadRule  # what a padded prefill slot leaves untouched
+    layers_path: str = "model.layers"  # the ModuleList of decoder layers
+    embed_path: str = "model.embed_tokens"
+    norm_path: str = "model.norm"  # the final norm
+    head_path: str = "lm_head"
+    # modules inside a decoder layer whose weights stay dense when palettizing (a router)
+    dense_in_layer: tuple[str, ...] = ()
+
+    def config_cls(self) -> type:
+        """The transformers config class (imported on first use: families load without it)."""
+        import transformers
+
+        return getattr(transformers, self.config_class)
+
+    def model_cls(self) -> type:
+        """The transformers *ForCausalLM class."""
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    @cached_property
+    def _layer_pattern(self) -> re.Pattern[str]:
+        # at most 9 digits: a longer index is no layer (and int() of thousands would fail)
+        return re.compile(rf"^{re.escape(self.layers_path)}\.(\d{{1,9}})(?:\.|$)")
+
+    def layer_index(self, module: str | None) -> int | None:
+        """The decoder layer a module path lies in (``model.layers.3.self_attn`` -> 3)."""
+        match = self._layer_pattern.match(module or "")
+        return int(match.group(1)) if match else None
+
+    def stage_modules(self, num_layers: int) -> list[str]:
+        """The modules whose outputs `anefx diff` compares: embedding, each decoder layer,
+        final norm, head."""
+        layers = (f"{self.layers_path}.{i}" for i in range(num_layers))
+        return [self.embed_path, *layers, self.norm_path, self.head_path]
+
+    def weight_kind(self, module: str | None, reader: str) -> str | None:
+        """The palettization kind of a weight of MODULE read by a READER op ("gather": a
+        table, "conv": a weight): "embed", "ffn", "head", or None (stays dense)."""
+        if reader == "gather":  # the embedding table, even when tied to the head
+            return "embed"
+        if reader != "conv" or not module:
+            return None
+        if module == self.head_path or module.startswith(self.head_path + "."):
+            return "head"
+        layer = self.layer_index(module)
+        if layer is None:
+            return None
+        inner = module[len(f"{self.layers_path}.{layer}.") :]
+        return None if inner in self.dense_in_layer else "ffn"
