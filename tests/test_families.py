@@ -30,6 +30,7 @@ from anefx.models.presets import PRESETS, get_preset
 from anefx.models.synthetic import checkpoint_tensors, random_model, write_random_checkpoint
 from anefx.targets.palettize import palettize_program
 from anefx.targets.split_packages import layer_of
+from tests.test_infer_config import SHAPE_FIELDS  # the fields tensor shapes determine
 
 SEQ = 16
 
@@ -172,23 +173,6 @@ def test_the_family_pipeline(saved, tmp_path: Path) -> None:
         ref = model(input_ids=ids, use_cache=False).logits
     err = (low.run(ids) - ref).abs().max().item()
     assert err < 2e-5 * max(1.0, ref.abs().max().item()), (family.model_type, err)
-
-
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
-    "tie_word_embeddings",
-    "attention_bias",
-    "num_experts",
-    "moe_intermediate_size",
-    "decoder_sparse_step",
-    "mlp_only_layers",
-)
 
 
 def test_recognition_scores_and_refusals() -> None:
