@@ -119,3 +119,41 @@ def test_no_private_names_across_modules() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("anefx"):
                 bad += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name[0] == "_"]
     assert not bad, bad
+
+
+def test_every_pass_module_registers_its_pass_and_the_pipeline_uses_them() -> None:
+    """One pass per file, registered under the file's name; the pipeline (argmax included)
+    names every registered pass and nothing else."""
+    import pkgutil
+
+    import anefx.passes
+    from anefx.core.pass_registry import registered
+    from anefx.lowering.pipeline import build_pipeline
+
+    modules = {m.name for m in pkgutil.iter_modules(anefx.passes.__path__) if m.name[0] != "_"}
+    passes = registered()
+    assert set(passes) == modules
+    assert all(spec.module == f"anefx.passes.{name}" for name, spec in passes.items())
+    steps = build_pipeline(argmax=True)
+    # a function pass's module, or a pass object's class's module
+    used = {getattr(s.run, "__module__", None) for s in steps}
+    assert used == {f"anefx.passes.{n}" for n in modules}
+    assert "add_argmax_head" in {s.name for s in steps}
+    assert "add_argmax_head" not in {s.name for s in build_pipeline(argmax=False)}
+
+
+def test_only_targets_import_coremltools() -> None:
+    """Lowering and checking run without coremltools (README: targets/ is the only folder that
+    imports it)."""
+    bad = []
+    for name, path in _sources().items():
+        if _layer(name) == "targets":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+            bad += [f"{name}: {m}" for m in mods if m.split(".")[0] == "coremltools"]
+    assert not bad, bad
