@@ -116,6 +116,53 @@ def _random_notice(model: str) -> None:
         )
 
 
+def cmd_cost(args) -> int:
+    """Bytes, MACs and the ESTIMATED tokens/s of an artifact (or of MODEL converted at
+    --context into a temporary folder)."""
+    import tempfile
+    from pathlib import Path
+
+    from anefx.targets.artifact import MANIFEST, PACKAGE_SUFFIX
+    from anefx.targets.cost import artifact_cost, chips_named, render
+
+    chips = chips_named(args.chip)
+    given = Path(args.artifact)
+    # an artifact is a .mlpackage or a folder with anefx's manifest; anything else is a model
+    if given.suffix == PACKAGE_SUFFIX or os.path.lexists(given / MANIFEST):
+        if args.context is not None or args.batch is not None:
+            raise AnefxInputError(
+                f"--context/--batch: {args.artifact} is an artifact, converted at its own "
+                "context; they apply to a model"
+            )
+        cost = artifact_cost(args.artifact)
+    else:
+        if args.context is None:
+            raise AnefxInputError(
+                f"{args.artifact}: not an anefx artifact; for a model, --context N says which "
+                "stateful package to cost"
+            )
+        from anefx.conversion import convert
+
+        with tempfile.TemporaryDirectory(prefix="anefx-cost-") as tmp:
+            out = Path(tmp) / "cost.mlpackage"
+            _random_notice(args.artifact)
+            convert(
+                args.artifact,
+                out,
+                context=args.context,
+                batch=args.batch,
+                max_chunk_mb=1e9,  # one package: the cost of the whole model
+                progress=Progress(not args.json),
+            )
+            cost = artifact_cost(out, verify=False)
+            cost.path = f"{args.artifact} (context {args.context})"
+    if args.json:
+        print(json.dumps(cost.to_dict(chips), default=str))
+    else:
+        print(render(cost, chips))
+    return 0
+
+
 def cmd_presets(args) -> int:
     from anefx.models.presets import describe_presets
 
@@ -302,6 +349,8 @@ def cmd_convert(args) -> int:
         resume=args.resume,
         progress=Progress(not args.json),
     )
+    if result.estimate:
+        print(result.estimate, file=sys.stderr)
     if result.kind == "package":
         if args.json:  # one JSON object on stdout
             print(
@@ -904,6 +953,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mx.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     mx.set_defaults(func=cmd_matrix)
+
+    co = sub.add_parser(
+        "cost",
+        help="bytes read and written, MACs and ESTIMATED tokens/s of an artifact per chip",
+        **exit_codes("costed"),
+    )
+    co.add_argument(
+        "artifact",
+        help="an .mlpackage or parts folder anefx wrote, or a model (" + MODEL_HELP + ") with "
+        "--context",
+    )
+    co.add_argument(
+        "--context", type=int_range(1, 1 << 20), help="for a model: the stateful package's context"
+    )
+    co.add_argument(
+        "--batch", type=int_range(1, width), help="for a model: the prefill batch (default 64)"
+    )
+    co.add_argument("--chip", help="one chip of the table (default: all): M1 ... M5 Max, A18 Pro")
+    co.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    co.set_defaults(func=cmd_cost)
 
     s = sub.add_parser("presets", help="list the built-in presets and their shapes")
     s.add_argument("--json", action="store_true")

@@ -46,6 +46,7 @@ class Conversion:
     report: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    estimate: str = ""  # one line: ESTIMATED tokens/s on the default chip (anefx cost)
 
 
 def lut_bits(
@@ -197,6 +198,13 @@ def convert(
             exc.add_note(note)
         raise
     result.seconds["total"] = time.perf_counter() - t0
+    from anefx.core import rules
+    from anefx.targets.cost import artifact_cost, one_line
+
+    # from the program just written (its spec only; no digest pass over the weights)
+    result.estimate = one_line(
+        artifact_cost(result.output, verify=False), rules.CHIPS[rules.DEFAULT_CHIP]
+    )
     return result
 
 

@@ -126,3 +126,37 @@ def lm_head_slice_width(width: int) -> int:
 def rank4(shape: tuple[int, ...]) -> tuple[int, ...]:
     """A shape read as (N, C, H, W): left-padded with 1s (rank > 4 is returned as is)."""
     return (1,) * (MAX_RANK - len(shape)) + tuple(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chips the cost model estimates for (anefx cost). Every figure is an input of an ESTIMATE, not a
+# measurement of ours: ANE read bandwidth as anemll-bench measured it (its llama_lm_head
+# benchmark, Results.MD; device-facts.md), peak ANE compute where Apple published it (M1 11, M3
+# 18, M4 38 TOPS, A18 Pro 35; device-facts.md). None: no published figure.
+@dataclass(frozen=True)
+class Chip:
+    name: str
+    ane_gbps: float | None  # ANE read bandwidth, GB/s (anemll-bench)
+    ane_tops: float | None  # peak ANE compute, 10^12 ops/s (Apple)
+    source: str
+
+
+CHIPS = {
+    c.name: c
+    for c in (
+        Chip("M1", 60.9, 11.0, "anemll-bench Results.MD; Apple M1 (11 TOPS)"),
+        Chip("M2", 60.5, None, "anemll-bench Results.MD"),
+        Chip("M3", 63.1, 18.0, "anemll-bench Results.MD; Apple M3 (18 TOPS)"),
+        Chip("M3 Max", 120.2, None, "anemll-bench Results.MD"),
+        Chip("M4", 64.2, 38.0, "anemll-bench Results.MD; Apple M4 (38 TOPS)"),
+        Chip("M4 Pro", 126.4, None, "anemll-bench Results.MD"),
+        Chip("M4 Max", 118.9, None, "anemll-bench Results.MD"),
+        Chip("M5", 70.2, None, "anemll-bench Results.MD"),
+        Chip("M5 Max", 148.4, None, "anemll-bench Results.MD"),
+        Chip("A18 Pro", None, 35.0, "Apple A18 Pro (35 TOPS); no ANE bandwidth measured"),
+    )
+}
+DEFAULT_CHIP = "M4"
+# The fixed cost of one program call on the ANE (ANEForge reports about 70 us; device-facts.md):
+# a decode step over N parts pays it N times.
+DISPATCH_FLOOR_S = 70e-6

@@ -93,7 +93,7 @@ def split_op_name(name: str, modules: dict[str, str]) -> tuple[str | None, str |
     return module, None, parts[1]
 
 
-def _tensor_shape(ttype) -> tuple[tuple[int, ...], str, bool]:
+def tensor_shape(ttype) -> tuple[tuple[int, ...], str, bool]:
     dims, dynamic = [], False
     for d in ttype.dimensions:
         if d.WhichOneof("dimension") == "constant":
@@ -104,20 +104,20 @@ def _tensor_shape(ttype) -> tuple[tuple[int, ...], str, bool]:
     return tuple(dims), _dtype_name(ttype.dataType), dynamic
 
 
-def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+def stored_bytes(shape: tuple[int, ...], dtype: str) -> int:
     return math.ceil(math.prod(shape) * _MIL_ITEMSIZE.get(dtype, 2))
 
 
-def _value_info(value) -> tuple[tuple[int, ...], str, tuple[str, int] | None]:
+def value_info(value) -> tuple[tuple[int, ...], str, tuple[str, int] | None]:
     """(shape, dtype, blob location or None) of a literal MIL value (a const's val, an input)."""
-    shape, dtype, _ = _tensor_shape(value.type.tensorType)
+    shape, dtype, _ = tensor_shape(value.type.tensorType)
     blob = None
     if value.WhichOneof("value") == "blobFileValue":
         blob = (value.blobFileValue.fileName, int(value.blobFileValue.offset))
     return shape, dtype, blob
 
 
-def _block(spec, function: str):
+def function_block(spec, function: str):
     fn = spec.mlProgram.functions[function]
     return fn.block_specializations[fn.opset]
 
@@ -154,10 +154,10 @@ def mil_luts(spec, function: str = "main") -> list[LutInfo]:
     modules = json.loads(meta[MODULES_KEY]) if MODULES_KEY in meta else {}
     produced: dict[str, tuple[tuple[int, ...], str]] = {}
     out = []
-    for op in _block(spec, function).operations:
+    for op in function_block(spec, function).operations:
         for o in op.outputs:
             if o.type.WhichOneof("type") == "tensorType":
-                produced[o.name] = _tensor_shape(o.type.tensorType)[:2]
+                produced[o.name] = tensor_shape(o.type.tensorType)[:2]
         if op.type != "constexpr_lut_to_dense" or not op.outputs:
             continue
         parts, nbytes, blobs = {}, 0, []
@@ -166,9 +166,9 @@ def mil_luts(spec, function: str = "main") -> list[LutInfo]:
             if binding is None:
                 parts[key] = ((), "missing")
             elif binding.WhichOneof("binding") == "value":
-                shape, dtype, blob = _value_info(binding.value)
+                shape, dtype, blob = value_info(binding.value)
                 parts[key] = (shape, dtype)
-                nbytes += _nbytes(shape, dtype)
+                nbytes += stored_bytes(shape, dtype)
                 blobs.append(blob)
             else:
                 parts[key] = produced.get(binding.name, ((), "unknown"))
@@ -183,7 +183,7 @@ def mil_luts(spec, function: str = "main") -> list[LutInfo]:
 def mil_ops(spec, function: str = "main") -> list[OpInfo]:
     """The ops of one function of an mlprogram spec as OpInfo records."""
     fn = spec.mlProgram.functions[function]
-    block = _block(spec, function)
+    block = function_block(spec, function)
     meta = spec.description.metadata.userDefined
     modules = json.loads(meta[MODULES_KEY]) if MODULES_KEY in meta else {}
     luts = {lut.name: lut for lut in mil_luts(spec, function)}
@@ -192,14 +192,14 @@ def mil_ops(spec, function: str = "main") -> list[OpInfo]:
         t = inp.type
         if t.WhichOneof("type") != "tensorType":
             continue  # states are reported by the caller
-        shape, dtype, dyn = _tensor_shape(t.tensorType)
+        shape, dtype, dyn = tensor_shape(t.tensorType)
         out.append(OpInfo(inp.name, "input", "input", [shape], [dtype], dynamic=dyn))
     for op in block.operations:
         shapes, dtypes, dyn = [], [], False
         for o in op.outputs:
             if o.type.WhichOneof("type") != "tensorType":
                 continue
-            s, d, dd = _tensor_shape(o.type.tensorType)
+            s, d, dd = tensor_shape(o.type.tensorType)
             shapes.append(s)
             dtypes.append(d)
             dyn |= dd
@@ -222,10 +222,10 @@ def mil_ops(spec, function: str = "main") -> list[OpInfo]:
                 # the stored bytes: packed indices + the tables, not the dense tensor it yields
                 info.nbytes, blobs = luts[name].nbytes, luts[name].blobs
             elif op.type == "const" and "val" in op.attributes:
-                shape, dtype, blob = _value_info(op.attributes["val"])
-                info.nbytes, blobs = _nbytes(shape, dtype), (blob,)
+                shape, dtype, blob = value_info(op.attributes["val"])
+                info.nbytes, blobs = stored_bytes(shape, dtype), (blob,)
             else:
-                info.nbytes = _nbytes(shapes[0], dtypes[0])
+                info.nbytes = stored_bytes(shapes[0], dtypes[0])
             if blobs and all(blobs):
                 # one blob read by several consts (weights shared by content) counts once
                 info.storage = hash(blobs)
@@ -306,6 +306,6 @@ def _states(spec, function: str) -> list[dict]:
     out = []
     for inp in spec.mlProgram.functions[function].inputs:
         if inp.type.WhichOneof("type") == "stateType":
-            shape, dtype, _ = _tensor_shape(inp.type.stateType.wrappedType.tensorType)
+            shape, dtype, _ = tensor_shape(inp.type.stateType.wrappedType.tensorType)
             out.append({"name": inp.name, "shape": list(shape), "dtype": dtype})
     return out

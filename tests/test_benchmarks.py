@@ -1,6 +1,6 @@
-"""Smoke tests of benchmarks/convert.py, decode.py, structural.py, verify.py and scale.py on small
-presets: they run and their last line is JSON with the promised keys; a bad argument is refused
-before any work."""
+"""Smoke tests of benchmarks/convert.py, decode.py, structural.py, verify.py, scale.py and cost.py
+on small presets: they run and their last line is JSON with the promised keys; a bad argument is
+refused before any work."""
 
 from __future__ import annotations
 
@@ -22,6 +22,24 @@ def _last_json(cmd: list[str]) -> dict:
     proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cost_benchmark_tiny() -> None:
+    """The decode bytes as converted and ideal, by context, with their ratios and estimates."""
+    rec = _last_json(
+        [str(BENCH / "cost.py"), "--preset", "qwen3-tiny", "--contexts", "32,64", "--batch", "8"]
+    )
+    assert rec["ESTIMATE"] is True and rec["chip"] == "M4" and rec["published_tok_s"]
+    rows = {r["context"]: r for r in rec["contexts"]}
+    assert set(rows) == {32, 64}
+    for context, r in rows.items():
+        # tiny: 2 layers x (K and V) x 2 kv heads x head_dim 32, fp16
+        assert r["cache"] == 2 * 2 * 2 * context * 32 * 2
+        assert r["ideal"] == (
+            r["weights"] + r["cache"] + r["cache"] // context + r["other_activations_written"]
+        )
+        assert math.isclose(r["ratio"], r["as_converted"] / r["ideal"], abs_tol=1e-3)
+        assert math.isclose(r["est_tok_s_as_converted"], 64.2e9 / r["as_converted"], rel_tol=1e-3)
 
 
 def test_convert_benchmark_tiny(tmp_path: Path) -> None:
@@ -183,6 +201,9 @@ def test_scale_benchmark_checks_its_arguments_first(tmp_path: Path) -> None:
             ["--context", "64", "--batch", "8", "--prompt-len", "16", "--steps", "60"],
             "--prompt-len + --steps - 1 = 75 tokens exceed --context 64",
         ),
+        ("cost.py", ["--contexts", "64,x"], "--contexts must be comma-separated integers"),
+        ("cost.py", ["--contexts", "32", "--batch", "64"], "--batch must be 1..32"),
+        ("cost.py", ["--chip", "A18 Pro"], "--chip must be a chip of the table"),
     ],
 )
 def test_benchmark_checks_its_arguments_first(
