@@ -133,16 +133,22 @@ class Session:
             raise AnefxInputError(
                 f"context full: {self.position} tokens in the cache + {n} new > --context {ctx}"
             )
-        pos = list(range(self.position, self.position + n)) + [ctx] * (s - n)  # pads write nothing
+        # a call writes its S slots from its first position (the padding's after the real
+        # tokens'): a call that would pass the end of the cache starts earlier instead, feeding
+        # again the cached tokens before IDS, which rewrites their slots with the same rows
+        start = min(self.position, ctx - s)
+        again = self.tokens[start : self.position]
+        fed = again + ids
+        pos = list(range(start, start + len(fed))) + [ctx] * (s - len(fed))  # pads: at ctx
         pos_t = torch.tensor([pos], dtype=torch.int32)
-        ids_t = torch.tensor([ids + [0] * (s - n)], dtype=torch.int32)
+        ids_t = torch.tensor([fed + [0] * (s - len(fed))], dtype=torch.int32)
         with torch.no_grad():
             out = low.graph_module(ids_t, pos_t, context_mask(pos_t, ctx, low.dtype), *self.states)
         # states first, then the tokens: interrupted in between (Ctrl-C in a chat), the cache
         # holds slots past its position, which the next writes overwrite and no query sees
         self.states = list(out[len(out) - len(self.states) :])
         self.tokens.extend(ids)
-        return low.logits(out)[0, :n]
+        return low.logits(out)[0, len(again) : len(fed)]
 
     def feed(self, ids: list[int]) -> torch.Tensor:
         """Process IDS (prefill batches, then single steps); return the last position's logits."""

@@ -124,25 +124,18 @@ def analyse(
     name_to_module: dict[str, str] | None = None,
     function: str = "main",
     spec=None,
-    anefx_package: bool = True,
 ) -> dict:
     """Read a saved package back: op counts per layer, copies, and the rule check.
 
     FUNCTION picks one function of a multifunction package (its rule check only); SPEC, if
-    given, is the package's already read spec; ANEFX_PACKAGE: the package holds anefx's report
-    (the stock path's does not)."""
-    from anefx.core.signature import Signature
+    given, is the package's already read spec."""
     from anefx.targets.coreml import read_spec
     from anefx.targets.mil_program import check_spec
     from anefx.targets.op_counts import layer_stats, program_ops
-    from anefx.targets.reader import check_package
 
     spec = spec if spec is not None else read_spec(package)
-    # a layer's KV-cache reads and writes count in that layer, as in ANEMLL's op counts: the
-    # package's report says which layer each state holds
-    signatures = (check_package(package).get("signatures") or {}) if anefx_package else {}
-    signature = Signature.from_dict(signatures[function]) if function in signatures else None
-    ops = program_ops(spec, function, signature)
+    # a layer's KV-cache writes count in that layer, as in ANEMLL's op counts
+    ops = program_ops(spec, function)
     if name_to_module is not None:
         for o in ops:
             o.module = o.module or _module_of(o.name, name_to_module)
@@ -394,9 +387,7 @@ def run_naive(model, seq: int, out: Path) -> dict:
         "stage_s": stages,
         "removed_nodes": removed,
         "peak_rss_gb": rss,
-        "analysis": analyse(
-            package, model.config.num_hidden_layers, name_to_module, anefx_package=False
-        ),
+        "analysis": analyse(package, model.config.num_hidden_layers, name_to_module),
     }
 
 

@@ -4,6 +4,11 @@
 is what Core ML's ``layer_norm(axes=[axis])`` does on the ANE. ``aten.layer_norm`` only
 normalises trailing dimensions, so on the (B, C, 1, S) layout it would need a transpose.
 
+``anefx::kv_write(cache, rows, positions)`` writes a call's new K (or V) rows into a cache laid
+out (1, kv_heads, head_dim, context), starting at the first token's position: what Core ML's
+``slice_update`` of a state does in place (the devices' own path, device-facts.md). ATen has
+no functional write at a runtime offset that export keeps as one op.
+
 ``EMITTABLE`` is the lowered graph's whole op vocabulary: the ops the Core ML emitter translates.
 """
 
@@ -29,6 +34,29 @@ def _(x, weight, axis, eps):
 LAYER_NORM = torch.ops.anefx.layer_norm.default
 
 
+@torch.library.custom_op("anefx::kv_write", mutates_args=())
+def kv_write(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """CACHE (.., T) with ROWS (.., S) written at [p, p + S) of its last axis, p the first
+    position of POSITIONS (1, S). A call whose slots would pass the end is an error: nothing is
+    written out of bounds (the runtime starts a late chunk earlier instead)."""
+    start, width, slots = int(positions.reshape(-1)[0]), rows.shape[-1], cache.shape[-1]
+    if not 0 <= start <= slots - width:
+        raise IndexError(
+            f"kv_write: rows [{start}, {start + width}) are outside the cache's {slots} slots"
+        )
+    out = cache.clone()
+    out[..., start : start + width] = rows.to(cache.dtype)
+    return out
+
+
+@kv_write.register_fake
+def _(cache, rows, positions):
+    return torch.empty_like(cache)
+
+
+KV_WRITE = torch.ops.anefx.kv_write.default
+
+
 EMITTABLE: frozenset[str] = frozenset(
     {
         "aten.reshape.default",
@@ -44,6 +72,7 @@ EMITTABLE: frozenset[str] = frozenset(
         "aten.matmul.default",
         "aten.conv2d.default",
         "anefx.layer_norm.default",
+        "anefx.kv_write.default",
         "aten.add.Tensor",
         "aten.sub.Tensor",
         "aten.mul.Tensor",

@@ -22,6 +22,11 @@ MIN_TRAILING_DIM = 64
 # (coremltools #2631). Checked on a state's last two axes (context, head_dim): the leading axes
 # (1, kv_heads) are fixed by the model, and ANEMLL's cache runs with kv_heads = 8 there.
 STATE_ALIGN = 32
+# Core ML states per program: the projects that run on the ANE ship one (ANEMLL: a chunk's K and
+# V in one tensor; CoreML-LLM: one, two for Gemma); a Qwen3.5 port with three states per program
+# compiled and then failed at prediction on the ANE (Error=(11)) and ANEMLL's 48-state Qwen3.5
+# attempt gave empty output (device-facts.md, "States").
+MAX_STATES_PER_PROGRAM = 1
 WEIGHTS_WARN_BYTES = 1 << 30
 WEIGHTS_ERROR_BYTES = 2 << 30
 COMPUTE_DTYPE = "float16"
@@ -71,6 +76,11 @@ RULES = [
     Rule("gather", "warning", "gather (embedding lookup) runs on the CPU"),
     Rule(
         "trailing_dim", "warning", f"trailing dimension below {MIN_TRAILING_DIM} (64-byte padding)"
+    ),
+    Rule(
+        "state_count",
+        "error",
+        f"more than {MAX_STATES_PER_PROGRAM} Core ML state per program (device-facts.md)",
     ),
     Rule(
         "state_align",

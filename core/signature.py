@@ -104,7 +104,9 @@ class Output(TensorSpec):
 class State:
     """A Core ML state: read at the start of a call, written in place (the KV cache).
 
-    ``kind`` is "key" or "value" (one layer's cache, ``layers`` holds that layer)."""
+    ``kind`` is "key" or "value" (one layer's cache, ``layers`` holds that layer), or "kv" for
+    the packed state of a program (:func:`pack_states`: one row per layer's K or V along its
+    leading axis, ``layers`` the layer of each row, K before V)."""
 
     name: str
     kind: str
@@ -117,6 +119,41 @@ class State:
     def context(self) -> int:
         """The positions the state holds."""
         return self.shape[self.axes.index("T")]
+
+
+# The axis along which a program's states are stacked into its one Core ML state: one row per
+# layer's K or V (targets/coreml.py packs them; device-facts.md: one state per program).
+PACKED_AXIS = "KV"
+
+
+def pack_states(states: tuple[State, ...]) -> tuple[State, ...]:
+    """The states a program holds on the device for STATES: one, every state a row of it along
+    a leading axis (each state's own leading axis has size 1), in STATES' order; no states, none.
+    States that cannot share one tensor (shapes, dtypes or layouts that differ) are returned as
+    they are: the rule ``state_count`` then reports the program."""
+    if not states:
+        return ()
+    first = states[0]
+    if any(
+        s.shape[0] != 1
+        or s.shape[1:] != first.shape[1:]
+        or (s.dtype, s.axes) != (first.dtype, first.axes)
+        for s in states
+    ):
+        return states
+    layers = tuple(layer for s in states for layer in s.layers)
+    name = f"kv_cache_{min(layers)}_{max(layers)}"
+    kinds = "kv" if {s.kind for s in states} == {"key", "value"} else first.kind
+    return (
+        State(
+            name,
+            kinds,
+            layers,
+            (len(states), *first.shape[1:]),
+            first.dtype,
+            (PACKED_AXIS, *first.axes[1:]),
+        ),
+    )
 
 
 @dataclass(frozen=True)

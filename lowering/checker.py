@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from anefx.core import rules
 from anefx.core.ops import EMITTABLE, LAYER_NORM
-from anefx.core.signature import has_signature, signature_of
+from anefx.core.signature import has_signature, pack_states, signature_of
 
 # ---------------------------------------------------------------------------------------------
 # records
@@ -265,7 +265,25 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
                     f"{cout} output channels > {rules.MAX_CONV_OUT_CHANNELS}",
                     f"output channels <= {rules.MAX_CONV_OUT_CHANNELS}",
                 )
-    for st in report.stats.get("states") or []:
+    states = report.stats.get("states") or []
+    # the states the program holds: an fx graph's are packed into one by the emitter
+    held = report.stats.get("program_states", len(states))
+    if held > rules.MAX_STATES_PER_PROGRAM:
+        add(
+            Violation(
+                "state_count",
+                rules.RULES_BY_ID["state_count"].severity,
+                "state",
+                ", ".join(st["name"] for st in states[:4]) + ("..." if len(states) > 4 else ""),
+                [held],
+                None,
+                None,
+                None,
+                f"{held} Core ML states in one program",
+                f"at most {rules.MAX_STATES_PER_PROGRAM} (device-facts.md)",
+            )
+        )
+    for st in states:
         shape = tuple(st["shape"])
         bad = [d for d in shape[-2:] if d % rules.STATE_ALIGN]
         if bad:
@@ -445,6 +463,7 @@ def check_graph(gm: fx.GraphModule, stage: str, stats: dict | None = None) -> Re
             {"name": s.name, "shape": list(s.shape), "dtype": s.dtype}
             for s in signature_of(gm).states
         ]
+        base["program_states"] = len(pack_states(signature_of(gm).states))
     base.update(stats or {})
     report = check_ops(ops, stage, base)
     if stage.startswith("lowered"):  # a captured graph is reported by its own rules

@@ -90,18 +90,15 @@ class StatefulWrapper(torch.nn.Module):
             self.register_buffer(
                 state.name, torch.zeros(state.shape, dtype=param.dtype, device=param.device)
             )
-        slots = torch.arange(context, dtype=torch.int32, device=param.device)[:, None]
-        self.register_buffer("slots", slots, persistent=False)
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, causal_mask: torch.Tensor
     ) -> torch.Tensor:
-        write = (self.slots == position_ids).to(causal_mask.dtype)  # (context, S)
         out = self.m(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=causal_mask,
-            past_key_values=self.family.cache(self, write),
+            past_key_values=self.family.cache(self, position_ids),
             use_cache=True,
         )
         return out.logits
@@ -146,12 +143,12 @@ def example_inputs(
 ) -> tuple:
     """Inputs with the captured shapes: ids, positions 0..S-1, causal mask (S or context wide)."""
     ids = torch.zeros(1, seq_len, dtype=torch.int32, device=device)
-    pos = torch.arange(seq_len, dtype=torch.int32, device=device)[None]
+    pos = torch.arange(seq_len, dtype=torch.int32)[None]  # values: the mask is built from them
     if context is None:
         mask = causal_mask(seq_len, dtype)
     else:
         mask = context_mask(pos, context, dtype)
-    return ids, pos, mask.to(device)
+    return ids, pos.to(device), mask.to(device)
 
 
 def module_path(node: fx.Node) -> str | None:

@@ -35,9 +35,11 @@ class Default:
 
 @dataclass(frozen=True)
 class PadRule:
-    """What a padded prefill slot (a position at or past the context) must leave untouched:
-    in every state whose kind is in ``kinds``, each index along axis ``axis`` that no real
-    token of the call writes (the slots of the real tokens are the only ones that change)."""
+    """What a prefill call with padded slots may change: in every state whose kind is in
+    ``kinds``, only the S slots along axis ``axis`` from the call's first position (its real
+    tokens' slots, then the padding's). The padding's slots lie after every real position: no
+    query sees them (the causal mask) before a later call writes its own tokens there, so
+    padding corrupts nothing that is read; every other slot is left as it was."""
 
     kinds: tuple[str, ...]
     axis: str = "T"
@@ -77,7 +79,7 @@ class Family:
     # call order
     states: Callable[[Any, int, str], tuple[State, ...]]
     # the cache object capture hands to the stock model: (owner of the state buffers, the
-    # (context, S) one-hot write matrix) -> a transformers-compatible cache
+    # position ids (1, S)) -> a transformers-compatible cache
     cache: Callable[[Any, Any], Any]
     padding: PadRule  # what a padded prefill slot leaves untouched
     layers_path: str = "model.layers"  # the ModuleList of decoder layers

@@ -6,7 +6,7 @@ An artifact is either
   itself (``Data/anefx/report.json``, author "anefx" in the package's ``Manifest.json``), so the
   package and its report are one thing, written and replaced together. The report lists the
   sha256 of every other file of the package (``files``), which ``verify`` and ``generate`` check;
-* a **parts folder**: the parts (each a package), ``manifest.json`` (format ``anefx-chunked/1``)
+* a **parts folder**: the parts (each a package), ``manifest.json`` (format ``anefx-chunked/3``)
   listing every part with its sha256, and the tokenizer files copied beside them.
 
 The marker that makes a path an anefx artifact is that report item, or that manifest: anything
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
@@ -28,21 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anefx.core.signature import Signature
+from anefx.core.signature import Signature, pack_states
 from anefx.errors import AnefxGraphError, AnefxInputError
 
 PACKAGE_SUFFIX = ".mlpackage"
 # /2: the report records each function's signature (roles, layouts, vocabulary ranges)
-PACKAGE_FORMAT = "anefx-package/2"
-PACKAGE_FORMATS = ("anefx-package/1", PACKAGE_FORMAT)  # anefx's, replaceable; only /2 is read
+# /3: one packed state per program (issue 15); /2: typed signatures, a state per layer's K and V
+PACKAGE_FORMAT = "anefx-package/3"
+PACKAGE_FORMATS = ("anefx-package/1", "anefx-package/2", PACKAGE_FORMAT)  # replaceable; /3 read
 PACKAGE_MANIFEST = "Manifest.json"  # the Core ML package's own item list
 REPORT_AUTHOR = "anefx"
 REPORT_NAME = "report.json"
 REPORT_ITEM = f"Data/{REPORT_AUTHOR}/{REPORT_NAME}"  # relative to the package
 
 # /2: each part's functions are its signature (roles, layouts, vocabulary ranges, state kinds)
-PARTS_FORMAT = "anefx-chunked/2"
-PARTS_FORMATS = ("anefx-chunked/1", PARTS_FORMAT)  # anefx's, replaceable; only /2 is read
+PARTS_FORMAT = "anefx-chunked/3"
+PARTS_FORMATS = ("anefx-chunked/1", "anefx-chunked/2", PARTS_FORMAT)  # replaceable; /3 read
 MANIFEST = "manifest.json"  # a parts folder's manifest
 PROGRESS = ".anefx-progress.json"  # inside a staged parts folder: the parts written so far
 
@@ -88,12 +90,13 @@ def package_files(package: Path) -> dict[str, str]:
 
 def package_signature(sig: Signature) -> dict:
     """SIG as the package holds it, for the manifest and the report: every float tensor fp16
-    (Core ML's compute dtype, whatever the lowered graph's), integers int32."""
+    (Core ML's compute dtype, whatever the lowered graph's), integers int32, and the states
+    packed into the one state the program holds (``pack_states``)."""
 
     def stored(dtype: str) -> str:
         return "int32" if dtype.startswith(("int", "uint", "bool")) else "float16"
 
-    doc = sig.to_dict()
+    doc = dataclasses.replace(sig, states=pack_states(sig.states)).to_dict()
     for entry in (*doc["inputs"], *doc["outputs"], *doc["states"]):
         entry["dtype"] = stored(entry["dtype"])
     return doc

@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 
 from anefx.core import rules
-from anefx.core.signature import Role, signature_of
+from anefx.core.ops import KV_WRITE
+from anefx.core.signature import Role, pack_states, signature_of
 from anefx.errors import AnefxGraphError
 from anefx.lowering.checker import Report
 from anefx.targets import op_registry
@@ -86,6 +87,10 @@ class _Emitter:
         # are written once and every function's const points at the same bytes
         self.weight_ids = {} if weight_ids is None else weight_ids
         self.env: dict[fx.Node, object] = {}
+        self.shared: dict = {}  # values a function computes once for several ops (positions)
+        self.packed = None  # the program's one state (pack_states), set by build
+        self.rows: dict[str, int] = {}  # state name -> its row of the packed state
+        self.written: dict[str, fx.Node] = {}  # state name -> the kv_write that wrote its rows
 
     def const(self, t: torch.Tensor, name: str):
         arr = t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.float().numpy()
@@ -120,17 +125,23 @@ class _Emitter:
         }
         self.sig = signature_of(self.gm)
         self.states = {s.name for s in self.sig.states}
+        # every state of the graph becomes a row of the program's one Core ML state
+        packed = pack_states(self.sig.states)
+        if len(packed) > 1:
+            raise AnefxGraphError(
+                f"{len(packed)} states that cannot share one tensor ({', '.join(self.states)}): "
+                f"a program holds at most {rules.MAX_STATES_PER_PROGRAM} (rule state_count)"
+            )
+        self.packed = packed[0] if packed else None
+        self.rows = {st.name: i for i, st in enumerate(self.sig.states)}
         placeholders = {}
+        if self.packed is not None:
+            placeholders[self.packed.name] = mb.state_tensor_placeholder(
+                shape=list(self.packed.shape), dtype=types.fp16
+            )
         for node in self.gm.graph.nodes:
-            if node.op != "placeholder":
-                continue
-            v = node.meta["val"]
-            if node.name in self.states:
-                # a KV cache: Core ML state, read at the start and written in place
-                placeholders[node.name] = mb.state_tensor_placeholder(
-                    shape=list(v.shape), dtype=types.fp16
-                )
-            else:
+            if node.op == "placeholder" and node.name not in self.states:
+                v = node.meta["val"]
                 placeholders[node.name] = mb.placeholder(shape=list(v.shape), dtype=tmap[v.dtype])
         func = Function(placeholders, opset_version=self.ct.target.iOS18)
         with func:
@@ -140,11 +151,22 @@ class _Emitter:
 
     def _body(self, inputs):
         n_states = len(self.states)
+        if self.packed is not None:
+            self.state_var = inputs[self.packed.name]
+            self.state_value = self.mb.read_state(
+                input=self.state_var, name=f"{self.packed.name}_read"
+            )
+            self.initial_state = self.state_value
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 if node.name in self.states:
-                    self.env[node] = self.mb.read_state(
-                        input=inputs[node.name], name=f"{node.name}_read"
+                    # a layer's cache as it was: a view of its row, made only if something
+                    # besides its own kv_write reads it
+                    readers = [
+                        u for u in node.users if not (u.target is KV_WRITE and u.args[0] is node)
+                    ]
+                    self.env[node] = (
+                        self._row_view(node.name, self.initial_state) if readers else None
                     )
                 else:
                     self.env[node] = inputs[node.name]
@@ -160,10 +182,19 @@ class _Emitter:
                 outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
                 user, state_vals = outs[: len(outs) - n_states], outs[len(outs) - n_states :]
                 for state, value in zip(self.sig.states, state_vals, strict=True):
-                    self.mb.coreml_update_state(
-                        state=inputs[state.name],
-                        value=self.env[value],
-                        name=f"{state.name}_write",
+                    if self.written.get(state.name) is value:
+                        continue  # its rows were written in place by its kv_write
+                    # anything else is the whole row, written back
+                    i, shape = self.rows[state.name], self.packed.shape
+                    new = self.mb.slice_update(
+                        x=self.state_value,
+                        update=self.env[value],
+                        begin=[i, *[0] * (len(shape) - 1)],
+                        end=[i + 1, *shape[1:]],
+                        name=f"{state.name}_row",
+                    )
+                    self.state_value = self.mb.coreml_update_state(
+                        state=self.state_var, value=new, name=f"{state.name}_write"
                     )
                 names = [o.name for o in self.sig.outputs]
                 results = []
@@ -176,6 +207,38 @@ class _Emitter:
                     results.append(var)
                 return results
         raise AnefxGraphError("lowered graph has no output")
+
+    def _row_view(self, name: str, value, op_name: str | None = None):
+        """State NAME's row of the packed state VALUE, (1, ...): a slice of its leading axis."""
+        i, shape = self.rows[name], self.packed.shape
+        return self.mb.slice_by_index(
+            x=value,
+            begin=[i, *[0] * (len(shape) - 1)],
+            end=[i + 1, *shape[1:]],
+            name=op_name or f"{name}_view",
+        )
+
+    def write_state_rows(self, c, cache: fx.Node, rows, begin):
+        """kv_write into a state: the call's rows written in place into the cache's row of the
+        packed state (slice_update at [row, 0, .., p], then the state updated), and that row
+        as the result; None when CACHE is not a state placeholder."""
+        if cache.op != "placeholder" or cache.name not in self.rows:
+            return None
+        i, shape = self.rows[cache.name], self.packed.shape
+        width = c.meta("rows").shape
+        mb = self.mb
+        at = mb.add(
+            x=begin, y=np.array([i, *[0] * (len(shape) - 1)], np.int32), name=f"{c.name}_at"
+        )
+        end = mb.add(x=at, y=np.array([1, *width[1:]], np.int32), name=f"{c.name}_end")
+        new = mb.slice_update(
+            x=self.state_value, update=rows, begin=at, end=end, name=f"{c.name}_rows"
+        )
+        self.state_value = mb.coreml_update_state(
+            state=self.state_var, value=new, name=f"{c.name}_state"
+        )
+        self.written[cache.name] = c.node
+        return self._row_view(cache.name, self.state_value, c.name)
 
     def op(self, node: fx.Node):
         """NODE's MIL value, by its op's translator in the registry (targets/op_registry.py)."""
@@ -463,10 +526,11 @@ def _descriptions(lowered) -> dict[str, str]:
             "marks a padding slot, which writes nothing to the cache"
         )
     texts = {i.name: by_role.get(i.role, i.name) for i in sig.inputs}
-    for st in sig.states:
+    for st in pack_states(sig.states):
         texts[st.name] = (
-            f"KV cache of one layer, {'x'.join(map(str, st.shape))} fp16 "
-            "(1, kv_heads, context, head_dim)"
+            f"KV cache of layers {min(st.layers)}-{max(st.layers)}, "
+            f"{'x'.join(map(str, st.shape))} fp16: one row per layer's K then V, "
+            "(rows, kv_heads, head_dim, context)"
         )
     for o in sig.outputs:
         texts[o.name] = o.description or o.name

@@ -821,6 +821,34 @@ def _slice_by_index(a: _Args):
     return np.squeeze(out, axis=squeeze) if squeeze else out
 
 
+def _slice_update(a: _Args):
+    """iOS18 slice_update: a copy of x with x[begin:end:stride] = update. Runtime begin / end
+    (the KV cache's position) out of x's bounds are an error, never a clipped write; masks other
+    than all-False are not emitted and not implemented."""
+    x, update = np.asarray(a["x"]), np.asarray(a["update"])
+    rank = x.ndim
+    begin = [int(v) for v in np.asarray(a["begin"]).reshape(-1)]
+    end = [int(v) for v in np.asarray(a["end"]).reshape(-1)]
+    stride = list(a.const("stride", None) or [1] * rank)
+    for mask in ("begin_mask", "end_mask", "squeeze_mask"):
+        if any(a.const(mask, None) or []):
+            raise a.fail(f"{mask} is not implemented")
+    if not len(begin) == len(end) == len(stride) == rank:
+        raise a.fail(f"begin/end/stride lengths {len(begin)}/{len(end)}/{len(stride)} != {rank}")
+    for i in range(rank):
+        if not 0 <= begin[i] <= end[i] <= x.shape[i] or stride[i] != 1:
+            raise a.fail(
+                f"axis {i}: [{begin[i]}:{end[i]}:{stride[i]}] is outside x's {x.shape[i]} "
+                "(or not a unit stride): nothing is written out of bounds"
+            )
+    index = tuple(slice(b, e) for b, e in zip(begin, end, strict=True))
+    if x[index].shape != update.shape:
+        raise a.fail(f"update {update.shape} does not fill x{list(index)} {x[index].shape}")
+    out = x.copy()
+    out[index] = update.astype(x.dtype)
+    return out
+
+
 def _concat(a: _Args):
     values = [np.asarray(v) for v in a.many("values")]
     if not values:
@@ -955,6 +983,7 @@ _OPS: dict[str, Callable[[_Args], object]] = {
     "reshape": _reshape,
     "transpose": lambda a: np.transpose(np.asarray(a["x"]), a.const("perm")),
     "slice_by_index": _slice_by_index,
+    "slice_update": _slice_update,
     "concat": _concat,
     "gather": _gather,
     "cast": _cast,

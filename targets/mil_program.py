@@ -117,6 +117,15 @@ def value_info(value) -> tuple[tuple[int, ...], str, tuple[str, int] | None]:
     return shape, dtype, blob
 
 
+def _op_name(op) -> str:
+    """The name of an op without outputs (write_state): its "name" attribute, else its type."""
+    if "name" in op.attributes:
+        names = op.attributes["name"].immediateValue.tensor.strings.values
+        if len(names):
+            return names[0]
+    return op.type
+
+
 def function_block(spec, function: str):
     fn = spec.mlProgram.functions[function]
     return fn.block_specializations[fn.opset]
@@ -203,7 +212,7 @@ def mil_ops(spec, function: str = "main") -> list[OpInfo]:
             shapes.append(s)
             dtypes.append(d)
             dyn |= dd
-        name = op.outputs[0].name if op.outputs else op.type
+        name = op.outputs[0].name if op.outputs else _op_name(op)
         module, pass_, _ = split_op_name(name, modules)
         info = OpInfo(
             name,

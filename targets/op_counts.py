@@ -11,48 +11,16 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 
-from anefx.core.signature import Signature
 from anefx.lowering.checker import OpInfo
 from anefx.models.families import layer_index
-from anefx.models.family import Family
 from anefx.targets.mil_program import mil_ops
 
 
-def program_ops(
-    spec,
-    function: str = "main",
-    signature: Signature | None = None,
-    layers_path: str = Family.layers_path,
-) -> list[OpInfo]:
-    """The operations of FUNCTION (no inputs, no consts), in program order.
-
-    A layer's KV-cache reads and writes count in that layer (``model.layers.<i>.self_attn``),
-    as in ANEMLL's op counts: write_state has no output to carry a module in its name, so the
-    state it touches names the layer, as the function's SIGNATURE records it (without one, the
-    state ops count outside every layer); LAYERS_PATH is the family's decoder-layer path."""
-    every = mil_ops(spec, function)
-    layer_of_state = {
-        s.name: s.layers[0] for s in (signature.states if signature else ()) if len(s.layers) == 1
-    }
-    # mil_ops lists the tensor inputs, then one record per operation in program order
-    state_layers = _state_layers(spec, function, layer_of_state)
-    for o, layer in zip(every[len(every) - len(state_layers) :], state_layers, strict=True):
-        if layer is not None and not o.module:
-            o.module = f"{layers_path}.{layer}.self_attn"
-    return [o for o in every if o.kind not in ("input", "const")]
-
-
-def _state_layers(spec, function: str, layer_of_state: dict[str, int]) -> list[int | None]:
-    """For each operation of FUNCTION in program order: the layer of the state a read_state /
-    write_state touches (LAYER_OF_STATE: state name -> layer), else None."""
-    fn = spec.mlProgram.functions[function]
-    out: list[int | None] = []
-    for op in fn.block_specializations[fn.opset].operations:
-        layer = None
-        if op.type in ("read_state", "write_state") and "input" in op.inputs:
-            layer = layer_of_state.get(op.inputs["input"].arguments[0].name)
-        out.append(layer)
-    return out
+def program_ops(spec, function: str = "main") -> list[OpInfo]:
+    """The operations of FUNCTION (no inputs, no consts), in program order, each with the
+    module its name carries: a layer's KV-cache writes (slice_update, write_state, named after
+    the layer's kv_write) count in that layer, as in ANEMLL's op counts."""
+    return [o for o in mil_ops(spec, function) if o.kind not in ("input", "const")]
 
 
 def layer_histograms(ops: list[OpInfo], n_layers: int) -> tuple[list[Counter], int]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from anefx.core.ops import LAYER_NORM
+from anefx.core.ops import KV_WRITE, LAYER_NORM
 from anefx.errors import AnefxGraphError
 
 aten = torch.ops.aten
@@ -38,8 +38,12 @@ class Emitter(Protocol):
 
     mb: Any  # coremltools' MIL Builder
     env: dict[fx.Node, Any]  # node -> its MIL value (None: a transpose folded into a matmul)
+    shared: dict  # values computed once per function for several ops (kv_write's begin)
 
     def scalar(self, x: Any, like_dtype: torch.dtype | None = None) -> Any: ...
+
+    # a state's rows written in place (the packed Core ML state); None: CACHE is no state
+    def write_state_rows(self, c: Any, cache: fx.Node, rows: Any, begin: Any) -> Any | None: ...
 
 
 # torch dtype -> the MIL dtype the emitter gives a tensor of it: every float is fp16 in the
@@ -301,6 +305,39 @@ def _slice(c: Call) -> Any:
     )
 
 
+def _kv_write(c: Call) -> Any:
+    """anefx::kv_write(cache, rows, positions): ROWS (.., S) written along the cache's last axis
+    from the first position: MIL slice_update, begin [0, .., 0, p] with p read from POSITIONS
+    at run time. Into a state the emitter writes the packed state's row in place."""
+    cache, rows = c.meta("cache"), c.meta("rows")
+    if rows.dim() != cache.dim() or tuple(rows.shape[:-1]) != tuple(cache.shape[:-1]):
+        raise c.refuse(f"rows {tuple(rows.shape)} do not match cache {tuple(cache.shape)}")
+    if cache.dtype != rows.dtype and MIL_DTYPES[cache.dtype] != MIL_DTYPES[rows.dtype]:
+        raise c.refuse(f"rows {rows.dtype} into a {cache.dtype} cache")
+    positions = c.meta("positions")
+    if MIL_DTYPES.get(positions.dtype) != "int32" or positions.numel() < 1:
+        raise c.refuse(f"positions {positions.dtype}{tuple(positions.shape)}: int ids expected")
+    mb = c.mb
+    # begin [0, .., 0, p]: the rows land at the first token's slot of the last axis; computed
+    # once per positions input and rank, shared by every layer's writes
+    key = ("kv_write_begin", c.node_of("positions"), cache.dim())
+    begin = c.emitter.shared.get(key)
+    if begin is None:
+        flat = mb.reshape(x=c.tensor("positions"), shape=[-1], name=f"{c.name}_positions")
+        first = mb.slice_by_index(x=flat, begin=[0], end=[1], name=f"{c.name}_first")
+        lead = np.zeros(cache.dim() - 1, np.int32)
+        begin = c.emitter.shared[key] = mb.concat(
+            values=[lead, first], axis=0, name=f"{c.name}_begin"
+        )
+    state = c.emitter.write_state_rows(c, c.node_of("cache"), c.tensor("rows"), begin)
+    if state is not None:
+        return state
+    end = mb.add(x=begin, y=np.array(rows.shape, np.int32), name=f"{c.name}_end")
+    return mb.slice_update(
+        x=c.tensor("cache"), update=c.tensor("rows"), begin=begin, end=end, name=c.name
+    )
+
+
 def _expand(c: Call) -> Any:
     src = c.meta("self").shape
     # the requested size (maybe with -1s) is the result's, resolved: tile to that; implicit
@@ -537,6 +574,7 @@ TRANSLATORS: dict[torch._ops.OpOverload, Callable[[Call], Any]] = {
     aten.matmul.default: _matmul,
     aten.conv2d.default: _conv2d,
     LAYER_NORM: _layer_norm,
+    KV_WRITE: _kv_write,
     aten.add.Tensor: _binary("add"),
     aten.sub.Tensor: _binary("sub"),
     aten.mul.Tensor: _binary("mul"),

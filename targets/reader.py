@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from anefx.core.signature import Role, Signature
+from anefx.core.signature import PACKED_AXIS, Role, Signature
 from anefx.errors import AnefxInputError
 from anefx.models import limits
 from anefx.targets import artifact
@@ -491,13 +491,20 @@ class _Fields:
         for j, st in enumerate(io["states"]):
             r = f"{field}.states[{j}]"
             kind = self.get(st, "kind", f"{r}.kind")
-            if kind not in ("key", "value"):
-                raise self.bad(f"{r}.kind", f"must be 'key' or 'value', got {_show(kind)}")
-            for k, layer in enumerate(self.seq(st, "layers", f"{r}.layers", layers, 1)):
+            if kind not in ("key", "value", "kv"):
+                raise self.bad(f"{r}.kind", f"must be 'key', 'value' or 'kv', got {_show(kind)}")
+            rows = self.seq(st, "layers", f"{r}.layers", 2 * layers, 1)
+            for k, layer in enumerate(rows):
                 self.integer(layer, f"{r}.layers[{k}]", 0, layers - 1)
             self.axes(st, r, len(st["shape"]))
             if "T" not in st["axes"]:
                 raise self.bad(f"{r}.axes", f"{_show(st['axes'])} has no context axis 'T'")
+            if kind == "kv" and (st["axes"][0] != PACKED_AXIS or st["shape"][0] != len(rows)):
+                raise self.bad(
+                    f"{r}.layers",
+                    f"a packed state holds one row per entry of 'layers' along its leading axis "
+                    f"'{PACKED_AXIS}': {len(rows)} entries, shape {_show(st['shape'])}",
+                )
         return Signature.from_dict(io)
 
 
@@ -765,7 +772,8 @@ class _ManifestCheck:
             if dtype != "float16" or len(shape) != 4:
                 raise f.bad(
                     r,
-                    "must be a float16 KV cache (1, kv_heads, context, head_dim), got " + _show(st),
+                    "must be a float16 KV cache (rows, kv_heads, head_dim, context), got "
+                    + _show(st),
                 )
             if name in self.states[fn]:
                 raise f.bad(f"{r}.name", f"{name!r} names a state listed before")
@@ -797,11 +805,12 @@ class _ManifestCheck:
                     f"{fn}: {self.seq_len[fn]}, but the parts read input_ids as {list(ids)}",
                 )
             for name, shape in self.states[fn].items():
-                if self.context is None or shape[2] != self.context:
+                # the cache's context axis is its last, (1 or rows, kv_heads, head_dim, T)
+                if self.context is None or shape[-1] != self.context:
                     raise f.bad(
                         "context",
                         f"is {_show(self.context)}, but state {name} of {fn} holds "
-                        f"{shape[2]} positions (shape {list(shape)})",
+                        f"{shape[-1]} positions (shape {list(shape)})",
                     )
         if self.context is not None and not any(self.states.values()):
             raise f.bad("context", f"is {self.context}, but no part holds a KV cache state")

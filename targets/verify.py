@@ -302,12 +302,13 @@ def _check_matches(package, fns: dict, config) -> None:
             )
         elif sig.states:
             states = family_of(config).states(config, sig.context, "float16")
-            want = [state.shape for state in states]
-            got = [s.shape for s in sig.states]
+            want = [tuple(state.shape) for state in states]
+            # a packed state holds one layer's K or V per row of its leading axis
+            got = [(1, *s.shape[1:]) for s in sig.states for _ in range(s.shape[0])]
             if got != want:
                 problem = (
-                    f"its {len(got)} KV states are {sorted(set(got))}; the model needs "
-                    f"{len(want)} of {tuple(want[0])}"
+                    f"its KV states hold {len(got)} caches of {sorted(set(got))}; the model "
+                    f"needs {len(want)} of {tuple(want[0])}"
                 )
         if problem:
             raise AnefxInputError(f"{package} was not converted from this model: {problem}")

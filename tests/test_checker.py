@@ -250,6 +250,20 @@ PLANTED: dict[str, Planted] = {
         ),
         f"[48] not a multiple of {rules.STATE_ALIGN}",
     ),
+    # two caches that cannot share one tensor (their contexts differ): two states
+    "state_count": Planted(
+        lambda: check_ops(
+            [],
+            "x",
+            {
+                "states": [
+                    {"name": "a", "shape": [1, 8, 128, 64], "dtype": "float16"},
+                    {"name": "b", "shape": [1, 8, 128, 96], "dtype": "float16"},
+                ]
+            },
+        ),
+        "2 Core ML states in one program",
+    ),
     "weights_size": Planted(lambda: _with_weights(1.5), f"> {rules.WEIGHTS_WARN_BYTES >> 30} GiB"),
     "lut": Planted(_fp32_lut, f"LUT float32, not {rules.LUT_DTYPE}"),
 }
@@ -319,7 +333,7 @@ def test_state_alignment(context: int, expected: int) -> None:
     """KV-cache states whose context axis is not a multiple of STATE_ALIGN are reported."""
     low = anefx.lower("preset:qwen3-tiny", seq_len=1, dtype=torch.float16, context=context)
     states = low.report.stats["states"]
-    assert len(states) == 4 and all(s["shape"] == [1, 2, context, 32] for s in states)
+    assert len(states) == 4 and all(s["shape"] == [1, 2, 32, context] for s in states)
     hits = [v for v in low.report.violations if v.rule == "state_align"]
     assert len(hits) == expected
     assert {v.node for v in hits} <= {s["name"] for s in states}

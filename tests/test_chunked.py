@@ -165,10 +165,16 @@ def test_cli_artifact_runs_verifies_and_matches_one_package(
     for p in man["parts"]:
         assert {r["stage"] for r in p["emitted"]} == {"emitted:prefill", "emitted:decode"}
         assert p["weight_bytes"] <= _three_chunks(layer_bytes)
+        # one state per part: its own layers' K and V as rows, K before V, layer by layer
         states = p["functions"]["decode"]["states"]
-        assert [s["name"] for s in states] == [
-            f"{k}_cache_{i}" for i in p["layers"] for k in ("k", "v")
-        ]
+        if p["layers"]:
+            lo, hi = min(p["layers"]), max(p["layers"])
+            (state,) = states
+            assert state["name"] == f"kv_cache_{lo}_{hi}" and state["kind"] == "kv"
+            assert state["layers"] == [i for i in p["layers"] for _ in ("k", "v")]
+            assert state["shape"][0] == 2 * len(p["layers"]) and state["shape"][-1] == CONTEXT
+        else:
+            assert states == []
     # -o naming a package while the model needs several parts: one clear error, nothing written
     bad = tmp_path / "one.mlpackage"
     assert main(["convert", str(ckpt), "-o", str(bad), *common, "--max-chunk-mb", mb]) == 2
@@ -189,17 +195,22 @@ def test_cli_artifact_runs_verifies_and_matches_one_package(
             "position_ids": pos,
             "causal_mask": context_mask(torch.from_numpy(pos), CONTEXT, torch.float16).numpy(),
         }
-        states = {
-            k: rng.standard_normal(v.shape).astype(np.float16)
-            for k, v in whole.zero_states(fn).items()
-        }
+        ((name, shape),) = [(k, v.shape) for k, v in whole.zero_states(fn).items()]
+        states = {name: rng.standard_normal(shape).astype(np.float16)}
+        # each part's one state is its layers' rows of the whole model's state, in order
+        rows, parts = 0, {}
+        for held in chain.states(fn):
+            parts[held["name"]] = states[name][rows : rows + held["shape"][0]]
+            rows += held["shape"][0]
+        assert rows == shape[0]
         a_out, a_states = whole.run(fn, feeds, states)
-        b_out, b_states = chain.run(fn, feeds, states)
-        assert a_out.keys() == b_out.keys() and a_states.keys() == b_states.keys()
+        b_out, b_states = chain.run(fn, feeds, parts)
+        assert a_out.keys() == b_out.keys() and b_states.keys() == parts.keys()
         for k in a_out:
             np.testing.assert_array_equal(a_out[k], b_out[k])
-        for k in a_states:
-            np.testing.assert_array_equal(a_states[k], b_states[k])
+        np.testing.assert_array_equal(
+            a_states[name], np.concatenate([b_states[k] for k in parts], axis=0)
+        )
 
     # generate runs the artifact from its manifest, with the tokenizer copied beside the parts
     capsys.readouterr()

@@ -704,6 +704,7 @@ def test_stateful_package_runs_like_the_lowered_graphs(tmp_path: Path) -> None:
     """prefill + decode with the KV cache as state, driven as generation.Session drives the
     lowered graphs (positions, padding, context mask), states threaded by the caller: the
     same logits at every call and the same cache at the end."""
+    from anefx.core.signature import pack_states
     from anefx.generation import lower_decoder
     from anefx.models.capture import context_mask
     from anefx.targets.coreml import emit_functions
@@ -715,8 +716,12 @@ def test_stateful_package_runs_like_the_lowered_graphs(tmp_path: Path) -> None:
     )
     prog = load_package(tmp_path / "s.mlpackage")
     assert sorted(prog.functions) == ["decode", "prefill"] and prog.default_function == "decode"
-    names = [s.name for s in dec.decode.states]
-    assert [s.name for s in prog.functions["prefill"].states] == names
+    # the layers' K and V caches are the rows of the program's one state, in signature order
+    (packed,) = pack_states(dec.decode.states)
+    for fn in ("prefill", "decode"):
+        assert [(s.name, s.shape) for s in prog.functions[fn].states] == [
+            (packed.name, packed.shape)
+        ]
 
     ref_states = [torch.zeros(s.shape, dtype=torch.float16) for s in dec.decode.states]
     states = prog.zero_states("decode")
@@ -741,11 +746,35 @@ def test_stateful_package_runs_like_the_lowered_graphs(tmp_path: Path) -> None:
         got = _logits(outs, low)[0, :k]
         position += k
         assert psnr(ref, got) >= 60.0, (fname, psnr(ref, got))
-    for name, ref_state in zip(names, ref_states, strict=True):
-        assert states[name].dtype == np.float16
-        assert psnr(ref_state.float().numpy(), states[name]) >= 60.0
+    assert states[packed.name].dtype == np.float16
+    for row, ref_state in enumerate(ref_states):
+        assert psnr(ref_state.float().numpy(), states[packed.name][row : row + 1]) >= 60.0
     # the two functions share their weights: each is read from the blob once
     pre, de = (prog._consts(prog.functions[f]) for f in ("prefill", "decode"))
     decode_arrays = {id(v) for v in de.values()}
     big = [v for v in pre.values() if getattr(v, "size", 0) > 1000]
     assert big and all(id(v) in decode_arrays for v in big)
+
+
+def test_slice_update_with_a_runtime_begin_matches_coremltools(tmp_path: Path) -> None:
+    """slice_update (the KV cache's row write): x with x[begin:end] = update, begin and end
+    read at run time, as coremltools' value_inference computes it; bounds past x are an error
+    naming the op, never a clipped write."""
+    x = fp16(3, 2, 4, 10)
+    update = fp16(1, 2, 4, 3)
+    cases = [
+        ([1, 0, 0, 7], [2, 2, 4, 10]),  # the last slots
+        ([0, 0, 0, 0], [1, 2, 4, 3]),  # the first
+        ([2, 0, 0, 4], [3, 2, 4, 7]),
+    ]
+    for begin, end in cases:
+        b, e = np.array(begin, np.int32), np.array(end, np.int32)
+        prog, (got,) = run_cases(
+            tmp_path, [("slice_update", {"x": x, "update": update, "begin": b, "end": e}, {})]
+        )
+        want = oracle("slice_update", {"x": x, "update": update, "begin": b, "end": e})
+        assert_fp16(got, want, what=str(begin))
+    bad = {"x": x, "update": update, "begin": np.array([0, 0, 0, 8], np.int32)}
+    bad["end"] = np.array([1, 2, 4, 11], np.int32)
+    with pytest.raises(ExecError, match=r"slice_update case0 .*axis 3: \[8:11:1\] is outside"):
+        run_cases(tmp_path, [("slice_update", bad, {})])

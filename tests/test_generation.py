@@ -71,6 +71,23 @@ def test_continuation_and_multi_turn_equal_one_long_run(hf, dec32) -> None:
     assert c == _hf_greedy(hf, first + a + b + second, 6)
 
 
+def test_the_last_slots_of_the_context(hf, dec32) -> None:
+    """A prefill call that would pass the end of the cache starts earlier, feeding cached
+    tokens again (a call writes its S slots from its first position): the logits of every new
+    token still equal transformers', up to the last slot; one more token is refused."""
+    prompt = _prompt(CONTEXT - 5, 11)
+    s = Session(dec32)
+    s.feed(prompt)
+    tail = _prompt(5, 12)  # position CONTEXT - 5 + BATCH > CONTEXT: this call starts earlier
+    got = s.feed_all(tail)
+    assert s.position == CONTEXT
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([prompt + tail]), use_cache=False).logits[0, -5:]
+    assert torch.allclose(got, ref, atol=2e-4, rtol=0), (got - ref).abs().max()
+    with pytest.raises(Exception, match="context full"):
+        s.feed([1])
+
+
 def test_fp16_logits_psnr_per_step(ckpt, hf) -> None:
     dec16 = lower_decoder(str(ckpt), batch=BATCH, context=CONTEXT, dtype=torch.float16)
     prompt = _prompt(11, 6)
@@ -120,13 +137,16 @@ def test_package_holds_both_functions_and_the_state(ckpt, tmp_path: Path) -> Non
     reps = {r.stats["function"]: r for r in result["emitted_reports"]}
     assert set(reps) == {"prefill", "decode"}
     cfg = get_preset("qwen3-tiny")
-    want = [1, cfg["num_key_value_heads"], CONTEXT, cfg["head_dim"]]
+    # one state: every layer's K and V a row of (2 x layers, kv_heads, head_dim, context)
+    layers = cfg["num_hidden_layers"]
+    want = [2 * layers, cfg["num_key_value_heads"], cfg["head_dim"], CONTEXT]
     for rep in reps.values():
         assert not rep.errors, rep.render()
-        states = rep.stats["states"]
-        assert len(states) == 2 * cfg["num_hidden_layers"]
-        assert all(s["shape"] == want and s["dtype"] == "float16" for s in states)
-        assert rep.stats["op_types"]["write_state"] == len(states)
+        (state,) = rep.stats["states"]
+        assert state["shape"] == want and state["dtype"] == "float16"
+        # each layer writes its K rows and its V rows in place, one slice_update each
+        assert rep.stats["op_types"]["slice_update"] == 2 * layers
+        assert rep.stats["op_types"]["write_state"] == 2 * layers
     # the two functions share their weights: the blob holds one function's weights, not two
     blob = sum(f.stat().st_size for f in out.glob("Data/com.apple.CoreML/weights/*"))
     one = reps["decode"].stats["weight_bytes"]

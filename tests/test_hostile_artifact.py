@@ -243,7 +243,7 @@ MANIFEST_CASES = {
     ),
     "context-disagrees": (
         _set("context", 64),
-        ["field 'context' is 64", "state k_cache_0", "32 positions"],
+        ["field 'context' is 64", "state kv_cache_0", "32 positions"],
     ),
     "seq-len-disagrees": (_set("seq_len", "prefill", 8), ["field 'seq_len'", "prefill: 8"]),
     "input-from-a-later-part": (

@@ -41,7 +41,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from anefx.core import rules
-from anefx.core.ops import EMITTABLE, LAYER_NORM
+from anefx.core.ops import EMITTABLE, KV_WRITE, LAYER_NORM
 from anefx.errors import AnefxGraphError
 from anefx.lowering.checker import check_graph
 from anefx.lowering.shape_prop import propagate_shapes
@@ -100,6 +100,7 @@ FAMILIES = {
     },
     "reductions": {aten.sum.dim_IntList, aten.amax.default, aten.argmax.default},
     "layer_norm": {LAYER_NORM},
+    "kv_write": {KV_WRITE},
 }
 
 
@@ -515,6 +516,56 @@ def test_layer_norm(shape, data, eps: float, seed: int) -> None:
         cancel = k * 2.0**-24 * np.abs(x64).max(axis=a, keepdims=True) / std
         atol = cancel * np.reshape(gain, norm) + (k + 4) * 2.0**-24 * np.abs(ref)
         assert_close(out, ref, 1, atol, what=f"axis {a}")
+
+
+@given(
+    heads=st.integers(1, 3),
+    dim=st.integers(1, 4),
+    slots=st.integers(1, 12),
+    data=st.data(),
+    seed=seeds,
+)
+def test_kv_write_writes_the_rows_at_the_first_position(heads, dim, slots, data, seed) -> None:
+    """anefx::kv_write -> slice_update at [0, 0, 0, p], p read at run time from the positions:
+    exactly the cache with S rows replaced, as torch's op computes (a plain tensor, no state)."""
+    rng = np.random.default_rng(seed)
+    width = data.draw(st.integers(1, slots))
+    start = data.draw(st.integers(0, slots - width))
+    g = G()
+    cache = g.input(fp16(rng, (1, heads, dim, slots)))
+    rows = g.input(fp16(rng, (1, heads, dim, width)))
+    # the positions of a padded call: the real ones from START, then pads (any value)
+    pos = np.full((1, width), slots, np.int32)
+    real = data.draw(st.integers(1, width))
+    pos[0, :real] = np.arange(start, start + real)
+    positions = g.input(pos)
+    g.op(KV_WRITE, cache, rows, positions)
+    gm = g.module()
+    assert ops_of(gm) == FAMILIES["kv_write"]
+    got, _ = run_package(gm, g.feeds)
+    (ref,) = run_torch(gm, g.feeds)
+    assert_close(got[0], ref)
+    # only the S slots from START changed
+    keep = np.ones(slots, bool)
+    keep[start : start + width] = False
+    np.testing.assert_array_equal(got[0][..., keep], g.feeds["x0"][..., keep])
+
+
+def test_kv_write_past_the_end_is_an_error_not_a_clipped_write() -> None:
+    """A call whose slots would pass the end of the cache: torch's op and the executor both
+    refuse it, nothing written (the runtime starts such a call earlier: generation.Session)."""
+    from anefx.targets.coreml_exec import ExecError
+
+    g = G()
+    cache = g.input(np.zeros((1, 1, 2, 8), np.float16))
+    rows = g.input(np.ones((1, 1, 2, 3), np.float16))
+    positions = g.input(np.array([[6, 7, 8]], np.int32))  # 6 + 3 > 8
+    g.op(KV_WRITE, cache, rows, positions)
+    gm = g.module()
+    with pytest.raises(IndexError, match=r"rows \[6, 9\) are outside the cache's 8 slots"):
+        run_torch(gm, g.feeds)
+    with pytest.raises(ExecError, match="slice_update.*outside"):
+        run_package(gm, g.feeds)
 
 
 # ---------------------------------------------------------------------------------------------

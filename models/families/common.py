@@ -9,7 +9,7 @@ from typing import Any
 
 from anefx.core.signature import State
 from anefx.models.family import Default, PadRule, StoredParts
-from anefx.models.kv_cache import cache_name, kv_cache_shape
+from anefx.models.kv_cache import CACHE_AXES, cache_name, kv_cache_shape
 from anefx.models.tensor_shapes import ShapeReader
 
 ROPE_DEFAULT = Default(
@@ -19,8 +19,8 @@ ROPE_DEFAULT = Default(
 )
 RMS_EPS_DEFAULT = Default("rms_norm_eps", 1e-6, "published Qwen2.5-Instruct, Qwen3 and Qwen3-MoE")
 
-# A padded slot (position = context) writes no row of any K or V state: the one-hot write
-# matrix has no 1 for it.
+# A prefill call writes its S slots of every K and V state from its first position; the
+# padding's slots come after the real tokens' (models/family.py: PadRule).
 KV_PADDING = PadRule(kinds=("key", "value"))
 
 
@@ -50,11 +50,11 @@ def tiny(model_type: str, **fields: Any) -> dict[str, Any]:
 
 
 def kv_states(config: Any, context: int, dtype: str) -> tuple[State, ...]:
-    """A K and a V state per decoder layer, (1, kv_heads, context, head_dim) each, layer by
+    """A K and a V state per decoder layer, (1, kv_heads, head_dim, context) each, layer by
     layer (K first)."""
     shape = kv_cache_shape(config, context)
     return tuple(
-        State(cache_name(kind, layer), role, (layer,), shape, dtype)
+        State(cache_name(kind, layer), role, (layer,), shape, dtype, CACHE_AXES)
         for layer in range(config.num_hidden_layers)
         for kind, role in (("k", "key"), ("v", "value"))
     )

@@ -21,7 +21,7 @@ from anefx.models.families.common import (
     whole,
 )
 from anefx.models.family import Default, Family
-from anefx.models.kv_cache import OneHotKVCache
+from anefx.models.kv_cache import RowKVCache
 from anefx.models.tensor_shapes import ShapeReader
 
 # Qwen2 has no head_dim field (head_dim = hidden / heads), so its heads cannot be read off the
@@ -177,6 +177,6 @@ FAMILY = Family(
     experts=no_experts,
     stored_parts=whole,
     states=kv_states,
-    cache=OneHotKVCache,
+    cache=RowKVCache,
     padding=KV_PADDING,
 )

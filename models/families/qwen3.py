@@ -20,7 +20,7 @@ from anefx.models.families.common import (
     whole,
 )
 from anefx.models.family import Default, Family
-from anefx.models.kv_cache import OneHotKVCache
+from anefx.models.kv_cache import RowKVCache
 from anefx.models.tensor_shapes import ShapeReader
 
 MAX_POSITIONS_DEFAULT = Default("max_position_embeddings", 40960, "published Qwen3, Qwen3-MoE")
@@ -113,6 +113,6 @@ FAMILY = Family(
     experts=no_experts,
     stored_parts=whole,
     states=kv_states,
-    cache=OneHotKVCache,
+    cache=RowKVCache,
     padding=KV_PADDING,
 )

@@ -21,7 +21,7 @@ from anefx.models.families.common import (
 from anefx.models.families.qwen3 import MAX_POSITIONS_DEFAULT
 from anefx.models.families.qwen3 import published as published_dense
 from anefx.models.family import Default, Family, StoredParts
-from anefx.models.kv_cache import OneHotKVCache
+from anefx.models.kv_cache import RowKVCache
 from anefx.models.tensor_shapes import ShapeReader
 
 # What the published Qwen3 mixture-of-experts models change in the dense Qwen3 config: 128
@@ -217,7 +217,7 @@ FAMILY = Family(
     experts=experts,
     stored_parts=stored_parts,
     states=kv_states,
-    cache=OneHotKVCache,
+    cache=RowKVCache,
     padding=KV_PADDING,
     # the router: its scores are compared to pick the experts, where a small error changes
     # which experts run
