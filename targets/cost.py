@@ -27,7 +27,7 @@ estimate from these inputs, labelled so.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from anefx.core import rules
@@ -207,18 +207,10 @@ class ArtifactCost:
     def total(self, function: str) -> FunctionCost:
         """FUNCTION summed over the parts (one decode step, one prefill call)."""
         total = FunctionCost("all", function)
+        counted = [f.name for f in fields(FunctionCost) if f.name not in ("part", "function")]
         for f in self.functions:
             if f.function == function:
-                for key in (
-                    "ops",
-                    "weight_bytes",
-                    "state_read",
-                    "state_written",
-                    "activations_written",
-                    "activations_read",
-                    "macs",
-                    "state_sized_written",
-                ):
+                for key in counted:
                     setattr(total, key, getattr(total, key) + getattr(f, key))
         return total
 
