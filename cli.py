@@ -144,14 +144,14 @@ def cmd_cost(args) -> int:
         from anefx.conversion import convert
 
         with tempfile.TemporaryDirectory(prefix="anefx-cost-") as tmp:
-            out = Path(tmp) / "cost.mlpackage"
+            # as `anefx convert -o FOLDER` writes it by default: parts within --max-chunk-mb
+            out = Path(tmp) / "cost"
             _random_notice(args.artifact)
             convert(
                 args.artifact,
                 out,
                 context=args.context,
                 batch=args.batch,
-                max_chunk_mb=1e9,  # one package: the cost of the whole model
                 progress=Progress(not args.json),
             )
             cost = artifact_cost(out, verify=False)

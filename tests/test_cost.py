@@ -160,6 +160,12 @@ def test_the_command_prints_and_checks_its_arguments(tiny_package, tmp_path: Pat
     assert doc["estimate"]["M4"]["ESTIMATE"] is True and set(doc["totals"]) == {"prefill", "decode"}
     code, out, _ = cli("cost", path)
     assert code == 0 and "ESTIMATE (not measured)" in out and "A18 Pro" in out
+    # a model: converted at --context into a temporary folder, costed, removed; the same bytes
+    code, out, _ = cli("cost", "preset:qwen3-tiny", "--context", "64", "--batch", "8", "--json")
+    assert code == 0
+    fresh = json.loads(out)["totals"]["decode"]
+    assert fresh["weight_bytes"] == doc["totals"]["decode"]["weight_bytes"]
+    assert fresh["state_read"] == doc["totals"]["decode"]["state_read"]
     for argv, needle in [
         (("cost", path, "--context", "128"), "--context/--batch"),
         (("cost", path, "--chip", "Z80"), "--chip"),
