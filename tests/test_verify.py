@@ -38,6 +38,8 @@ def test_stateful_package_matches_transformers(ckpt: Path, tmp_path: Path) -> No
     assert len(r.per_position_psnr_db) == STEPS  # 1 from the prefill, 31 decode steps
     assert r.psnr_db >= 60.0, r.render()
     assert r.top1_agreement == 1.0, r.render()
+    # beside top-1: the reference token in the package's top 5, and a divergence near 0
+    assert r.top5_containment == 1.0 and 0 <= r.kl_mean <= r.kl_max < 1e-4, r.render()
     assert r.tokens_package == r.tokens_reference
     # the wrong model (other head_dim) or no package: one clear error each
     with pytest.raises(anefx.AnefxInputError, match="not converted from this model"):
@@ -79,3 +81,22 @@ def test_cli_verify_json(capsys, ckpt: Path, tmp_path: Path) -> None:
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["psnr_db"] >= 60.0 and out["top1_agreement"] == 1.0
     assert out["steps"] == 4 and len(out["per_position_psnr_db"]) == 4
+
+
+def test_top5_containment_and_kl_by_hand() -> None:
+    """The two distribution figures on logits whose answers are known by hand."""
+    import math
+
+    from anefx.targets.verify import distribution_agreement
+
+    ref = torch.tensor([[5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0]])
+    # position 0: the same logits (KL 0, contained); position 1: the reference's best token
+    # (6) pushed to the 6th place of the package: top-1 and top-5 both miss it
+    got = torch.tensor([[5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [6, 5, 4, 3, 2, 1, 0.0]])
+    top5, kl = distribution_agreement(ref, got)
+    assert top5 == 0.5
+    assert kl[0] == pytest.approx(0.0, abs=1e-12)
+    p = torch.softmax(ref[1].double(), -1)
+    q = torch.softmax(got[1].double(), -1)
+    assert kl[1] == pytest.approx(float((p * (p / q).log()).sum()))
+    assert kl[1] > math.log(2)  # most of p's mass sits where q puts almost none
