@@ -60,6 +60,7 @@ from anefx.lowering.shape_prop import propagate_shapes
 from anefx.passes import (
     add_argmax_head,
     cast_to_compute_dtype,
+    densify_experts,
     fold_position_tables,
     limit_rank,
     linear_to_conv2d,
@@ -898,3 +899,21 @@ def test_pass_manager_records_provenance():
     assert sorted(n.meta.get("anefx_module") for n in softmax) == [
         f"model.layers.{i}.self_attn" for i in layers
     ]
+
+
+def test_a_cumulative_sum_no_top_k_routes_is_left_to_the_checker() -> None:
+    """densify_experts answers for expert blocks only: a cumsum of another layer (a linear
+    attention's decay) passes its postcondition, and the checker reports it under "routing"
+    with its node, instead of the pipeline aborting."""
+    from anefx.lowering.checker import check_graph
+
+    class Decay(torch.nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, dim=-1) * 2.0
+
+    gm = export_graph(Decay(), torch.randn(1, 4, 64))
+    res = apply(densify_experts.densify_experts, gm)
+    assert densify_experts.postcondition(res.graph_module) == []
+    report = check_graph(res.graph_module, "lowered")
+    hits = [v for v in report.errors if v.rule == "routing"]
+    assert hits and all("cumsum" in v.op for v in hits), report.render()
