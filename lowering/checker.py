@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from anefx.core import rules
+from anefx.core.annotations import unlowered
 from anefx.core.ops import EMITTABLE, LAYER_NORM
 from anefx.core.signature import has_signature, pack_states, signature_of
 
@@ -468,6 +469,11 @@ def check_graph(gm: fx.GraphModule, stage: str, stats: dict | None = None) -> Re
     report = check_ops(ops, stage, base)
     if stage.startswith("lowered"):  # a captured graph is reported by its own rules
         report.violations.extend(_unsupported_ops(gm))
+    # a node a pass could not lower: its violations say which pass left it and why
+    why = {n.name: reason for n in gm.graph.nodes if (reason := unlowered(n))}
+    for v in report.violations:
+        if v.node in why:
+            v.message = f"{v.message} (left by {why[v.node]})"
     return report
 
 

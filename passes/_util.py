@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from anefx.core.annotations import mark_unlowered, unlowered
 from anefx.core.recompile import deferred_recompile, recompile
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "aten",
     "recompile",
     "deferred_recompile",
+    "mark_unlowered",
+    "unlowered",
 ]
 
 aten = torch.ops.aten

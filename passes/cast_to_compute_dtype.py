@@ -66,6 +66,16 @@ class CastToComputeDtype:
                 node.args = node.args[:2]
                 node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dtype"}
                 modified = True
+            elif (
+                node.op == "call_function"
+                and isinstance(node.kwargs.get("dtype"), torch.dtype)
+                and node.kwargs["dtype"].is_floating_point
+                and node.kwargs["dtype"] != dtype
+            ):
+                # a tensor made in the graph in another float dtype (zeros, full, arange of a
+                # recurrent state kept in fp32): made in the compute dtype instead
+                node.kwargs = {**node.kwargs, "dtype": dtype}
+                modified = True
         if modified:
             recompile(gm)
         return PassResult(gm, modified)

@@ -22,8 +22,10 @@ from anefx.passes._util import (
     const_value,
     emit,
     is_op,
+    mark_unlowered,
     recompile,
     shape_of,
+    unlowered,
     val,
 )
 
@@ -83,6 +85,7 @@ def rms_norm_to_layer_norm(gm: fx.GraphModule) -> PassResult:
             continue
         m = _match(node)
         if m is None:
+            mark_unlowered(node, "rms_norm_to_layer_norm", _NOT_RMS)
             continue
         x, eps, out, weight = m
         dim = shape_of(x)[-1]
@@ -106,15 +109,22 @@ def rms_norm_to_layer_norm(gm: fx.GraphModule) -> PassResult:
     if modified:
         g.eliminate_dead_code()
         recompile(gm)
+    for node in g.nodes:  # a pow no RMSNorm consumed (another normalisation, a power)
+        if is_op(node, aten.pow) and not unlowered(node):
+            mark_unlowered(node, "rms_norm_to_layer_norm", _NOT_RMS)
     return PassResult(gm, modified)
 
 
+_NOT_RMS = "not an RMSNorm (x * rsqrt(mean(x^2, -1) + eps) [* w]): left for the checker"
+
+
 def postcondition(gm: fx.GraphModule) -> list[str]:
-    """No rsqrt or pow is left: every RMSNorm became layer_norm."""
+    """No rsqrt or pow is left but those the pass reported as not an RMSNorm: every RMSNorm
+    became layer_norm."""
     return [
         f"{n.name}: {n.target} left (an RMSNorm the pass did not recognise?)"
         for n in gm.graph.nodes
-        if is_op(n, aten.rsqrt, aten.pow)
+        if is_op(n, aten.rsqrt, aten.pow) and not unlowered(n)
     ]
 
 

@@ -17,7 +17,16 @@ import torch.fx as fx
 from anefx.core.ops import LAYER_NORM
 from anefx.core.pass_registry import register_pass
 from anefx.core.signature import AxisMap, has_signature, set_axis_map, signature_of
-from anefx.passes._util import PassResult, aten, const_value, is_op, recompile, shape_of
+from anefx.passes._util import (
+    PassResult,
+    aten,
+    const_value,
+    is_op,
+    mark_unlowered,
+    recompile,
+    shape_of,
+    unlowered,
+)
 
 _ELEMENTWISE = (
     aten.add,
@@ -532,10 +541,42 @@ def sink_layout_changes(gm: fx.GraphModule) -> PassResult:
     after = _copies(graph)
     # keep the re-emission only if it removes layout copies (a second run finds none)
     if not sweep.changed or after >= before:
+        _report_permuted_convs(gm)
         return PassResult(gm, False)
     gm.graph = graph
     recompile(gm)
+    _report_permuted_convs(gm)
     return PassResult(gm, True)
+
+
+def _permuted_convs(gm: fx.GraphModule) -> list[fx.Node]:
+    """Permutes of a conv output that stay inside the graph (not on the way out of it)."""
+    return [
+        n
+        for n in gm.graph.nodes
+        if is_op(n, aten.permute)
+        and is_op(n.args[0], aten.conv2d)
+        and not all(
+            u.op == "output" or is_op(u, aten.reshape) and all(w.op == "output" for w in u.users)
+            for u in n.users
+        )
+    ]
+
+
+def _report_permuted_convs(gm: fx.GraphModule) -> None:
+    """A conv output the sweep could not carry on in its layout (an op it has no rule for
+    reads it): the permute stays, said in the report (a copy, not an error on the ANE)."""
+    for n in _permuted_convs(gm):
+        mark_unlowered(n, "sink_layout_changes", "a layout change the sweep could not remove")
+
+
+def report_summary(gm: fx.GraphModule) -> dict | None:
+    """The layout changes left in the graph, by module, when there are any."""
+    left = [n for n in _permuted_convs(gm) if unlowered(n)]
+    if not left:
+        return None
+    modules = sorted({n.meta.get("anefx_module") or "?" for n in left})
+    return {"layout_changes_left": {"count": len(left), "modules": modules[:8]}}
 
 
 def _copies(graph: fx.Graph) -> int:
@@ -543,18 +584,15 @@ def _copies(graph: fx.Graph) -> int:
 
 
 def postcondition(gm: fx.GraphModule) -> list[str]:
-    """No conv output is permuted again, except where it leaves the graph."""
-    out = []
-    for n in gm.graph.nodes:
-        if is_op(n, aten.permute) and is_op(n.args[0], aten.conv2d):
-            if not all(
-                u.op == "output"
-                or is_op(u, aten.reshape)
-                and all(w.op == "output" for w in u.users)
-                for u in n.users
-            ):
-                out.append(f"{n.name}: output of {n.args[0].name} permuted inside the graph")
-    return out
+    """No conv output is permuted again, except where it leaves the graph or where the pass
+    reported it could not carry the layout on."""
+    return [
+        f"{n.name}: output of {n.args[0].name} permuted inside the graph"
+        for n in _permuted_convs(gm)
+        if not unlowered(n)
+    ]
 
 
-register_pass("sink_layout_changes", lambda: sink_layout_changes, postcondition)
+register_pass(
+    "sink_layout_changes", lambda: sink_layout_changes, postcondition, summary=report_summary
+)
