@@ -90,6 +90,8 @@ EMITTABLE: frozenset[str] = frozenset(
         "aten.sigmoid.default",
         "aten.relu.default",
         "aten.tanh.default",
+        "aten.exp.default",
+        "aten.softplus.default",
         "aten.gelu.default",
         "aten.softmax.int",
         "aten._softmax.default",

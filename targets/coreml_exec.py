@@ -972,6 +972,8 @@ _OPS: dict[str, Callable[[_Args], object]] = {
     "sigmoid": _unary_float(_sigmoid),
     "silu": _unary_float(lambda x: x * _sigmoid(x)),
     "tanh": _unary_float(np.tanh),
+    "exp": _unary_float(np.exp),
+    "softplus": _unary_float(lambda x: np.logaddexp(np.float32(0), x)),
     "gelu": _gelu,
     "softmax": _softmax,
     "layer_norm": _layer_norm,

@@ -506,6 +506,14 @@ def _unary(mil_op: str) -> Callable[[Call], Any]:
     return translate_unary
 
 
+def _softplus(c: Call) -> Any:
+    """log(1 + exp(x)): Core ML's softplus. torch's threshold (linear above it) differs from it
+    by at most exp(-threshold), below fp16's resolution for the default 20."""
+    c.only("beta", [1], "Core ML's softplus has no beta")
+    c.only("threshold", [20], "Core ML's softplus has no threshold; the default 20 is exact")
+    return c.mb.softplus(x=c.float_tensor("self"), name=c.name)
+
+
 def _gelu(c: Call) -> Any:
     approximate = c.only("approximate", ["none", "tanh"], "Core ML's gelu modes")
     mode = "TANH_APPROXIMATION" if approximate == "tanh" else "EXACT"
@@ -592,6 +600,8 @@ TRANSLATORS: dict[torch._ops.OpOverload, Callable[[Call], Any]] = {
     aten.sigmoid.default: _unary("sigmoid"),
     aten.relu.default: _unary("relu"),
     aten.tanh.default: _unary("tanh"),
+    aten.exp.default: _unary("exp"),
+    aten.softplus.default: _softplus,
     aten.gelu.default: _gelu,
     aten.softmax.int: _softmax,
     aten._softmax.default: _softmax,

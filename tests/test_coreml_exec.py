@@ -217,7 +217,7 @@ def test_precision_model_is_fp32_inside_an_op(tmp_path: Path) -> None:
 def test_activations(tmp_path: Path) -> None:
     cases: list[Case] = []
     for shape in [(7,), (2, 3, 5), (1, 4, 1, 16)]:
-        for op in ["relu", "sigmoid", "tanh", "silu"]:
+        for op in ["relu", "sigmoid", "tanh", "silu", "exp", "softplus"]:
             cases.append((op, {"x": fp16(*shape, scale=4)}, {}))
         for mode in ["EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION"]:
             cases.append(("gelu", {"x": fp16(*shape, scale=3)}, {"mode": mode}))

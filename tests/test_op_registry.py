@@ -81,6 +81,8 @@ FAMILIES = {
         aten.sigmoid.default,
         aten.relu.default,
         aten.tanh.default,
+        aten.exp.default,
+        aten.softplus.default,
         aten.gelu.default,
         aten.softmax.int,
         aten._softmax.default,
@@ -318,11 +320,15 @@ def test_activations_and_softmax_within_an_ulp(shape, data, scale: float, seed: 
     d0, d1 = axis(data.draw, len(shape)), axis(data.draw, len(shape))
     g.op(aten.softmax.int, x, d0)
     g.op(aten._softmax.default, x, d1, False)
+    # exp of what a delta rule exponentiates (values <= 0: the decays), softplus of anything
+    g.op(aten.exp.default, g.input(-np.abs(xv)))
+    g.op(aten.softplus.default, x)
     gm = g.module()
     assert ops_of(gm) == FAMILIES["activations"]
     got, _ = run_package(gm, g.feeds)
     refs = run_torch(gm, g.feeds, wide=True)
     names = ["silu", "sigmoid", "tanh", "relu", "gelu", "gelu_tanh", "softmax", "_softmax"]
+    names += ["exp", "softplus"]
     x64 = xv.astype(np.float64)
     for name, out, ref in zip(names, got, refs, strict=True):
         if name == "relu":
@@ -758,7 +764,7 @@ REFUSED: dict[str, tuple[Callable[[G], None], str]] = {
         r"dim0 is a value computed in the graph",
     ),
     "no_translator": (
-        lambda g: g.op(aten.exp.default, _fp16_input(g, 3), name="bad"),
+        lambda g: g.op(aten.sin.default, _fp16_input(g, 3), name="bad"),
         r"no Core ML translation for this op",
     ),
 }
@@ -832,13 +838,13 @@ def test_unsupported_op_is_a_checker_error_on_lowered_graphs_only(tmp_path: Path
         node.meta["anefx_module"] = "planted.module"
         propagate_shapes(gm)
 
-    plant(aten.exp.default, name="planted_exp")
+    plant(aten.sin.default, name="planted_sin")
     low.report = check_graph(gm, "lowered")
     (v,) = low.report.errors
-    assert (v.rule, v.severity, v.node) == ("unsupported_op", "error", "planted_exp")
-    assert (v.op, v.module, v.shape) == ("aten.exp.default", "planted.module", [1, 128, 1, 8])
+    assert (v.rule, v.severity, v.node) == ("unsupported_op", "error", "planted_sin")
+    assert (v.op, v.module, v.shape) == ("aten.sin.default", "planted.module", [1, 128, 1, 8])
     # refused before conversion starts, naming the node; nothing is written
-    with pytest.raises(AnefxGraphError, match="first: unsupported_op at planted_exp"):
+    with pytest.raises(AnefxGraphError, match="first: unsupported_op at planted_sin"):
         emit(low, tmp_path / "m.mlpackage")
     assert not list(tmp_path.iterdir())
     # an op another rule reports keeps that rule: the new one adds to it
