@@ -1,7 +1,7 @@
 """Benchmark: decode speed of the lowered stateful graphs vs transformers' generate, same weights.
 
     .venv/bin/python benchmarks/decode.py --preset qwen3-0.6b [--context 512] [--batch 64]
-        [--tokens 32] [--prompt-len 16] [--bandwidth-gb-s 100] [--dtype float16]
+        [--tokens 32] [--prompt-len 16] [--dtype float16]
 
 One process, one model: the preset is loaded once with seeded random weights, and the same
 object is lowered (``lower_decoder``) and run by transformers. Both sides produce --tokens new
@@ -16,15 +16,8 @@ tokens - 1 each from one decode step, and only those steps are timed:
   decode steps including generate's per-token overhead (after one untimed warm-up call). A
   manual ``past_key_values`` loop is timed too (``hf_loop_tok_s``): the forward passes alone.
 
-``bytes_per_token`` is what one decode step of the Core ML decode function reads, counted on
-the lowered decode graph, which the emitter translates one-to-one (each fx constant becomes one
-fp16 MIL const, each state one fp16 Core ML state): every constant once (identical views once;
-the tied LM head slices are distinct views of the embedding storage and each is read), except
-a table that is only gathered from (the token embedding), of which one row per token is read;
-plus the whole KV cache (every state, fp16: the one-hot cache update and the attention read all
-context slots every step; the update writes them all again, reported as ``kv_write_bytes`` and
-not counted). ``est_ane_tok_s`` = bandwidth / bytes_per_token is an ESTIMATE of a
-memory-bound decoder on an Apple chip, not a measurement (no ANE here).
+What a decode step would move on the ANE and the tokens/s that allows are not counted here: the
+one cost model reads them off the emitted package (``anefx cost``, ``benchmarks/cost.py``).
 
 Printed: a readable summary, then as the LAST line one JSON object with the numbers.
 """
@@ -33,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -53,69 +45,6 @@ def load(preset: str, dtype_name: str, seed: int):
     t0 = time.perf_counter()
     loaded = load_model(f"preset:{preset}", dtype=getattr(torch, dtype_name), seed=seed)
     return loaded.model, time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------------------------------------
-# bytes per decode step
-
-
-def _gather_rows(const_node, users) -> int | None:
-    """Rows read per call if CONST_NODE is only ever a gathered table, else None."""
-    import torch
-
-    aten = torch.ops.aten
-    rows = 0
-    for u in users:
-        if u.target is aten.embedding.default and u.args[0] is const_node:
-            idx = u.args[1]
-        elif u.target is aten.index_select.default and u.args[0] is const_node:
-            idx = u.args[2]
-        else:
-            return None
-        val = idx.meta.get("val") if hasattr(idx, "meta") else None
-        rows += val.numel() if val is not None else 1
-    return rows
-
-
-def decode_bytes(low) -> dict:
-    """Bytes one call of the lowered (decode) graph reads from memory, as the fp16 package."""
-    import torch
-
-    gm = low.graph_module
-    seen: set = set()
-    weights = gathered = tables = 0
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        t = gm
-        for part in node.target.split("."):
-            t = getattr(t, part)
-        if not isinstance(t, torch.Tensor):
-            continue
-        try:
-            base = t.untyped_storage().data_ptr()
-        except Exception:  # no storage (meta): count by name
-            base = node.target
-        key = (base, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if key in seen:
-            continue
-        seen.add(key)
-        elem = PACKAGE_ELEM_BYTES if t.is_floating_point() else min(t.element_size(), 4)
-        rows = _gather_rows(node, list(node.users)) if node.users else None
-        if rows is not None and t.dim() >= 1:
-            gathered += rows * (t.numel() // t.shape[0]) * elem
-            tables += t.numel() * elem
-        else:
-            weights += t.numel() * elem
-    kv = sum(math.prod(s.shape) for s in low.states) * PACKAGE_ELEM_BYTES
-    return {
-        "weight_bytes": weights,  # read whole every step
-        "gathered_bytes": gathered,  # rows of gathered tables (the embedding row)
-        "gathered_table_bytes": tables,  # size of those tables, mostly not read
-        "kv_read_bytes": kv,
-        "kv_write_bytes": kv,
-        "bytes_per_token": weights + gathered + kv,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,11 +123,10 @@ def _leading_equal(a: list[int], b: list[int]) -> int:
 # report
 
 
-def summarise(args, load_s, lower_s, dec, a, h, nbytes) -> dict:
+def summarise(args, load_s, lower_s, dec, a, h) -> dict:
     steps = args.tokens - 1
     anefx_tok_s = steps / a["decode_s"]
     hf_tok_s = steps / h["decode_s"]
-    bpt = nbytes["bytes_per_token"]
     return {
         "preset": args.preset,
         "context": args.context,
@@ -218,14 +146,6 @@ def summarise(args, load_s, lower_s, dec, a, h, nbytes) -> dict:
         "anefx_prefill_s": round(a["prefill_s"], 2),
         "hf_prefill_s": round(h["prefill_s"], 2),
         "tokens_match": _leading_equal(a["tokens"], h["tokens"]),
-        "bytes_per_token": bpt,
-        "bytes_per_token_source": "lowered decode graph (fp16 consts + fp16 states)",
-        "weight_bytes_per_token": nbytes["weight_bytes"] + nbytes["gathered_bytes"],
-        "kv_read_bytes": nbytes["kv_read_bytes"],
-        "kv_write_bytes": nbytes["kv_write_bytes"],
-        "embedding_table_bytes": nbytes["gathered_table_bytes"],
-        "bandwidth_gb_s": args.bandwidth_gb_s,
-        "est_ane_tok_s": round(args.bandwidth_gb_s * 1e9 / bpt, 2),
         "load_s": round(load_s, 2),
         "lower_s": round(lower_s, 2),
         "lower_stage_s": {
@@ -237,9 +157,7 @@ def summarise(args, load_s, lower_s, dec, a, h, nbytes) -> dict:
 
 
 def render(rec: dict) -> str:
-    mb = lambda b: f"{b / 1e6:,.1f} MB"
     steps = rec["decode_steps"]
-    with_writes = rec["bandwidth_gb_s"] * 1e9 / (rec["bytes_per_token"] + rec["kv_write_bytes"])
     return "\n".join(
         [
             f"decode speed: {rec['preset']}, {rec['dtype']} random weights (seed {rec['seed']}), "
@@ -258,16 +176,7 @@ def render(rec: dict) -> str:
             "(manual past_key_values loop, no generate overhead)",
             f"    anefx / transformers = {rec['ratio']:.3f}; greedy tokens equal for the first "
             f"{rec['tokens_match']} of {rec['tokens']}",
-            "",
-            "  bytes read per decode step (Core ML decode function, fp16; from the lowered graph)",
-            f"    weights                    {mb(rec['weight_bytes_per_token']):>14}   "
-            f"(embedding table {mb(rec['embedding_table_bytes'])}: one row read)",
-            f"    KV cache (all states)      {mb(rec['kv_read_bytes']):>14}   "
-            f"(and {mb(rec['kv_write_bytes'])} written back; not counted)",
-            f"    total                      {mb(rec['bytes_per_token']):>14}",
-            f"  ESTIMATE, not a measurement: at {rec['bandwidth_gb_s']:g} GB/s memory bandwidth "
-            f"(--bandwidth-gb-s) a memory-bound decode step would reach about "
-            f"{rec['est_ane_tok_s']:.1f} tok/s ({with_writes:.1f} tok/s counting the KV writes)",
+            "  (bytes per step and the ANE ESTIMATE: anefx cost / benchmarks/cost.py)",
         ]
     )
 
@@ -291,12 +200,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tokens", type=int, default=32, help="new tokens per side (default 32)")
     p.add_argument("--prompt-len", type=int, default=16, help="random prompt length (16)")
-    p.add_argument(
-        "--bandwidth-gb-s",
-        type=float,
-        default=100.0,
-        help="memory bandwidth for the ANE estimate (default 100, an M-series-like figure)",
-    )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -335,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
     a = run_anefx(dec, prompt, args.tokens)
     h = run_hf(model, prompt, args.tokens)
-    rec = summarise(args, load_s, lower_s, dec, a, h, decode_bytes(dec.decode))
+    rec = summarise(args, load_s, lower_s, dec, a, h)
     print(render(rec))
     print(json.dumps(rec))
     return 0

@@ -86,10 +86,10 @@ def test_decode_benchmark_tiny() -> None:
     # fp32 on both sides: the lowered graphs and transformers must pick the same greedy tokens
     rec = _last_json(
         [str(DECODE), "--preset", "qwen3-tiny", "--context", "64", "--batch", "8"]
-        + ["--tokens", "6", "--prompt-len", "5", "--dtype", "float32", "--bandwidth-gb-s", "50"]
+        + ["--tokens", "6", "--prompt-len", "5", "--dtype", "float32"]
     )
     for key in (
-        "anefx_tok_s", "hf_tok_s", "ratio", "bytes_per_token", "est_ane_tok_s", "bandwidth_gb_s",
+        "anefx_tok_s", "hf_tok_s", "ratio",
         "preset", "context", "batch", "tokens", "dtype",
     ):  # fmt: skip
         assert key in rec, key
@@ -102,14 +102,6 @@ def test_decode_benchmark_tiny() -> None:
         rec["ratio"], rec["anefx_tok_s"] / rec["hf_tok_s"], rel_tol=0.01, abs_tol=1e-3
     )
     assert rec["tokens_match"] == 6
-    # tiny: 2 layers x (K and V) x 2 kv heads x 64 slots x head_dim 32, fp16 in the package
-    assert rec["kv_read_bytes"] == 2 * 2 * 2 * 64 * 32 * 2
-    assert rec["embedding_table_bytes"] == 512 * 64 * 2  # gathered: one row per token
-    # the tied LM head reads the whole table; the weights of the two layers come on top
-    assert rec["weight_bytes_per_token"] > rec["embedding_table_bytes"]
-    assert rec["bytes_per_token"] == rec["weight_bytes_per_token"] + rec["kv_read_bytes"]
-    assert rec["bandwidth_gb_s"] == 50
-    assert math.isclose(rec["est_ane_tok_s"], 50e9 / rec["bytes_per_token"], rel_tol=1e-3)
 
 
 def test_structural_benchmark_repeats_layers_and_matches_the_full_export() -> None:
