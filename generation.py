@@ -95,21 +95,49 @@ class StopReason:
         return self.kind
 
 
+# Snapshots of the carried states a Session keeps for rewinding (one per prompt fed; the
+# oldest are dropped beyond this, and a rewind before the kept ones re-feeds from the start).
+MAX_SNAPSHOTS = 16
+
+
 class Session:
-    """The KV cache of one conversation, and generation on top of it."""
+    """The states of one conversation (KV cache, and a hybrid's conv and recurrent states),
+    and generation on top of them.
+
+    A KV cache can be rewritten and rewound: a slot holds one token's rows, whatever came
+    after it. A recurrent state cannot (it folds in every token fed; feeding a token again
+    applies it twice), so with carried states (``Signature.carried``) a call never starts
+    before the position, a prefill that would pass the end of the context becomes single
+    decode steps, and :meth:`rewind` restores a snapshot taken when a prompt was fed and feeds
+    the tokens after it again."""
 
     def __init__(self, decoder: Decoder):
         self.decoder = decoder
         self.reset()
 
+    @property
+    def recurrent(self) -> bool:
+        """The decoder carries states that fold in every token (a hybrid's)."""
+        return bool(self.decoder.decode.signature.carried)
+
     def reset(self) -> None:
-        """Forget everything: an empty (zeroed) cache at position 0."""
+        """Forget everything: empty (zeroed) states at position 0."""
         d = self.decoder.decode
         self.states = [torch.zeros(s.shape, dtype=d.dtype) for s in d.signature.states]
         self.tokens: list[int] = []  # the ids in the cache, in order
         self._pending: int | None = None  # last generated token, not yet in the cache
         self._last_logits: torch.Tensor | None = None
         self.stop_reason: StopReason | None = None  # of the last generation
+        self._snapshots: dict[int, list[torch.Tensor]] = {}  # position -> carried states
+
+    def _snapshot(self) -> None:
+        """Keep the carried states at the current position (for :meth:`rewind`)."""
+        if not self.recurrent or self.position in self._snapshots:
+            return
+        carried = [i for i, s in enumerate(self.decoder.decode.signature.states) if s.carried]
+        self._snapshots[self.position] = [self.states[i].clone() for i in carried]
+        while len(self._snapshots) > MAX_SNAPSHOTS:
+            del self._snapshots[min(self._snapshots)]
 
     @property
     def position(self) -> int:
@@ -123,8 +151,28 @@ class Session:
         at its position reads it."""
         if not 0 <= keep <= self.position:
             raise AnefxInputError(f"cannot keep {keep} tokens of a cache holding {self.position}")
+        if self.recurrent and keep < self.position:
+            self._rewind_recurrent(keep)
+            return
         del self.tokens[keep:]
         self._pending = None
+        self._last_logits = None
+
+    def _rewind_recurrent(self, keep: int) -> None:
+        """Carried states: back to the latest snapshot at or before KEEP (else the start),
+        then the tokens between it and KEEP fed again."""
+        kept = self.tokens[:keep]
+        at = max((p for p in self._snapshots if p <= keep), default=0)
+        snapshots = {p: v for p, v in self._snapshots.items() if p <= at}
+        self.reset()
+        if at:
+            self.tokens = kept[:at]
+            carried = [i for i, s in enumerate(self.decoder.decode.signature.states) if s.carried]
+            for i, value in zip(carried, snapshots[at], strict=True):
+                self.states[i] = value.clone()
+        self._snapshots = snapshots
+        if keep > at:
+            self.feed_all(kept[at:])
         self._last_logits = None
 
     def _call(self, low: Lowered, ids: list[int]) -> torch.Tensor:
@@ -136,7 +184,8 @@ class Session:
         # a call writes its S slots from its first position (the padding's after the real
         # tokens'): a call that would pass the end of the cache starts earlier instead, feeding
         # again the cached tokens before IDS, which rewrites their slots with the same rows
-        start = min(self.position, ctx - s)
+        # (never with carried states: feed_all gives them single steps there)
+        start = self.position if self.recurrent else min(self.position, ctx - s)
         again = self.tokens[start : self.position]
         fed = again + ids
         pos = list(range(start, start + len(fed))) + [ctx] * (s - len(fed))  # pads: at ctx
@@ -161,7 +210,10 @@ class Session:
         i = 0
         while i < len(ids):
             rest = len(ids) - i
-            if rest == 1:
+            # with carried states a prefill may not start before the position, so one whose
+            # slots would pass the end of the context is fed as single steps
+            past_end = self.recurrent and self.position + d.batch > d.context
+            if rest == 1 or past_end:
                 parts.append(self._call(d.decode, ids[i : i + 1]))
                 i += 1
             else:
@@ -190,7 +242,9 @@ class Session:
         todo = ([self._pending] if self._pending is not None else []) + list(input_ids or [])
         self._pending = None
         if todo:
+            self._snapshot()  # a turn's start: where a chat rewinds to
             self.feed(todo)
+            self._snapshot()
         if self._last_logits is None:
             raise AnefxInputError("nothing to continue from: give input_ids")
         context = self.decoder.context

@@ -102,11 +102,19 @@ class Output(TensorSpec):
 
 @dataclass(frozen=True)
 class State:
-    """A Core ML state: read at the start of a call, written in place (the KV cache).
+    """What a call reads and leaves for the next call.
 
     ``kind`` is "key" or "value" (one layer's cache, ``layers`` holds that layer), or "kv" for
     the packed state of a program (:func:`pack_states`: one row per layer's K or V along its
-    leading axis, ``layers`` the layer of each row, K before V)."""
+    leading axis, ``layers`` the layer of each row, K before V); "conv" or "recurrent" for a
+    linear-attention layer's conv inputs and delta-rule state.
+
+    A state is held on the device as a Core ML state, written in place (the KV cache), unless
+    it is ``carried``: then the program takes it as an input and returns its new value as an
+    output, and the runtime hands it to the next call (what CoreML-LLM ships for Qwen3.5's
+    conv and recurrent states: a program runs on the ANE with one state, not three). In the
+    graph both are the same: a placeholder after the inputs, its new value an output after
+    the outputs."""
 
     name: str
     kind: str
@@ -114,11 +122,24 @@ class State:
     shape: tuple[int, ...]
     dtype: str = "float16"
     axes: tuple[str, ...] = ("B", "H", "T", "D")
+    carried: bool = False
 
     @property
-    def context(self) -> int:
-        """The positions the state holds."""
-        return self.shape[self.axes.index("T")]
+    def context(self) -> int | None:
+        """The positions the state holds (None for a state of fixed size: conv, recurrent)."""
+        return self.shape[self.axes.index("T")] if "T" in self.axes else None
+
+
+# State kinds: held in place (a KV cache, and the packed state of a program) or carried.
+STATE_KINDS = ("key", "value", "kv", "conv", "recurrent")
+CARRIED_KINDS = ("conv", "recurrent")
+CARRIED_SUFFIX = "_out"
+
+
+def carried_output(state: State) -> str:
+    """The output a program returns a carried STATE's new value as (its input is the state's
+    name; Core ML features need distinct names)."""
+    return f"{state.name}{CARRIED_SUFFIX}"
 
 
 # The axis along which a program's states are stacked into its one Core ML state: one row per
@@ -129,8 +150,10 @@ PACKED_AXIS = "KV"
 def pack_states(states: tuple[State, ...]) -> tuple[State, ...]:
     """The states a program holds on the device for STATES: one, every state a row of it along
     a leading axis (each state's own leading axis has size 1), in STATES' order; no states, none.
-    States that cannot share one tensor (shapes, dtypes or layouts that differ) are returned as
-    they are: the rule ``state_count`` then reports the program."""
+    Carried states are not held (they are inputs and outputs). States that cannot share one
+    tensor (shapes, dtypes or layouts that differ) are returned as they are: the rule
+    ``state_count`` then reports the program."""
+    states = tuple(s for s in states if not s.carried)
     if not states:
         return ()
     first = states[0]
@@ -209,8 +232,13 @@ class Signature:
 
     @property
     def context(self) -> int | None:
-        """The context of the states (None for a stateless graph)."""
-        return self.states[0].context if self.states else None
+        """The context of the states (None for a graph without a KV cache)."""
+        return next((s.context for s in self.states if s.context is not None), None)
+
+    @property
+    def carried(self) -> tuple[State, ...]:
+        """The states the program takes as inputs and returns as outputs."""
+        return tuple(s for s in self.states if s.carried)
 
     def replace(self, **changes: Any) -> Signature:
         return dataclasses.replace(self, **changes)
@@ -246,6 +274,7 @@ class Signature:
                     "shape": list(s.shape),
                     "dtype": s.dtype,
                     "axes": list(s.axes),
+                    **({"carried": True} if s.carried else {}),
                 }
                 for s in self.states
             ],
@@ -285,6 +314,7 @@ class Signature:
                     tuple(d["shape"]),
                     d["dtype"],
                     tuple(d["axes"]),
+                    bool(d.get("carried", False)),
                 )
                 for d in doc["states"]
             ),

@@ -17,6 +17,7 @@ from anefx.lowering.pass_manager import PassLog, pipeline_stats, run_pipeline
 from anefx.lowering.pipeline import build_pipeline
 from anefx.lowering.shape_prop import propagate_shapes
 from anefx.models.capture import capture, causal_mask
+from anefx.models.families import known_family
 
 SUPPORTED_DTYPES = (torch.float16, torch.float32)
 
@@ -160,6 +161,10 @@ def lower(
     stats.update(pipeline_stats(gm, steps))
     if context:
         stats["context"] = context
+    family = known_family(config)
+    substituted = family.substitutions if family else ()
+    if substituted:  # what capture computed with its own code in place of transformers'
+        stats["substitutions"] = list(substituted)
     report = check_graph(gm, "lowered", stats)
     seconds["check"] = time.perf_counter() - t0 - log.seconds
     return Lowered(

@@ -124,12 +124,16 @@ class Report:
         for u in (moe or {}).get("unmatched", []):
             lines.append(f"  {'moe':<15} {u['module']} not densified: {u['reason']}")
         states = self.stats.get("states") or []
-        if states:
-            shapes = sorted({"x".join(map(str, st["shape"])) for st in states})
-            lines.append(
-                f"  {'states':<15} {len(states)} x ({', '.join(shapes)}) "
-                f"{states[0]['dtype'].replace('torch.', '')}: the KV cache"
-            )
+        for carried, what in ((False, "the KV cache"), (True, "carried as inputs/outputs")):
+            mine = [st for st in states if bool(st.get("carried")) == carried]
+            if mine:
+                shapes = sorted({"x".join(map(str, st["shape"])) for st in mine})
+                lines.append(
+                    f"  {'states':<15} {len(mine)} x ({', '.join(shapes)}) "
+                    f"{mine[0]['dtype'].replace('torch.', '')}: {what}"
+                )
+        for text in self.stats.get("substitutions") or []:
+            lines.append(f"  {'substituted':<15} {text}")
         lines.append("")
         if not self.violations:
             lines.append("  no violations: every op fits the ANE rules")
@@ -285,6 +289,8 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
             )
         )
     for st in states:
+        if st.get("carried"):  # an input and an output, not a Core ML state
+            continue
         shape = tuple(st["shape"])
         bad = [d for d in shape[-2:] if d % rules.STATE_ALIGN]
         if bad:
@@ -462,6 +468,7 @@ def check_graph(gm: fx.GraphModule, stage: str, stats: dict | None = None) -> Re
     if has_signature(gm) and signature_of(gm).states:
         base["states"] = [
             {"name": s.name, "shape": list(s.shape), "dtype": s.dtype}
+            | ({"carried": True} if s.carried else {})
             for s in signature_of(gm).states
         ]
         base["program_states"] = len(pack_states(signature_of(gm).states))

@@ -232,7 +232,9 @@ def diff(
     say(f"transformers: the hidden states of {cfg.num_hidden_layers + 3} stages")
     ref = reference_stages(model, ids_t)
     names = stage_modules(cfg)
-    stages = ["embedding", *names[1:-2], "final norm", "logits"]
+    kinds = family_of(cfg).layer_kinds(cfg)  # a hybrid's layers say which kind they are
+    layers = [f"{n} ({k})" if k else n for n, k in zip(names[1:-2], kinds, strict=True)]
+    stages = ["embedding", *layers, "final norm", "logits"]
     thresholds = {**DEFAULT_MIN_PSNR, **(min_psnr or {})}
     result = DiffResult(str(model_spec), seq, stages)
     for i, dtype in enumerate(dtypes):

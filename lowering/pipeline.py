@@ -40,9 +40,35 @@ def build_pipeline(
             table_len=table_len,
         ),
         _step(
+            "fold_constants",
+            "after the position tables (computed from positions, not constants alone) and "
+            "before the matchers: a zero-centred norm's (1 + w) is then a constant weight, a "
+            "conv weight a constant, a delta rule without a state has no zero-state arithmetic",
+        ),
+        _step(
+            "split_to_slices",
+            "before the passes that read slices: a split is a tuple of values the emitter has "
+            "no op for, an integer index a slice plus a reshape",
+        ),
+        _step(
+            "split_sliced_linears",
+            "after split_to_slices (the query/gate chunk is then slices) and before "
+            "linear_to_conv2d: the linear is split by its weight rows, not its activations",
+        ),
+        _step(
+            "sdpa_to_matmul",
+            "before limit_rank, which folds the GQA repeat into the matmuls this writes, and "
+            "before the dtype pass, which folds the softmax into the compute dtype",
+        ),
+        _step(
             "rms_norm_to_layer_norm",
             "before the dtype pass: the RMSNorm pattern includes transformers' fp32 casts, and "
             "matching is simplest on the logical (1, S, C) layout",
+        ),
+        _step(
+            "l2_norm_to_layer_norm",
+            "after rms_norm_to_layer_norm, which leaves (and reports) every rsqrt that is no "
+            "RMSNorm: the L2 norms are among them",
         ),
         _step(
             "cast_to_compute_dtype",
@@ -51,13 +77,32 @@ def build_pipeline(
             dtype=dtype,
         ),
         _step(
+            "repeat_interleave_to_expand",
+            "before limit_rank and the layout work: the head repeat becomes rank-4 views",
+        ),
+        _step(
             "limit_rank",
             "before layout work: the layout sweep and the emitter handle rank <= 4 only",
+        ),
+        _step(
+            "views_to_reshape",
+            "after limit_rank, which reads the GQA repeat's unsqueeze: squeeze and unsqueeze "
+            "then reach the layout sweep as reshapes",
+        ),
+        _step(
+            "unflatten_rows",
+            "after the norm rewrites (the gated norm is then a layer_norm along its rows) and "
+            "before the layout sweep, which then carries (tokens, heads) without a transpose",
         ),
         _step(
             "linear_to_conv2d",
             "after the graph is rank <= 4 and norm-free of pow/rsqrt: introduces the (B, C, 1, S) "
             "convs with explicit layout changes around each",
+        ),
+        _step(
+            "conv1d_to_conv2d",
+            "after linear_to_conv2d, before the layout sweep: the depthwise conv joins the 1x1 "
+            "convs on the (B, C, 1, S) layout the sweep carries",
         ),
         _step(
             "sink_layout_changes",

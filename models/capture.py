@@ -23,8 +23,7 @@ import torch.fx as fx
 
 from anefx.core.signature import Input, Output, Role, Signature, set_signature
 from anefx.errors import AnefxInputError
-from anefx.models.families import family_of
-from anefx.models.kv_cache import cache_name
+from anefx.models.families import family_of, known_family
 from anefx.models.limits import MAX_STATE_BYTES
 from anefx.models.repeat_layers import (
     RepeatError,
@@ -94,12 +93,14 @@ class StatefulWrapper(torch.nn.Module):
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, causal_mask: torch.Tensor
     ) -> torch.Tensor:
+        cache = self.family.cache(self, position_ids)
         out = self.m(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=causal_mask,
-            past_key_values=self.family.cache(self, position_ids),
+            past_key_values=cache,
             use_cache=True,
+            **cache.model_kwargs(),
         )
         return out.logits
 
@@ -237,13 +238,30 @@ def _export(
     wrapper = PrefillWrapper(model) if context is None else StatefulWrapper(model, context)
     t0 = time.perf_counter()
     table_len = context or seq_len
-    with torch.no_grad(), _grouped_mm_experts(model), _fixed_dynamic_rope(model, table_len):
+    family = known_family(getattr(model, "config", None))
+    substitute = family.capture_context(model) if family else contextlib.nullcontext()
+    with (
+        torch.no_grad(),
+        _grouped_mm_experts(model),
+        _fixed_dynamic_rope(model, table_len),
+        substitute,
+    ):
         ep = torch.export.export(wrapper, args, strict=False)
     seconds["export"] = seconds.get("export", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     ep = ep.run_decompositions({})
     seconds["decompose"] = seconds.get("decompose", 0.0) + time.perf_counter() - t0
     return unlift(ep)
+
+
+def _layer_states(model: torch.nn.Module):
+    """layer -> the names of that layer's states, in the family's call order."""
+    specs = family_of(model.config).states(model.config, 1, "float32")
+
+    def names(layer: int) -> list[str]:
+        return [s.name for s in specs if s.layers == (layer,)]
+
+    return names
 
 
 def capture(
@@ -276,7 +294,7 @@ def capture(
             gm, states = _export(model, seq_len, meta, context, seconds)
         t0 = time.perf_counter()
         try:
-            states = repeat_layers(gm, model, k, cache_name, attr_name, states)
+            states = repeat_layers(gm, model, k, _layer_states(model), attr_name, states)
             seconds["repeat"] = time.perf_counter() - t0
         except RepeatError:
             # a structure the repetition does not cover: export every layer
@@ -349,12 +367,14 @@ def unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str]]
         for spec in sig.output_specs
         if spec.kind == OutputKind.BUFFER_MUTATION
     }
-    lifted, states = {}, {}
+    lifted, states, made = {}, {}, set()
     for spec in sig.input_specs:
         if spec.kind == InputKind.BUFFER and spec.target in mutated:
             states[spec.arg.name] = spec.target  # a KV cache: stays an input (Core ML state)
         elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             lifted[spec.arg.name] = spec.target
+            if spec.kind == InputKind.CONSTANT_TENSOR:
+                made.add(spec.arg.name)  # a tensor the model's code made, not a weight
 
     root = torch.nn.Module()
     graph = fx.Graph()
@@ -372,6 +392,8 @@ def unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str]]
             new.meta["anefx_param"] = (
                 target[len(_WRAPPER_PREFIX) :] if target.startswith(_WRAPPER_PREFIX) else target
             )
+            if node.name in made:
+                new.meta["anefx_lifted"] = True
             env[node] = new
         elif node.op == "output":
             user = [

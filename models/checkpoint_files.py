@@ -57,12 +57,19 @@ class TensorEntry:
     offset: int = 0  # absolute byte offset of the data in the file
     nbytes: int = 0  # bytes of the data as stored
     real: Path | None = field(default=None, compare=False)  # the resolved file, opened to read
+    # its name in the file, when the model knows it by another (a nested layout's text tensor,
+    # `model.language_model.*` as `model.*`); None: the same name
+    stored: str | None = field(default=None, compare=False)
 
     @property
     def path(self) -> Path:
         """The file to open: the resolved one, so a symlink swapped after the check is not
         followed again."""
         return self.real or self.file
+
+    def name_in_file(self, name: str) -> str:
+        """The name to read this tensor by, NAME being the model's name for it."""
+        return self.stored or name
 
 
 def one_line(text: object) -> str:

@@ -11,6 +11,7 @@ padded prefill slot leaves untouched. Generic code asks the family; nothing else
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,22 @@ class PadRule:
 
     kinds: tuple[str, ...]
     axis: str = "T"
+
+
+@dataclass(frozen=True)
+class Nested:
+    """A published layout nesting a family's text model in a larger one (vision-language): its
+    config's `model_type`, the key of the text config inside it, the fields the outer config
+    decides for the text model, and the prefix its text tensors carry instead of the family's."""
+
+    model_type: str  # the outer config's `model_type`
+    config_class: str  # transformers' class of the outer config (the defaults of its fields)
+    text_key: str  # where the text model's config sits in the outer one
+    # fields the outer config decides (its value, else its class default), as the outer
+    # model class reads them (tying: the head of the outer model)
+    outer_fields: tuple[str, ...]
+    stored_prefix: str  # the text model's tensors as stored ("model.language_model.")
+    model_prefix: str  # ... and as the family's model names them ("model.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +105,36 @@ class Family:
     head_path: str = "lm_head"
     # modules inside a decoder layer whose weights stay dense when palettizing (a router)
     dense_in_layer: tuple[str, ...] = ()
+    # what capture changes in the stock model while exporting it, undone afterwards: (model) ->
+    # a context manager (a function of transformers' that is no ANE material swapped for an
+    # equivalent one, as capture does for mixture-of-experts blocks); its `substitutions`
+    # names each for the report
+    capture_context: Callable[[Any], contextlib.AbstractContextManager] = lambda model: (
+        contextlib.nullcontext()
+    )
+    substitutions: tuple[str, ...] = ()
+    # what kind each decoder layer is, for reports (diff): config -> a label per layer ("" when
+    # every layer is alike)
+    layer_kinds: Callable[[Any], list[str]] = lambda config: [""] * config.num_hidden_layers
+    # The family rotates only part of each head (`partial_rotary_factor` below 1, in
+    # rope_parameters): the loader accepts a factor in (0, 1] whose rotated width is even
+    # (every other family's is refused: their tables span the head)
+    partial_rotary: bool = False
+    # family-specific checks of a config dict, after the shared ones (types, bounds, per-layer
+    # list lengths): (config dict) -> why it is refused, naming the field (None: accepted)
+    check_config: Callable[[Mapping[str, Any]], str | None] = lambda raw: None
+    # published layouts that nest the family's text model in a larger (vision-language) one,
+    # read as the text model alone
+    nested: tuple[Nested, ...] = ()
+    # stored tensors the text model does not use, by name prefix: (prefix, what they are);
+    # left out of loading and inference, and said once with their count
+    dropped_tensors: tuple[tuple[str, str], ...] = ()
+    # the decoder layers whose token mixer is a linear attention, not an attention block:
+    # (config dict) -> (how many, the parameters of their mixers in all); (0, 0) when every
+    # layer attends (the parameter count gives every other layer an attention block)
+    linear_attention: Callable[[Mapping[str, Any]], tuple[int, int]] = lambda config: (0, 0)
+    # rows `anefx inspect` adds to say the family's own structure: (config) -> {row: text}
+    describe: Callable[[Any], dict[str, str]] = lambda config: {}
 
     def config_cls(self) -> type:
         """The transformers config class (imported on first use: families load without it)."""
@@ -100,6 +147,21 @@ class Family:
         import transformers
 
         return getattr(transformers, self.model_class)
+
+    def model_name(self, stored: str) -> str:
+        """The name the family's text model gives stored tensor STORED: a nested layout's
+        prefix replaced by the model's own (any other name as it is)."""
+        for layout in self.nested:
+            if stored.startswith(layout.stored_prefix):
+                return layout.model_prefix + stored[len(layout.stored_prefix) :]
+        return stored
+
+    def dropped_as(self, stored: str) -> str | None:
+        """What stored tensor STORED is, with its prefix, when the text model does not use it
+        ("of the vision tower (model.visual.*)"; None: it may)."""
+        return next(
+            (f"{what} ({p}*)" for p, what in self.dropped_tensors if stored.startswith(p)), None
+        )
 
     @cached_property
     def _layer_pattern(self) -> re.Pattern[str]:

@@ -3,8 +3,11 @@
 A folder of `*.safetensors` without config.json still tells most of its config: the family
 (each family recognises its own tensors: models/families/), the layer count, hidden and
 vocabulary sizes, and what the family's own rule reads (head_dim, heads and KV heads, the MLP
-and expert widths, which layers are sparse), tying and the dtype. What shapes cannot tell comes
-from the family's defaults, and one ConfigDefaultsWarning names every field so filled in.
+and expert widths, which layers are sparse, a hybrid's layer kinds), tying and the dtype. What
+shapes cannot tell comes from the family's defaults, and one ConfigDefaultsWarning names every
+field so filled in. Each family reads the tensors as its text model names them
+(`text_tensors`: a published vision-language layout's text tensors renamed, its vision tower
+left out).
 """
 
 from __future__ import annotations
@@ -76,6 +79,52 @@ class InferredConfig:
         )
 
 
+@dataclass
+class TextTensors:
+    """A checkpoint's tensors as a family's text model names them."""
+
+    tensors: Mapping[str, Any]  # model name -> what the header says (the checkpoint's entry)
+    stored: dict[str, str]  # model name -> name in the file, for each renamed tensor
+    dropped: dict[str, int]  # what the text model does not use -> how many tensors
+
+    def note(self, where: str) -> str | None:
+        """The one line saying what was left out (None: nothing)."""
+        if not self.dropped:
+            return None
+        parts = ", ".join(f"{count} {what}" for what, count in self.dropped.items())
+        return (
+            f"{where}: reading the text model; skipping {sum(self.dropped.values())} stored "
+            f"tensors it does not use ({parts})"
+        )
+
+
+def text_tensors(family: Family, tensors: Mapping[str, Any], where: str) -> TextTensors:
+    """TENSORS (name -> header entry) as FAMILY's text model names them: a nested layout's
+    (family.nested) renamed, those it does not use (family.dropped_tensors) left out and
+    counted. A family with neither gets TENSORS as they are. Two stored tensors naming the same
+    model tensor are an AnefxInputError naming WHERE and both."""
+    if not family.nested and not family.dropped_tensors:
+        return TextTensors(tensors, {}, {})
+    view: dict[str, Any] = {}
+    stored: dict[str, str] = {}
+    dropped: Counter[str] = Counter()
+    for name, entry in tensors.items():
+        what = family.dropped_as(name)
+        if what is not None:
+            dropped[what] += 1
+            continue
+        model = family.model_name(name)
+        if model in view:
+            first = stored.get(model, model)
+            raise AnefxInputError(
+                f"{where}: tensors '{first}' and '{name}' are both the text model's '{model}'"
+            )
+        view[model] = entry
+        if model != name:
+            stored[model] = name
+    return TextTensors(view, stored, dict(dropped))
+
+
 def _decoder_layers(
     where: str, tensors: Mapping[str, Tensor], family: Family
 ) -> dict[int, dict[str, Tensor]]:
@@ -112,13 +161,15 @@ def recognise(
 
     A layout some family refuses, no family recognising the tensors, or two tying for the top
     score are AnefxInputErrors naming WHERE."""
-    layouts: dict[tuple[str, str], dict | AnefxInputError] = {}
+    layouts: dict[tuple, dict | AnefxInputError] = {}
     candidates = []
     for family in families.values():
-        key = (family.embed_path, family.layers_path)
+        # each family reads the tensors as its text model names them (a nested layout's)
+        key = (family.embed_path, family.layers_path, family.nested, family.dropped_tensors)
         if key not in layouts:
+            view = text_tensors(family, tensors, where).tensors  # two names for one: an error
             try:
-                layouts[key] = _decoder_layers(where, tensors, family)
+                layouts[key] = _decoder_layers(where, view, family)
             except AnefxInputError as exc:
                 layouts[key] = exc
         if not isinstance(layouts[key], AnefxInputError):
@@ -147,6 +198,7 @@ def recognise(
 def infer_from_tensors(tensors: Mapping[str, Tensor], where: str) -> InferredConfig:
     """Infer a config dict from tensor names -> (dtype, shape); `where` names the checkpoint."""
     family, layers = recognise(where, tensors)
+    tensors = text_tensors(family, tensors, where).tensors
     r = ShapeReader(where, tensors, family.layers_path, layers)
     vocab, hidden = r.get(f"{family.embed_path}.weight", 2)
     r.fields.update(

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 from anefx.models import load
+from anefx.models.families import family_of
 from anefx.progress import Progress, quiet
 
 _TORCH_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -35,8 +36,12 @@ def inspect_model(spec: str | os.PathLike[str], progress: Progress | None = None
     `_config` ("config.json", "preset" or "inferred"), `_declared` / `_inferred` (field names),
     `_defaulted` (field -> value from DEFAULTS), `_reasons`, `_parameters` (tied weights
     counted once), `_active_parameters`, `_weight_bytes` and `_weight_bytes_by_dtype` (of the
-    stored tensors; for a preset, of its parameters in its dtype) and `_tensors`. Headers and
-    the meta device only: no weight is read or allocated.
+    stored tensors the model reads; for a preset, of its parameters in its dtype) and
+    `_tensors`. A family's own rows (`Family.describe`: a hybrid's layer kinds and heads) come
+    first, are named in `_derived` and listed with the fields they restate (`_declared` or
+    `_inferred`); `_notes` says what loading leaves out (a vision tower's tensors), when it
+    does, and PROGRESS says it too. Headers and the meta device only: no weight is read or
+    allocated.
     """
     from transformers import PreTrainedConfig
 
@@ -45,6 +50,8 @@ def inspect_model(spec: str | os.PathLike[str], progress: Progress | None = None
     say(f"reading {spec}: the config and every safetensors header")
     plan = load.preflight(spec)
     config, result = plan.config, plan.inferred
+    for note in plan.notes:  # what loading leaves out: said once
+        say(note)
     say(f"building its structure on the meta device ({config.num_hidden_layers} layers)")
     model = load.build_meta_model(config, plan.dtype)
     if plan.tensors is not None:
@@ -65,6 +72,10 @@ def inspect_model(spec: str | os.PathLike[str], progress: Progress | None = None
     # num_local_experts; the field (and published config.json files) say num_experts.
     generic = set(PreTrainedConfig().to_dict()) - {"architectures", "dtype"}
     out: dict[str, Any] = {"model_type": config.model_type}
+    # the family's own rows (a hybrid's layer kinds and linear heads): first, and said to come
+    # from where the config came from (declared, or inferred from the tensors)
+    derived = family_of(config).describe(config)
+    out.update(derived)
     for key, value in config.to_dict().items():
         if key not in generic and not key.startswith("_"):
             out["num_experts" if key == "num_local_experts" else key] = value
@@ -72,8 +83,8 @@ def inspect_model(spec: str | os.PathLike[str], progress: Progress | None = None
         {
             "_source": plan.source,
             "_config": plan.origin,
-            "_declared": list(plan.declared),
-            "_inferred": result.inferred if result else [],
+            "_declared": list(plan.declared) + (list(derived) if result is None else []),
+            "_inferred": (result.inferred + list(derived)) if result else [],
             "_defaulted": result.defaulted if result else {},
             "_reasons": result.reasons if result else {},
             "_parameters": params,
@@ -83,4 +94,8 @@ def inspect_model(spec: str | os.PathLike[str], progress: Progress | None = None
             "_tensors": len(plan.tensors) if plan.tensors is not None else None,
         }
     )
+    if derived:
+        out["_derived"] = list(derived)
+    if plan.notes:
+        out["_notes"] = list(plan.notes)
     return out

@@ -62,3 +62,7 @@ class RowKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """What the model call passes down beside the cache (a KV cache needs nothing)."""
+        return {}

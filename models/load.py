@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import math
 import os
 import warnings
@@ -38,9 +39,15 @@ from anefx.models.checkpoint_files import (
     locate_tensors,
     read_json,
 )
-from anefx.models.families import family_of
+from anefx.models.families import FAMILIES, family_of
+from anefx.models.family import Family, Nested
 from anefx.models.hub import resolve_model
-from anefx.models.infer_config import ConfigDefaultsWarning, InferredConfig, infer_from_tensors
+from anefx.models.infer_config import (
+    ConfigDefaultsWarning,
+    InferredConfig,
+    infer_from_tensors,
+    text_tensors,
+)
 from anefx.models.messages import shown
 from anefx.models.presets import count_parameters, get_preset
 from anefx.models.random_weights import random_init_
@@ -72,6 +79,9 @@ __all__ = [
 ]
 
 PRESET_PREFIX = "preset:"
+
+# what loading says once, beside its result: the tensors of a checkpoint it leaves out
+_log = logging.getLogger(__name__)
 
 # The config classes silently default these (e.g. hidden_size=4096), which would turn a broken
 # config.json into a wrongly-shaped model, so they must be present.
@@ -217,6 +227,70 @@ def _check_number(
         )
 
 
+def _check_quantized(raw: dict[str, Any], where: str) -> None:
+    if "quantization_config" in raw:
+        raise input_error(
+            f"{where}: field 'quantization_config': quantized checkpoints are not supported; "
+            "anefx reads float16, bfloat16 or float32 weights"
+        )
+
+
+def _nested_layout(model_type: object) -> tuple[Family, Nested] | None:
+    """The family whose text model a config of MODEL_TYPE nests, and how (None: none)."""
+    for family in FAMILIES.values():
+        for layout in family.nested:
+            if layout.model_type == model_type:
+                return family, layout
+    return None
+
+
+def _class_default(class_name: str, field: str) -> Any:
+    import transformers
+
+    fields = dataclasses.fields(getattr(transformers, class_name))
+    return next(f.default for f in fields if f.name == field)
+
+
+def unnest_config(raw: Any, where: str) -> tuple[Any, str, tuple[str, ...]]:
+    """RAW as the text model's config dict: a config nesting a family's text model (a published
+    vision-language one, `Family.nested`) gives its text config, with the fields its outer
+    config decides (`tie_word_embeddings`: its value, else its class default) and the family's
+    model_type; any other RAW is returned as it is. Also returns WHERE for messages about the
+    result and the fields the config declares."""
+    found = _nested_layout(raw.get("model_type")) if isinstance(raw, dict) else None
+    if found is None:
+        return raw, where, tuple(raw) if isinstance(raw, dict) else ()
+    family, layout = found
+    _check_quantized(raw, where)  # a quantization block sits in the outer config
+    key = layout.text_key
+    text = raw.get(key)
+    if text is None:
+        raise input_error(
+            f"{where}: field '{key}' missing (a '{layout.model_type}' config nests its text "
+            f"model's config, '{family.model_type}', there)"
+        )
+    if not isinstance(text, dict):
+        raise input_error(
+            f"{where}: field '{key}' must be an object (the text model's config), got {shown(text)}"
+        )
+    inner = text.get("model_type", family.model_type)
+    if inner != family.model_type:
+        raise input_error(
+            f"{where}: field '{key}.model_type' is {shown(inner)}; a '{layout.model_type}' "
+            f"config nests a '{family.model_type}' one"
+        )
+    out = {**text, "model_type": family.model_type}
+    for field in layout.outer_fields:
+        if field in raw and field in _BOOL_FIELDS and not isinstance(raw[field], bool):
+            raise input_error(
+                f"{where}: field '{field}' must be true or false, got {shown(raw[field])}"
+            )
+        out[field] = raw[field] if field in raw else _class_default(layout.config_class, field)
+    declared = tuple(k for k in out if k in text or k in raw)
+    out.setdefault("architectures", list(family.architectures))
+    return out, f"{where} ({key})", declared
+
+
 def _check_keys(raw: dict[str, Any], config_cls: type, where: str) -> None:
     """Refuse keys that would overwrite a method or class setting of the config object rather
     than set a field (config.json keys become attributes), and inputs anefx cannot load."""
@@ -233,11 +307,7 @@ def _check_keys(raw: dict[str, Any], config_cls: type, where: str) -> None:
                 f"{where}: field '{key}' is not a config field (it names "
                 f"{'a method' if callable(static) else 'a setting'} of {config_cls.__name__})"
             )
-    if "quantization_config" in raw:
-        raise input_error(
-            f"{where}: field 'quantization_config': quantized checkpoints are not supported; "
-            "anefx reads float16, bfloat16 or float32 weights"
-        )
+    _check_quantized(raw, where)
     if "per_layer_config" in raw:
         raise input_error(
             f"{where}: field 'per_layer_config': per-layer configs are not supported (Qwen "
@@ -343,12 +413,14 @@ def _head_dim(raw: dict[str, Any], config_cls: type) -> tuple[int, str]:
     return raw["hidden_size"] // raw["num_attention_heads"], "hidden_size / num_attention_heads"
 
 
-def _check_rope(raw: dict[str, Any], where: str, head_dim: int) -> None:
+def _check_rope(raw: dict[str, Any], where: str, head_dim: int, partial_rotary: bool) -> None:
     """The rope parameters in either spelling, as transformers will read them.
 
     transformers takes `rope_scaling` (legacy) if set, else `rope_parameters`; the theta from
     there, else the top-level `rope_theta`; the type from `rope_type`, else `type`. An unknown
-    type or a bad number would fail (or silently give NaN tables) when the model is built.
+    type or a bad number would fail (or silently give NaN tables) when the model is built. A
+    partial rotary factor is refused unless the family rotates part of each head
+    (`Family.partial_rotary`), whose factor must lie in (0, 1].
     """
     spelled = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
     params = raw.get(spelled)
@@ -384,7 +456,9 @@ def _check_rope(raw: dict[str, Any], where: str, head_dim: int) -> None:
             f"{_UNLOWERED_ROPE_TYPES[kind]}"
         )
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
-    if partial is not None and partial != 1:
+    if partial is not None and partial_rotary:
+        _check_number(where, "partial_rotary_factor", partial, 0.0, True, 1.0)
+    elif partial is not None and partial != 1:
         # Qwen attention rotates the whole head; a partial rotary table would not fit it
         raise input_error(
             f"{where}: field 'partial_rotary_factor' is {shown(partial)}; Qwen models rotate "
@@ -415,16 +489,31 @@ def _check_rope(raw: dict[str, Any], where: str, head_dim: int) -> None:
         )
 
 
+def _check_rotary_width(config: PreTrainedConfig, where: str, head_dim: int) -> None:
+    """The rotated part of each head (head_dim x the factor the config class settled on, its
+    default when none is given) holds pairs: an even width of at least 2."""
+    factor = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+    width = int(head_dim * factor)
+    if width < 2 or width % 2:
+        raise input_error(
+            f"{where}: field 'partial_rotary_factor' ({factor:g}) rotates {width} of the "
+            f"{head_dim} dimensions of each head; the rotated width must be even and at least 2"
+        )
+
+
 def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig:
     """Validate a config dict and build its transformers config class, set to eager attention.
 
     Every field the model reads is checked (types, finite and positive numbers, known rope
-    type and activation, the bounds in models/limits.py) before the config class runs, so a
-    malformed or hostile config ends in one AnefxInputError naming the field, and nothing is
-    allocated from it. `where` names the source (a config.json path or "preset:NAME").
+    type and activation, the bounds in models/limits.py, the family's own checks) before the
+    config class runs, so a malformed or hostile config ends in one AnefxInputError naming the
+    field, and nothing is allocated from it. `where` names the source (a config.json path or
+    "preset:NAME"). A config nesting a family's text model (a published vision-language one)
+    gives that text model's config (`unnest_config`).
     """
     if not isinstance(raw, dict):
         raise input_error(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    raw, where, _ = unnest_config(raw, where)
     family = family_of(raw, where)
     config_cls = family.config_cls()
     _check_keys(raw, config_cls, where)
@@ -436,6 +525,9 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
             )
     _check_ints(raw, where)
     _check_fields(raw, where)
+    problem = family.check_config(raw)
+    if problem:
+        raise input_error(f"{where}: {problem}")
     heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or 0
     if kv_heads and heads % kv_heads:
         raise input_error(
@@ -448,7 +540,7 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
             f"{where}: {head_from} is {head_dim}: num_attention_heads ({heads}) exceeds "
             f"hidden_size ({raw['hidden_size']})"
         )
-    _check_rope(raw, where, head_dim)
+    _check_rope(raw, where, head_dim, family.partial_rotary)
 
     experts = raw.get("num_experts", raw.get("num_local_experts"))
     top_k = raw.get("num_experts_per_tok")
@@ -469,6 +561,8 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     # Eager attention is plain matmul/softmax with an additive mask, the form we lower; it
     # takes a prepared (B, 1, S, S) float mask as is.
     config._attn_implementation = "eager"
+    if family.partial_rotary:
+        _check_rotary_width(config, where, head_dim)
     # Sliding-window attention limits each query to the last `sliding_window` keys through the
     # mask transformers builds; the capture passes its own causal mask, so the lowered graph
     # would attend to every key: a silently different model. Refused until a pass lowers it.
@@ -515,6 +609,13 @@ def count_config_parameters(config: PreTrainedConfig) -> int:
         "moe_intermediate_size",
         "decoder_sparse_step",
         "mlp_only_layers",
+        # a hybrid's linear-attention layers (Family.linear_attention)
+        "layer_types",
+        "linear_num_key_heads",
+        "linear_num_value_heads",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+        "linear_conv_kernel_dim",
     ):
         if getattr(config, key, None) is not None:
             fields[key] = getattr(config, key)
@@ -612,6 +713,8 @@ class Preflight:
     root: Path | None = None  # where its files may resolve: the folder, or an HF cache repo
     tensors: dict[str, TensorEntry] | None = None  # stored tensor -> where; None for a preset
     inferred: InferredConfig | None = None  # origin "inferred": the fields and defaults
+    # what loading leaves out (a vision tower's tensors ...), said once when the model is loaded
+    notes: tuple[str, ...] = ()
 
     @property
     def random_weights(self) -> bool:
@@ -710,19 +813,21 @@ def preflight(spec: str | os.PathLike[str], dtype: torch.dtype | None = None) ->
     inferred = None
     if os.path.lexists(config_path):
         raw = read_json(confined(folder, CONFIG_NAME, str(config_path), root), config_path)
-        where = str(config_path)
-        # the config first: a bad one is refused before any header is read
+        # the config first: a bad one is refused before any header is read (a nested one, as
+        # its text model's)
+        raw, where, declared = unnest_config(raw, str(config_path))
         config = build_config(raw, where)
-        tensors = locate_tensors(folder, root)
-        origin, declared = "config.json", tuple(raw)
+        located = locate_tensors(folder, root)
+        origin = "config.json"
     else:
         # Without config.json the tensor shapes give the config; what they cannot tell comes
         # from the defaults table (load_model names those fields in one warning).
-        tensors = locate_tensors(folder, root)
-        inferred = infer_from_tensors(tensors, str(folder))
+        located = locate_tensors(folder, root)
+        inferred = infer_from_tensors(located, str(folder))
         where = f"{folder} (config inferred from tensor shapes)"
         config = build_config(inferred.config, where)
         origin, declared = "inferred", ()
+    tensors, note = _text_tensors(config, located, folder)
     _check_layers(config, tensors, where, folder)
     return Preflight(
         str(folder),
@@ -735,7 +840,21 @@ def preflight(spec: str | os.PathLike[str], dtype: torch.dtype | None = None) ->
         root,
         tensors,
         inferred,
+        (note,) if note else (),
     )
+
+
+def _text_tensors(
+    config: PreTrainedConfig, located: dict[str, TensorEntry], folder: Path
+) -> tuple[dict[str, TensorEntry], str | None]:
+    """The located tensors as the family's text model names them (a nested layout's renamed,
+    each entry keeping its name in the file), and the note on those left out."""
+    text = text_tensors(family_of(config), located, str(folder))
+    tensors = {
+        name: dataclasses.replace(entry, stored=text.stored[name]) if name in text.stored else entry
+        for name, entry in text.tensors.items()
+    }
+    return tensors, text.note(str(folder))
 
 
 def check_tensors(plan: Preflight, model: PreTrainedModel) -> list[Copy]:
@@ -802,6 +921,8 @@ def _load_folder(plan: Preflight, meta: bool) -> LoadedModel:
     assert located is not None
     if plan.inferred is not None:
         warnings.warn(plan.inferred.warning_text(plan.source), ConfigDefaultsWarning, stacklevel=3)
+    for note in plan.notes:
+        _log.warning(note)
     model = build_meta_model(copy.deepcopy(plan.config), dtype)
     copies = check_tensors(plan, model)
     if not meta:

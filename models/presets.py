@@ -1,4 +1,5 @@
-"""Named model shapes: the published Qwen2.5, Qwen3 and Qwen3-MoE configs plus tiny ones for tests.
+"""Named model shapes: the published Qwen2.5, Qwen3, Qwen3-MoE and Qwen3.5 configs plus tiny ones
+for tests.
 
 Each family module (models/families/) owns its presets; this module lists them all (published
 models first, then the tiny ones, each group in family order), looks them up and counts
@@ -18,10 +19,15 @@ from anefx.errors import AnefxInputError
 from anefx.models.families import FAMILIES
 
 
+def _is_tiny(name: str, tiny: str) -> bool:
+    """NAME is its family's tiny preset or a variant of it ("qwen3.5-tiny-untied")."""
+    return name == tiny or name.startswith(f"{tiny}-")
+
+
 def _all_presets() -> dict[str, dict[str, Any]]:
     by_order = list(FAMILIES.values())
-    published = {n: c for f in by_order for n, c in f.presets.items() if n != f.tiny}
-    tiny = {f.tiny: f.presets[f.tiny] for f in by_order}
+    published = {n: c for f in by_order for n, c in f.presets.items() if not _is_tiny(n, f.tiny)}
+    tiny = {n: c for f in by_order for n, c in f.presets.items() if _is_tiny(n, f.tiny)}
     return {**published, **tiny}
 
 
@@ -69,9 +75,11 @@ def count_parameters(config: dict[str, Any]) -> int:
     """Exact parameter count of the *ForCausalLM built from `config`, tied weights counted once.
 
     Covers the Qwen3 layout (q/k RMSNorm over head_dim, optional bias on all four attention
-    projections), Qwen2 (bias on q/k/v only, no q/k norms, head_dim = hidden / heads) and
+    projections), Qwen2 (bias on q/k/v only, no q/k norms, head_dim = hidden / heads),
     Qwen3-MoE (Qwen3 attention; per sparse layer a router (E, H) and the experts' fused
-    gate_up (E, 2I, H) and down (E, H, I); a dense MLP on the other layers).
+    gate_up (E, 2I, H) and down (E, H, I); a dense MLP on the other layers) and the Qwen3.5
+    hybrids (the family's linear-attention layers in place of attention blocks; its gated
+    attention's extra q_proj rows in `attention_parameters`).
     """
     model_type = config.get("model_type")
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
@@ -93,7 +101,9 @@ def count_parameters(config: dict[str, Any]) -> int:
     experts = num_experts(config)
     sparse_mlp = experts * hidden + experts * _expert_params(config)  # router + experts
 
-    total = layers * (attn + 2 * hidden)  # attention and the two RMSNorms
+    # the layers whose mixer is a linear attention hold no attention block
+    linear_layers, linear_mixers = family.linear_attention(config)
+    total = (layers - linear_layers) * attn + linear_mixers + layers * 2 * hidden  # + 2 RMSNorms
     total += (layers - sparse) * dense_mlp + sparse * sparse_mlp
     total += vocab * hidden + hidden  # embedding and the final norm
     if not config.get("tie_word_embeddings", False):

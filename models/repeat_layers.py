@@ -103,18 +103,20 @@ def repeat_layers(
     gm: fx.GraphModule,
     model: torch.nn.Module,
     captured: int,
-    state_name,
+    layer_states,
     attr_name,
     state_names: list[str] | None = None,
 ) -> list[str]:
     """Extend GM (MODEL's first CAPTURED layers) to all of MODEL's layers; returns the names of
     its state placeholders in call order (the graph's state outputs follow the same order).
 
-    STATE_NAME(kind, layer) names a layer's state placeholders ("k"/"v"); ATTR_NAME(fqn) is the
+    LAYER_STATES(layer) names a layer's state placeholders, in call order (the family's states
+    of that layer: K and V, or a conv window and a recurrent state); ATTR_NAME(fqn) is the
     GraphModule attribute for a parameter (as capture's unlift names them); STATE_NAMES are the
     captured graph's states, in call order (unlift returns them).
     """
     state_names = list(state_names or [])
+    layer_states_of = layer_states
     prefix, layers = decoder_layers(model)
     total = len(layers)
     if captured >= total:
@@ -171,11 +173,10 @@ def repeat_layers(
         t = template_of[j]
         env: dict[fx.Node, fx.Node] = {}
         layer_states = {}
-        for kind in ("k", "v"):
-            old = state_name(kind, t)
+        for old, new_name in zip(layer_states_of(t), layer_states_of(j), strict=True):
             if old in states:
                 with g.inserting_after(last_placeholder):
-                    ph = g.placeholder(state_name(kind, j))
+                    ph = g.placeholder(new_name)
                 last_placeholder = ph  # states follow the inputs, in layer order
                 ph.meta = dict(states[old].meta)
                 env[states[old]] = ph
@@ -193,6 +194,9 @@ def repeat_layers(
 
         old_prefix, new_prefix = f"{prefix}.{t}", f"{prefix}.{j}"
         for n in blocks[t]:
+            if n.op == "get_attr" and n.meta.get("anefx_lifted"):
+                env[n] = n  # a constant the layer's code made (not a weight): shared as it is
+                continue
             if n.op == "get_attr":
                 fqn = n.meta.get("anefx_param", "")
                 if not fqn.startswith(old_prefix + "."):
@@ -214,13 +218,12 @@ def repeat_layers(
             new.meta["anefx_module"] = new_prefix + module[len(old_prefix) :]
             env[n] = new
         current = env[residual[t]]
-        for kind in ("k", "v"):
-            old = state_name(kind, t)
+        for old, new_name in zip(layer_states_of(t), layer_states_of(j), strict=True):
             if old in layer_states:
                 value = outputs[state_out_index[old]]
                 if value not in env:
                     raise RepeatError(f"the new value of {old} is not computed in layer {t}")
-                new_states.append((state_name(kind, j), env[value]))
+                new_states.append((new_name, env[value]))
     for u in tail_users:
         u.replace_input_with(last, current)
     order = list(state_names)

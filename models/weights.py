@@ -130,7 +130,8 @@ def map_converted_(
                         handles[entry.path] = stack.enter_context(
                             safe_open(str(entry.path), framework="pt", device="cpu")
                         )
-                    t = handles[entry.path].get_tensor(src).to(dtype).contiguous()
+                    t = handles[entry.path].get_tensor(entry.name_in_file(src))
+                    t = t.to(dtype).contiguous()
                 except SafetensorError as exc:
                     raise input_error(
                         f"{entry.file}: cannot read safetensors file: {exc}"
@@ -207,13 +208,15 @@ def validate_tensors(
         raise input_error(f"{folder}: tensor '{missing[0]}' missing from all shards{more}")
     for name, index, src in copies:
         entry, want = located[src], tuple(expected[name][index].shape)
+        stored = entry.name_in_file(src)  # messages name the tensor as the file does
         if entry.shape != want:
             raise input_error(
-                f"{entry.file}: tensor '{src}' has shape {list(entry.shape)}, expected {list(want)}"
+                f"{entry.file}: tensor '{stored}' has shape {list(entry.shape)}, expected "
+                f"{list(want)}"
             )
         if entry.dtype not in ST_FLOAT_DTYPES:
             raise input_error(
-                f"{entry.file}: tensor '{src}' has dtype {entry.dtype}, expected one of "
+                f"{entry.file}: tensor '{stored}' has dtype {entry.dtype}, expected one of "
                 f"{', '.join(ST_FLOAT_DTYPES)}"
             )
     # Tied targets (lm_head.weight) that a checkpoint carries anyway are checked when copying.
@@ -243,18 +246,19 @@ def copy_weights_(
                 real = located[group[0][2]].path
                 with safe_open(str(real), framework="pt", device="cpu") as fh:
                     for name, index, src in group:
-                        targets[name][index].copy_(fh.get_tensor(src))
+                        stored = located[src].name_in_file(src)
+                        targets[name][index].copy_(fh.get_tensor(stored))
             except SafetensorError as exc:
                 raise input_error(f"{path}: cannot read safetensors file: {exc}") from exc
         for name in redundant:
             entry = located[name]
             with safe_open(str(entry.path), framework="pt", device="cpu") as fh:
-                stored = fh.get_tensor(name)
+                stored = fh.get_tensor(entry.name_in_file(name))
             if stored.shape != targets[name].shape or not torch.equal(
                 stored.to(targets[name].dtype), targets[name]
             ):
                 warnings.warn(
-                    f"{entry.file}: tensor '{name}' differs from the weight it is tied to "
-                    "(tie_word_embeddings is true); it is ignored",
+                    f"{entry.file}: tensor '{entry.name_in_file(name)}' differs from the weight "
+                    "it is tied to (tie_word_embeddings is true); it is ignored",
                     stacklevel=4,
                 )

@@ -24,6 +24,7 @@ __all__ = [
     "deferred_recompile",
     "mark_unlowered",
     "unlowered",
+    "keep_unlowered",
 ]
 
 aten = torch.ops.aten
@@ -93,6 +94,15 @@ def add_const(
             if key in like.meta:
                 node.meta[key] = like.meta[key]
     return node
+
+
+def keep_unlowered(old: fx.Node, new: fx.Node) -> None:
+    """NEW replaces OLD: if a pass reported OLD as not lowered, NEW carries the report (the
+    pass's postcondition keeps skipping it, the checker keeps saying why)."""
+    why = unlowered(old)
+    if why:
+        pass_name, _, reason = why.partition(": ")
+        mark_unlowered(new, pass_name, reason)
 
 
 def tensor_args(node: fx.Node) -> Iterable[fx.Node]:

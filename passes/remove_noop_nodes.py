@@ -2,8 +2,10 @@
 
     before: x(1,S,C) -> _assert_tensor_metadata ; alias(x) -> clone -> _to_copy(fp32->fp32)
             -> mul(., 1.0) -> _unsafe_view(1,S,C) -> y ; two equal cos(table) nodes
-    after:  x(1,S,C) -> y ; one cos(table) node
-Views become ``aten.reshape`` (value semantics); a reshape of a reshape becomes one.
+            n(1,S,C) fp32 -> type_as(., x fp16)
+    after:  x(1,S,C) -> y ; one cos(table) node ; n -> _to_copy(dtype=fp16)
+Views become ``aten.reshape`` (value semantics); a reshape of a reshape becomes one;
+``type_as`` (Qwen3.5's norms) is the cast it stands for, or nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _is_scalar(x, value: float) -> bool:
 
 def _noop_source(node: fx.Node) -> fx.Node | None:
     """The input NODE can be replaced by, when NODE computes nothing."""
-    if is_op(node, *_IDENTITIES):
+    if is_op(node, *_IDENTITIES, aten.type_as):
         src = node.args[0]
         return src if _same_tensor_type(node, src) else None
     if is_op(node, aten._to_copy):
@@ -121,6 +123,17 @@ def remove_noop_nodes(gm: fx.GraphModule) -> PassResult:
             g.erase_node(node)
             modified = True
             continue
+        if is_op(node, aten.type_as) and not _same_tensor_type(node, node.args[0]):
+            # the cast type_as stands for, in the one spelling the later passes read
+            with g.inserting_before(node):
+                new = emit(
+                    g, aten._to_copy.default, (node.args[0],), {"dtype": val(node).dtype}, like=node
+                )
+            new.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+            modified = True
+            continue
         src = _noop_source(node)
         if src is not None:
             node.replace_all_uses_with(src)
@@ -167,11 +180,18 @@ def _dce(gm: fx.GraphModule) -> bool:
 
 
 def postcondition(gm: fx.GraphModule) -> list[str]:
-    """No asserts, aliases or dead nodes remain."""
+    """No asserts, aliases, type_as or dead nodes remain."""
     out = []
     for node in gm.graph.nodes:
         if is_op(
-            node, *_ASSERTS, aten.alias, aten.clone, aten.detach, aten._unsafe_view, aten.view
+            node,
+            *_ASSERTS,
+            aten.alias,
+            aten.clone,
+            aten.detach,
+            aten._unsafe_view,
+            aten.view,
+            aten.type_as,
         ):
             out.append(f"{node.name}: {node.target} left in the graph")
         elif node.op in ("call_function", "get_attr") and not node.users:

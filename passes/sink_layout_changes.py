@@ -37,6 +37,7 @@ _ELEMENTWISE = (
     aten.silu,
     aten.sigmoid,
     aten.exp,
+    aten.softplus,
     aten.tanh,
     aten.relu,
     aten.gelu,
@@ -154,7 +155,9 @@ class _Sweep:
             node = self.const(tensor, "relayout")
         return node
 
-    def materialize(self, lay: Layout) -> fx.Node:
+    def materialize(self, lay: Layout | fx.Node) -> fx.Node:
+        if not isinstance(lay, Layout):  # a value the sweep left in its own layout
+            return lay
         if lay.dims == tuple(range(len(lay.shape))) and lay.pshape == lay.shape:
             return lay.node
         target = {i: i for i, s in enumerate(lay.shape) if s != 1}

@@ -91,12 +91,13 @@ def package_files(package: Path) -> dict[str, str]:
 def package_signature(sig: Signature) -> dict:
     """SIG as the package holds it, for the manifest and the report: every float tensor fp16
     (Core ML's compute dtype, whatever the lowered graph's), integers int32, and the states
-    packed into the one state the program holds (``pack_states``)."""
+    packed into the one state the program holds (``pack_states``), followed by the carried
+    states (an input and an output each)."""
 
     def stored(dtype: str) -> str:
         return "int32" if dtype.startswith(("int", "uint", "bool")) else "float16"
 
-    doc = dataclasses.replace(sig, states=pack_states(sig.states)).to_dict()
+    doc = dataclasses.replace(sig, states=pack_states(sig.states) + sig.carried).to_dict()
     for entry in (*doc["inputs"], *doc["outputs"], *doc["states"]):
         entry["dtype"] = stored(entry["dtype"])
     return doc

@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from anefx.core import rules
 from anefx.core.ops import KV_WRITE
-from anefx.core.signature import Role, pack_states, signature_of
+from anefx.core.signature import Role, carried_output, pack_states, signature_of
 from anefx.errors import AnefxGraphError
 from anefx.lowering.checker import Report
 from anefx.targets import op_registry
@@ -124,8 +124,9 @@ class _Emitter:
             torch.int64: types.int32,
         }
         self.sig = signature_of(self.gm)
-        self.states = {s.name for s in self.sig.states}
-        # every state of the graph becomes a row of the program's one Core ML state
+        # every state held in place becomes a row of the program's one Core ML state; a
+        # carried state is an input, and its new value an output
+        self.states = {s.name for s in self.sig.states if not s.carried}
         packed = pack_states(self.sig.states)
         if len(packed) > 1:
             raise AnefxGraphError(
@@ -133,7 +134,8 @@ class _Emitter:
                 f"a program holds at most {rules.MAX_STATES_PER_PROGRAM} (rule state_count)"
             )
         self.packed = packed[0] if packed else None
-        self.rows = {st.name: i for i, st in enumerate(self.sig.states)}
+        held = [st for st in self.sig.states if not st.carried]
+        self.rows = {st.name: i for i, st in enumerate(held)}
         placeholders = {}
         if self.packed is not None:
             placeholders[self.packed.name] = mb.state_tensor_placeholder(
@@ -150,7 +152,7 @@ class _Emitter:
         return func
 
     def _body(self, inputs):
-        n_states = len(self.states)
+        n_states = len(self.sig.states)
         if self.packed is not None:
             self.state_var = inputs[self.packed.name]
             self.state_value = self.mb.read_state(
@@ -181,7 +183,11 @@ class _Emitter:
                 outs = node.args[0]
                 outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
                 user, state_vals = outs[: len(outs) - n_states], outs[len(outs) - n_states :]
+                carried = []
                 for state, value in zip(self.sig.states, state_vals, strict=True):
+                    if state.carried:
+                        carried.append((state, value))
+                        continue
                     if self.written.get(state.name) is value:
                         continue  # its rows were written in place by its kv_write
                     # anything else is the whole row, written back
@@ -197,6 +203,8 @@ class _Emitter:
                         state=self.state_var, value=new, name=f"{state.name}_write"
                     )
                 names = [o.name for o in self.sig.outputs]
+                names += [carried_output(state) for state, _ in carried]
+                user = [*user, *(value for _, value in carried)]
                 results = []
                 for o, name in zip(user, names, strict=True):
                     var = self.env[o]
@@ -532,6 +540,14 @@ def _descriptions(lowered) -> dict[str, str]:
             f"{'x'.join(map(str, st.shape))} fp16: one row per layer's K then V, "
             "(rows, kv_heads, head_dim, context)"
         )
+    for st in sig.carried:
+        what = (
+            f"conv window of layer {st.layers[0]}: its last inputs, (1, channels, kernel - 1)"
+            if st.kind == "conv"
+            else f"delta-rule state of layer {st.layers[0]}, (1, value heads, key dim, value dim)"
+        )
+        texts[st.name] = f"{what} fp16, as the previous call returned it (zeros to start)"
+        texts[carried_output(st)] = f"{what} fp16 after this call: the next call's input"
     for o in sig.outputs:
         texts[o.name] = o.description or o.name
     return texts

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anefx.core.signature import Input, Signature
+from anefx.core.signature import CARRIED_SUFFIX, Input, Signature
 from anefx.errors import AnefxGraphError, AnefxInputError
 from anefx.targets.reader import (
     MANIFEST,
@@ -1071,12 +1071,18 @@ class ChainProgram:
         return [s for _, p in self.parts for s in p["functions"][function]["states"]]
 
     def zero_states(self, function: str) -> dict[str, np.ndarray]:
-        return {s["name"]: np.zeros(s["shape"], np.float16) for s in self.states(function)}
+        """Zeroed states the parts hold (carried ones are inputs)."""
+        return {
+            s["name"]: np.zeros(s["shape"], np.float16)
+            for s in self.states(function)
+            if not s.get("carried")
+        }
 
     def run(self, function: str, inputs: dict, states: dict | None = None):
         states = states or {}
         produced: list[dict] = []
         new_states: dict = {}
+        final_carried: set[str] = set()
         for program, part in self.parts:
             io = part["functions"][function]
             feeds = {}
@@ -1086,9 +1092,17 @@ class ChainProgram:
                     feeds[inp["name"]] = inputs[src["model"]]
                 else:
                     feeds[inp["name"]] = produced[src["part"]][src["output"]]
-            mine = {s["name"]: states[s["name"]] for s in io["states"] if s["name"] in states}
+            held = [s for s in io["states"] if not s.get("carried")]
+            # a carried state is the part's input, its new value the part's output
+            final_carried.update(
+                f"{s['name']}{CARRIED_SUFFIX}" for s in io["states"] if s.get("carried")
+            )
+            for s in io["states"]:
+                if s.get("carried"):
+                    feeds[s["name"]] = inputs[s["name"]]
+            mine = {s["name"]: states[s["name"]] for s in held if s["name"] in states}
             outs, new = program.run(function, feeds, mine)
             produced.append(outs)
             new_states.update(new)
-        final = {o["name"] for o in self.final_outputs(function)}
+        final = {o["name"] for o in self.final_outputs(function)} | final_carried
         return {k: v for outs in produced for k, v in outs.items() if k in final}, new_states

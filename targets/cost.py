@@ -16,6 +16,9 @@ Read from the saved program itself (the spec, not the weights' values), op by op
 - **activations written**: the bytes of every other op's outputs; **activations read**: the
   bytes of its non-constant, non-state inputs (reported, not in the estimate: an input was
   written by the op before, and the ANE keeps small tensors on chip).
+- **carried states** (a hybrid's conv windows and delta-rule states, inputs and outputs of the
+  program, core/signature.py): their inputs are read from memory at every call (counted, as
+  the state is), their outputs written (part of the activations written, reported apart).
 - **MACs**: conv, matmul and linear.
 
 The estimate: decode is memory bound, a step costs (weights + state read + state written +
@@ -31,7 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from anefx.core import rules
-from anefx.core.signature import Role, Signature
+from anefx.core.signature import Role, Signature, State, carried_output
 from anefx.errors import AnefxInputError
 from anefx.targets.mil_program import (
     function_block,
@@ -59,11 +62,20 @@ class FunctionCost:
     macs: int = 0
     # bytes written by ops whose output has the size of a state (the cache-sized tensors)
     state_sized_written: int = 0
+    carried_read: int = 0  # carried states read as inputs
+    carried_written: int = 0  # ... and returned as outputs (within activations_written)
 
     @property
     def moved(self) -> int:
-        """The bytes the estimate charges: weights, state traffic and activations written."""
-        return self.weight_bytes + self.state_read + self.state_written + self.activations_written
+        """The bytes the estimate charges: weights, state traffic (held and carried) and
+        activations written."""
+        return (
+            self.weight_bytes
+            + self.state_read
+            + self.state_written
+            + self.carried_read
+            + self.activations_written
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "moved": self.moved}
@@ -83,8 +95,11 @@ def _flag(block_consts: dict, op, param: str) -> bool:
     return bool(vals[0]) if len(vals) else False
 
 
-def program_cost(spec, function: str, part: str = "") -> FunctionCost:
-    """The cost of one call of FUNCTION of the program SPEC (see the module docstring)."""
+def program_cost(
+    spec, function: str, part: str = "", carried: tuple[State, ...] = ()
+) -> FunctionCost:
+    """The cost of one call of FUNCTION of the program SPEC (see the module docstring);
+    CARRIED are the function's carried states (from its signature)."""
     fn = spec.mlProgram.functions[function]
     block = function_block(spec, function)
     cost = FunctionCost(part, function)
@@ -98,6 +113,9 @@ def program_cost(spec, function: str, part: str = "") -> FunctionCost:
             state_bytes.add(stored_bytes(shape, dtype))
         elif inp.type.WhichOneof("type") == "tensorType":
             types[inp.name] = tensor_shape(inp.type.tensorType)[:2]
+    for state in carried:
+        cost.carried_read += stored_bytes(*types.get(state.name, ((), "float16")))
+    returned = {carried_output(state) for state in carried}
     luts = {lut.name: lut.nbytes for lut in mil_luts(spec, function)}
     weights: dict[str, int] = {}  # constant var -> its stored bytes
     const_values: dict[str, object] = {}
@@ -150,6 +168,8 @@ def program_cost(spec, function: str, part: str = "") -> FunctionCost:
         for o in outs:
             written = nbytes(o)
             cost.activations_written += written
+            if o in returned:
+                cost.carried_written += written
             if written in state_bytes:
                 cost.state_sized_written += written
         for param, names in args.items():
@@ -288,19 +308,26 @@ def artifact_cost(path: str | Path, verify: bool = True) -> ArtifactCost:
         if verify:
             check_parts(path, manifest)
         files = [(p["name"], path / p["file"]) for p in manifest["parts"]]
+        carried = {
+            (p["name"], fn): Signature.from_dict(io).carried
+            for p in manifest["parts"]
+            for fn, io in (p.get("functions") or {}).items()
+            if isinstance(io, dict) and "inputs" in io
+        }
         seq = manifest.get("seq_len") or {}
         context = manifest.get("context")
     else:
         report = check_package(path) if verify else _stored_report(path)
         files = [(path.name, path)]
         sigs = {n: Signature.from_dict(d) for n, d in (report.get("signatures") or {}).items()}
+        carried = {(path.name, n): s.carried for n, s in sigs.items()}
         seq = {n: t for n, s in sigs.items() if (t := _tokens(s)) is not None}
         context = report.get("context")
     result = ArtifactCost(str(path), kind, context, dict(seq) if isinstance(seq, dict) else {})
     for part, file in files:
         spec = read_spec(file)
         for fn in sorted(spec.mlProgram.functions):
-            result.functions.append(program_cost(spec, fn, part))
+            result.functions.append(program_cost(spec, fn, part, carried.get((part, fn), ())))
     if not result.functions:
         raise AnefxInputError(f"{path}: no function to cost")
     return result
@@ -332,17 +359,20 @@ def _mb(n: int) -> str:
 
 def render(cost: ArtifactCost, chips: list[rules.Chip]) -> str:
     """The cost as a table, then the ESTIMATE per chip."""
+    rows = [*cost.functions, *(cost.total(n) for n in cost.names())]
+    carried = any(f.carried_read for f in rows)  # a hybrid's conv and delta-rule states
     lines = [
         f"{cost.path}: {cost.kind}, {cost.parts} part(s), context {cost.context}",
         f"  {'part':<24}{'function':<10}{'ops':>6}{'weights MB':>12}{'state rd MB':>13}"
-        f"{'state wr MB':>13}{'act wr MB':>11}{'GMACs':>9}",
+        f"{'state wr MB':>13}{'act wr MB':>11}{'GMACs':>9}"
+        + (f"{'carried rd/wr MB':>18}" if carried else ""),
     ]
-    rows = [*cost.functions, *(cost.total(n) for n in cost.names())]
     for f in rows:
         lines.append(
             f"  {f.part[:23]:<24}{f.function:<10}{f.ops:>6}{_mb(f.weight_bytes):>12}"
             f"{_mb(f.state_read):>13}{_mb(f.state_written):>13}"
             f"{_mb(f.activations_written):>11}{f.macs / 1e9:>9.2f}"
+            + (f"{_mb(f.carried_read) + ' / ' + _mb(f.carried_written):>18}" if carried else "")
         )
     lines.append(
         f"  ESTIMATE (not measured): bytes / ANE bandwidth + {rules.DISPATCH_FLOOR_S * 1e6:g} us "

@@ -412,24 +412,37 @@ def _pairs(value: Any) -> list[int]:
 
 
 def _conv2d(c: Call) -> Any:
-    x = c.meta("input")
-    if x.dim() != 4 or c.meta("weight").dim() != 4:
+    x, weight = c.meta("input"), c.meta("weight")
+    if x.dim() != 4 or weight.dim() != 4:
         raise c.refuse(
-            f"input rank {x.dim()}, weight rank {c.meta('weight').dim()}: only a batched "
+            f"input rank {x.dim()}, weight rank {weight.dim()}: only a batched "
             "(N, C, H, W) conv2d is translated"
         )
-    why = "the emitter writes stride 1, no padding, dilation 1 and one group"
+    why = "the emitter writes stride 1, no padding and dilation 1"
     for param, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
         if _pairs(c[param]) != [default, default]:
             raise c.refuse(f"{param}={c[param]!r} is not translated ({why})")
-    c.only("groups", [1], why)
+    groups = c["groups"]
+    # grouped (a depthwise conv: groups = channels) as Core ML's conv takes it: each of the
+    # groups reads C / groups input channels, the weight (Cout, C / groups, kh, kw)
+    cin, cout = x.shape[1], weight.shape[0]
+    if (
+        not isinstance(groups, int)
+        or groups < 1
+        or cin % groups
+        or cout % groups
+        or weight.shape[1] * groups != cin
+    ):
+        raise c.refuse(
+            f"groups={groups!r} does not fit input channels {cin} and weight {tuple(weight.shape)}"
+        )
     kwargs = {
         "x": c.tensor("input"),
         "weight": c.tensor("weight"),
         "strides": [1, 1],
         "pad_type": "valid",
         "dilations": [1, 1],
-        "groups": 1,
+        "groups": groups,
         "name": c.name,
     }
     if c["bias"] is not None:

@@ -31,7 +31,14 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from anefx.core.signature import PACKED_AXIS, Role, Signature
+from anefx.core.signature import (
+    CARRIED_KINDS,
+    CARRIED_SUFFIX,
+    PACKED_AXIS,
+    STATE_KINDS,
+    Role,
+    Signature,
+)
 from anefx.errors import AnefxInputError
 from anefx.models import limits
 from anefx.targets import artifact
@@ -491,13 +498,22 @@ class _Fields:
         for j, st in enumerate(io["states"]):
             r = f"{field}.states[{j}]"
             kind = self.get(st, "kind", f"{r}.kind")
-            if kind not in ("key", "value", "kv"):
-                raise self.bad(f"{r}.kind", f"must be 'key', 'value' or 'kv', got {_show(kind)}")
+            if kind not in STATE_KINDS:
+                raise self.bad(f"{r}.kind", f"must be one of {STATE_KINDS}, got {_show(kind)}")
+            carried = st.get("carried", False)
+            if not isinstance(carried, bool) or carried != (kind in CARRIED_KINDS):
+                raise self.bad(
+                    f"{r}.carried",
+                    f"a {kind} state is {'' if kind in CARRIED_KINDS else 'not '}carried "
+                    f"(an input and an output), got {_show(carried)}",
+                )
             rows = self.seq(st, "layers", f"{r}.layers", 2 * layers, 1)
             for k, layer in enumerate(rows):
                 self.integer(layer, f"{r}.layers[{k}]", 0, layers - 1)
             self.axes(st, r, len(st["shape"]))
-            if "T" not in st["axes"]:
+            if carried and len(rows) != 1:
+                raise self.bad(f"{r}.layers", f"a carried state is one layer's, got {_show(rows)}")
+            if not carried and "T" not in st["axes"]:
                 raise self.bad(f"{r}.axes", f"{_show(st['axes'])} has no context axis 'T'")
             if kind == "kv" and (st["axes"][0] != PACKED_AXIS or st["shape"][0] != len(rows)):
                 raise self.bad(
@@ -664,6 +680,7 @@ class _ManifestCheck:
         self.produced: list[dict[str, dict[str, tuple]]] = []  # per part: fn -> output -> shape
         self.model_inputs: dict[str, dict[str, tuple]] = {fn: {} for fn in fns}
         self.states: dict[str, dict[str, tuple]] = {fn: {} for fn in fns}
+        self.carried: dict[str, dict[str, tuple]] = {fn: {} for fn in fns}  # inputs/outputs
         self.state_bytes = dict.fromkeys(fns, 0)
 
     def part(self, i: int, part: object) -> None:
@@ -769,15 +786,16 @@ class _ManifestCheck:
         for j, st in enumerate(f.seq(io, "states", f"{q}.states", 2 * limits.MAX_LAYERS)):
             r = f"{q}.states[{j}]"
             name, shape, dtype = f.tensor(st, r)
-            if dtype != "float16" or len(shape) != 4:
+            carried = st.get("carried") is True  # a conv window or delta-rule state (I/O)
+            if dtype != "float16" or (len(shape) != 4 and not carried):
                 raise f.bad(
                     r,
                     "must be a float16 KV cache (rows, kv_heads, head_dim, context), got "
                     + _show(st),
                 )
-            if name in self.states[fn]:
+            if name in self.states[fn] or name in self.carried[fn]:
                 raise f.bad(f"{r}.name", f"{name!r} names a state listed before")
-            self.states[fn][name] = shape
+            (self.carried if carried else self.states)[fn][name] = shape
             mine.append((name, shape))
             self.state_bytes[fn] += 2 * int(np.prod(shape, dtype=object))
             if self.state_bytes[fn] > limits.MAX_STATE_BYTES:
@@ -846,10 +864,14 @@ def _agree_function(
     """IO (a recorded signature) must list exactly what function FN of WHAT's program declares
     (WHERE: the file that records it, RECORD naming it in a message; OWNER: "part" or
     "package")."""
+    # a carried state is an input under its name and an output under carried_output's
+    held = [t for t in io["states"] if not t.get("carried")]
+    carried = [t for t in io["states"] if t.get("carried")]
+    returned = [{**t, "name": f"{t['name']}{CARRIED_SUFFIX}"} for t in carried]
     for kind, listed, actual in (
-        ("input", io["inputs"], declared.inputs),
-        ("output", io["outputs"], declared.outputs),
-        ("state", io["states"], declared.states),
+        ("input", [*io["inputs"], *carried], declared.inputs),
+        ("output", [*io["outputs"], *returned], declared.outputs),
+        ("state", held, declared.states),
     ):
         want = {t["name"]: (tuple(t["shape"]), t["dtype"]) for t in listed}
         got = {t.name: (tuple(t.shape), t.dtype.name) for t in actual}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anefx.core.signature import Role, Signature, State, join_logits
+from anefx.core.signature import Role, Signature, State, carried_output, join_logits
 from anefx.errors import AnefxInputError
 from anefx.lowering.diff import json_safe
 from anefx.models.limits import MAX_STEPS, MAX_VOCAB
@@ -90,12 +90,18 @@ class PackageFunction:
             sig.input(Role.POSITIONS).name: pos.numpy().astype(np.int32),
             sig.input(Role.MASK).name: mask.numpy().astype(np.float16),
         }
-        names = [s.name for s in sig.states]
-        outs, new = self.program.run(
-            self.name, feeds, {n: s.numpy() for n, s in zip(names, states, strict=True)}
-        )
+        held = {}
+        for spec, value in zip(sig.states, states, strict=True):
+            if spec.carried:  # an input; its new value comes back as an output
+                feeds[spec.name] = value.numpy().astype(np.float16)
+            else:
+                held[spec.name] = value.numpy()
+        outs, new = self.program.run(self.name, feeds, held)
         values = [torch.from_numpy(np.asarray(outs[o.name], dtype=np.float32)) for o in sig.outputs]
-        return (*values, *(torch.from_numpy(np.asarray(new[n])) for n in names))
+        after = [
+            outs[carried_output(spec)] if spec.carried else new[spec.name] for spec in sig.states
+        ]
+        return (*values, *(torch.from_numpy(np.asarray(a)) for a in after))
 
     def logits(self, out) -> torch.Tensor:
         """(1, S, V) logits from this function's outputs OUT."""
@@ -119,7 +125,7 @@ def _function(path, program, name: str, sig: Signature) -> PackageFunction:
             f"{path}: function {name} returns {[o.name for o in sig.outputs]}; verify and "
             "generate need logits (a package emitted with --argmax returns token ids)"
         )
-    contexts = {s.context for s in sig.states}
+    contexts = {s.context for s in sig.states if s.context is not None}
     if len(contexts) > 1:
         raise AnefxInputError(
             f"{path}: function {name}: its states hold contexts {sorted(contexts)}, not one"
@@ -327,13 +333,22 @@ def _check_matches(package, fns: dict, config) -> None:
             )
         elif sig.states:
             states = family_of(config).states(config, sig.context, "float16")
-            want = [tuple(state.shape) for state in states]
+            want = [tuple(state.shape) for state in states if not state.carried]
             # a packed state holds one layer's K or V per row of its leading axis
-            got = [(1, *s.shape[1:]) for s in sig.states for _ in range(s.shape[0])]
+            got = [
+                (1, *s.shape[1:]) for s in sig.states if not s.carried for _ in range(s.shape[0])
+            ]
+            want_carried = {st.name: tuple(st.shape) for st in states if st.carried}
+            got_carried = {st.name: tuple(st.shape) for st in sig.carried}
             if got != want:
                 problem = (
                     f"its KV states hold {len(got)} caches of {sorted(set(got))}; the model "
-                    f"needs {len(want)} of {tuple(want[0])}"
+                    f"needs {len(want)} of {sorted(set(want))}"
+                )
+            elif got_carried != want_carried:
+                problem = (
+                    f"it carries states {sorted(got_carried.items())}; the model's conv and "
+                    f"recurrent states are {sorted(want_carried.items())}"
                 )
         if problem:
             raise AnefxInputError(f"{package} was not converted from this model: {problem}")

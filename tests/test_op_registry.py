@@ -380,6 +380,10 @@ def test_matmul_transpose_fold_and_conv_within_the_sum_bound(case: dict) -> None
     g.op(aten.conv2d.default, x4, w1, bias)
     wk = g.const(fp16(rng, (cout, cin, kh, kw), 0.5))
     g.op(aten.conv2d.default, x4, wk, None, [1, 1], [0, 0], [1, 1], 1)  # the defaults, given
+    # depthwise (a linear-attention layer's causal conv, conv1d_to_conv2d): one group per
+    # channel, each its own (1, kh, kw) kernel
+    wd = g.const(fp16(rng, (cin, 1, kh, kw), 0.5))
+    g.op(aten.conv2d.default, x4, wd, bias if cout == cin else None, [1, 1], [0, 0], [1, 1], cin)
     gm = g.module()
     assert ops_of(gm) == FAMILIES["products"]
     got, prog = run_package(gm, g.feeds)
@@ -623,7 +627,24 @@ REFUSED: dict[str, tuple[Callable[[G], None], str]] = {
     "conv_stride": (_conv(stride=[2, 2]), r"stride=\[2, 2\] is not translated"),
     "conv_padding": (_conv(padding=[1, 1]), r"padding=\[1, 1\] is not translated"),
     "conv_dilation": (_conv(dilation=[2, 2]), r"dilation=\[2, 2\] is not translated"),
-    "conv_groups": (_conv(groups=2), r"groups=2 is not translated"),
+    # a grouped conv is translated (test_matmul_transpose_fold_and_conv...); groups that do not
+    # fit the channels (torch's own check refuses them first) are not
+    "conv_groups": (
+        _later(
+            aten.conv2d.default,
+            lambda g: (
+                _fp16_input(g, 1, 4, 8, 8),
+                g.const(np.zeros((4, 4, 3, 3), np.float16)),
+                None,
+                [1, 1],
+                [0, 0],
+                [1, 1],
+                1,
+            ),
+            lambda node: node.update_arg(6, 3),
+        ),
+        r"groups=3 does not fit input channels 4 and weight \(4, 4, 3, 3\)",
+    ),
     "conv_unbatched": (
         lambda g: g.op(
             aten.conv2d.default,

@@ -6,12 +6,14 @@ import pytest
 
 import anefx
 from anefx.core import rules
+from anefx.core.signature import pack_states
 from anefx.models.presets import PRESETS, sparse_layers
 
-REAL = [name for name in PRESETS if name != "qwen3-tiny"]
+REAL = [name for name in PRESETS if "tiny" not in name]
 # one real shape per family in the default run (the checker tests lower qwen3-0.6b too): dense
-# Qwen3, Qwen2.5, long-context Qwen3 and Qwen3-MoE; every preset under -m slow
-DEFAULT = {"qwen3-1.7b", "qwen2.5-0.5b", "qwen3-4b-2507", "qwen3-30b-a3b"}
+# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE and the Qwen3.5 hybrid; every preset under
+# -m slow
+DEFAULT = {"qwen3-1.7b", "qwen2.5-0.5b", "qwen3-4b-2507", "qwen3-30b-a3b", "qwen3.5-0.8b"}
 
 
 @pytest.mark.parametrize(
@@ -34,3 +36,23 @@ def test_preset_lowers_without_errors(name: str) -> None:
         moe = rep.stats["moe"]
         assert moe["blocks"] == len(sparse_layers(cfg)) and "unmatched" not in moe
         assert moe["compute_multiplier"] == cfg["num_experts"] / cfg["num_experts_per_tok"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+        for n in REAL
+        if PRESETS[n]["model_type"] == "qwen3_5_text"
+    ],
+)
+def test_hybrid_stateful_graphs_lower_without_errors(name: str) -> None:
+    """A hybrid's prefill and decode with states: 0 errors, one Core ML state per program (the
+    full layers' K and V), the conv and delta-rule states carried."""
+    for seq in (64, 1):
+        low = anefx.lower(f"preset:{name}", seq_len=seq, meta=True, context=512)
+        errors = [e for e in low.report.errors if e.rule != "weights_size"]
+        assert not errors, low.report.render()
+        sig = low.signature
+        assert len(pack_states(sig.states)) == 1
+        assert {s.kind for s in sig.carried} == {"conv", "recurrent"}

@@ -52,6 +52,12 @@ def family_of(config: Any, where: str = "config") -> Family:
     return FAMILIES[model_type]
 
 
+def known_family(config: Any) -> Family | None:
+    """CONFIG's family, or None for a model of no known family (capture still exports it)."""
+    model_type = getattr(config, "model_type", None)
+    return FAMILIES.get(model_type) if isinstance(model_type, str) else None
+
+
 def layer_index(module: str | None) -> int | None:
     """The decoder layer a module path lies in, by any family's layer path (None: none)."""
     for family in FAMILIES.values():
