@@ -659,3 +659,28 @@ def test_inspect_says_the_layer_kinds(text_ckpts, tmp_path: Path) -> None:
     assert info["_parameters"] == count_parameters(PRESETS["qwen3.5-tiny"])
     # a plan needs nothing but the headers: the same for the preflight the CLI ran
     assert preflight(bare).config.layer_types == PRESETS["qwen3.5-tiny"]["layer_types"]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_text_layouts_lower_to_transformers(text_ckpts, name: str) -> None:
+    """Tied and untied tiny hybrids, loaded from their folders: the lowered stateful graphs
+    (prefill, then decode steps) equal the saved model's logits (fp32, 1e-4 relative)."""
+    from anefx.generation import Session, lower_decoder
+
+    folder, saved = text_ckpts[name]
+    ids = _ids()[0].tolist() + _ids()[0].tolist()[:4]
+    session = Session(lower_decoder(str(folder), batch=8, context=32, dtype=torch.float32))
+    got = session.feed_all(ids)
+    with torch.no_grad():
+        want = saved(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
+def test_vl_layout_lowers_to_the_vl_models_logits(vl_ckpt) -> None:
+    import anefx
+
+    folder, vl, _, _ = vl_ckpt
+    low = anefx.lower(str(folder), seq_len=9, dtype=torch.float32)
+    want = _logits(vl)
+    got = low.run(_ids())
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()

@@ -145,3 +145,23 @@ def test_palettized_keeps_the_state_update_dense(ckpt: Path, tmp_path: Path) -> 
     assert not any(m.endswith(("conv1d", "in_proj_a", "in_proj_b")) for m in palettized)
     r = verify(out, str(ckpt), ids=_ids(), steps=8)
     assert done.errors == 0 and r.top5_containment >= 0.75, r.render()
+
+
+def test_argmax_package_and_diff_stages(ckpt: Path, tmp_path: Path) -> None:
+    """--argmax (the token chosen in the model) converts with 0 errors; `diff` names each
+    layer's kind and every stage is at its dtype's threshold."""
+    from anefx.lowering.diff import diff
+
+    done = anefx.convert(
+        str(ckpt), tmp_path / "a.mlpackage", context=CONTEXT, batch=BATCH, argmax=True
+    )
+    assert done.errors == 0
+    result = diff(str(ckpt), ids=_ids())
+    layers = [s for s in result.stages if s.startswith("model.layers.")]
+    assert layers == [
+        "model.layers.0 (linear)",
+        "model.layers.1 (linear)",
+        "model.layers.2 (full)",
+        "model.layers.3 (linear)",
+    ]
+    assert result.passed, result.render()
