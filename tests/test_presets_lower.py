@@ -38,14 +38,8 @@ def test_preset_lowers_without_errors(name: str) -> None:
         assert moe["compute_multiplier"] == cfg["num_experts"] / cfg["num_experts_per_tok"]
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
-        for n in REAL
-        if PRESETS[n]["model_type"] == "qwen3_5_text"
-    ],
-)
+@pytest.mark.slow  # the default run lowers the tiny hybrid's stateful graphs (test_qwen3_5.py)
+@pytest.mark.parametrize("name", [n for n in REAL if PRESETS[n]["model_type"] == "qwen3_5_text"])
 def test_hybrid_stateful_graphs_lower_without_errors(name: str) -> None:
     """A hybrid's prefill and decode with states: 0 errors, one Core ML state per program (the
     full layers' K and V), the conv and delta-rule states carried."""

@@ -112,6 +112,7 @@ def test_prefill_has_no_loop_scatter_or_rank5(package: Path) -> None:
                 assert out.type.tensorType.rank <= 4, (op.type, out.name)
 
 
+@pytest.mark.slow  # a third conversion and a verify: under -m slow, to keep the default run short
 def test_palettized_keeps_the_state_update_dense(ckpt: Path, tmp_path: Path) -> None:
     """The linear layers' big projections are palettized with the MLPs ("ffn"); the depthwise
     conv's kernels and the decay / write-strength projections stay dense."""
