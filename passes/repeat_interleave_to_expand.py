@@ -22,10 +22,10 @@ from anefx.passes._util import (
     aten,
     emit,
     is_op,
+    left_unreported,
     mark_unlowered,
     recompile,
     shape_of,
-    unlowered,
 )
 
 _PASS = "repeat_interleave_to_expand"
@@ -74,11 +74,7 @@ def repeat_interleave_to_expand(gm: fx.GraphModule) -> PassResult:
 
 def postcondition(gm: fx.GraphModule) -> list[str]:
     """No repeat_interleave is left, but those the pass reported."""
-    return [
-        f"{n.name}: repeat_interleave left"
-        for n in gm.graph.nodes
-        if is_op(n, aten.repeat_interleave) and not unlowered(n)
-    ]
+    return left_unreported(gm, aten.repeat_interleave)
 
 
 register_pass(_PASS, lambda: repeat_interleave_to_expand, postcondition)

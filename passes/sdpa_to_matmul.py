@@ -22,10 +22,10 @@ from anefx.passes._util import (
     aten,
     emit,
     is_op,
+    left_unreported,
     mark_unlowered,
     recompile,
     shape_of,
-    unlowered,
     val,
 )
 
@@ -90,11 +90,7 @@ def sdpa_to_matmul(gm: fx.GraphModule) -> PassResult:
 
 def postcondition(gm: fx.GraphModule) -> list[str]:
     """No scaled_dot_product_attention is left, but those the pass reported."""
-    return [
-        f"{n.name}: scaled_dot_product_attention left"
-        for n in gm.graph.nodes
-        if is_op(n, aten.scaled_dot_product_attention) and not unlowered(n)
-    ]
+    return left_unreported(gm, aten.scaled_dot_product_attention)
 
 
 register_pass(_PASS, lambda: sdpa_to_matmul, postcondition)

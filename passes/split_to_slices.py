@@ -21,10 +21,10 @@ from anefx.passes._util import (
     aten,
     emit,
     is_op,
+    left_unreported,
     mark_unlowered,
     recompile,
     shape_of,
-    unlowered,
     val,
 )
 
@@ -116,11 +116,7 @@ def split_to_slices(gm: fx.GraphModule) -> PassResult:
 
 def postcondition(gm: fx.GraphModule) -> list[str]:
     """No split, chunk, unbind or integer select is left, but those the pass reported."""
-    return [
-        f"{n.name}: {n.target} left"
-        for n in gm.graph.nodes
-        if is_op(n, *_SPLITS, aten.select) and not unlowered(n)
-    ]
+    return left_unreported(gm, *_SPLITS, aten.select)
 
 
 register_pass(_PASS, lambda: split_to_slices, postcondition)
