@@ -297,10 +297,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_matrix(args) -> int:
-    from anefx.lowering.matrix import matrix_row, render_matrix
+    from anefx.lowering.matrix import matrix_presets, matrix_row, render_matrix
     from anefx.models.presets import PRESETS
 
-    names = args.presets.split(",") if args.presets else [n for n in PRESETS if "tiny" not in n]
+    names = args.presets.split(",") if args.presets else matrix_presets()
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise AnefxInputError(f"unknown preset '{unknown[0]}'; known: {', '.join(PRESETS)}")

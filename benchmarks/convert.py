@@ -1,7 +1,7 @@
 """Benchmark: anefx vs the stock torch.export -> ct.convert path on the same random weights.
 
     .venv/bin/python benchmarks/convert.py --preset qwen3-0.6b [--seq 64] [--out DIR]
-        [--context 512] [--no-stateful] [--in-process]
+        [--context 512] [--no-stateful] [--no-naive] [--in-process]
 
 Both paths start from the same transformers model (``load_model("preset:NAME", fp16, seed)``)
 and end with a saved .mlpackage; the shared load is excluded from both times. By default each
@@ -17,6 +17,14 @@ functions back from it for the same per-layer op counts (``decode_*``, ``statefu
 to compare with ANEMLL's decode function. If only this run fails, its error is reported in
 ``stateful_error`` and the other numbers still stand.
 
+A family whose layers differ (a Qwen3.5 hybrid: ``Family.layer_kinds`` labels each layer
+"linear" or "full") is counted per kind of layer as well: ``layer_kinds`` and
+``by_layer_kind`` hold, for each kind, the medians over its layers of the prefill package, the
+decode function and the stateful prefill function (ops, transposes, reshapes, copies, the op
+types of a representative layer) and the naive path's estimate; the summary shows those in
+place of the all-layer medians and of ANEMLL's Qwen3 figures. ``--no-naive`` skips the stock
+path (its numbers are then null): a hybrid's stock graph takes ct.convert minutes.
+
 Printed: a human-readable summary, then as the LAST line one JSON object with the numbers.
 """
 
@@ -28,6 +36,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -124,11 +133,13 @@ def analyse(
     name_to_module: dict[str, str] | None = None,
     function: str = "main",
     spec=None,
+    kinds: list[str] | None = None,
 ) -> dict:
     """Read a saved package back: op counts per layer, copies, and the rule check.
 
     FUNCTION picks one function of a multifunction package (its rule check only); SPEC, if
-    given, is the package's already read spec."""
+    given, is the package's already read spec. KINDS (one label per layer, from the family)
+    adds the same counts per kind of layer under ``by_kind`` when the layers differ."""
     from anefx.targets.coreml import read_spec
     from anefx.targets.mil_program import check_spec
     from anefx.targets.op_counts import layer_stats, program_ops
@@ -139,7 +150,7 @@ def analyse(
     if name_to_module is not None:
         for o in ops:
             o.module = o.module or _module_of(o.name, name_to_module)
-    kinds = Counter(o.op for o in ops)
+    op_kinds = Counter(o.op for o in ops)
     errors: Counter = Counter()
     warns: Counter = Counter()
     for report in check_spec(spec):
@@ -150,14 +161,54 @@ def analyse(
     return {
         "ops": len(ops),
         "ops_per_layer_avg": round(len(ops) / n_layers, 2),
-        "transposes_per_layer_avg": round(kinds["transpose"] / n_layers, 2),
-        "reshapes_per_layer_avg": round(kinds["reshape"] / n_layers, 2),
-        "op_types": dict(kinds.most_common()),
+        "transposes_per_layer_avg": round(op_kinds["transpose"] / n_layers, 2),
+        "reshapes_per_layer_avg": round(op_kinds["reshape"] / n_layers, 2),
+        "op_types": dict(op_kinds.most_common()),
         "errors": dict(errors),
         "warnings": dict(warns),
         "package_mb": round(dir_mb(package), 1),
         **layer_stats(ops, n_layers),
+        **({"by_kind": kind_stats(ops, kinds)} if kinds and any(kinds) else {}),
     }
+
+
+def layer_kinds(model) -> list[str]:
+    """The family's label of each decoder layer ("linear" / "full" for a hybrid; all "" when
+    the layers are alike, or for a model of no known family)."""
+    from anefx.models.families import known_family
+
+    family = known_family(model.config)
+    n_layers = model.config.num_hidden_layers
+    return family.layer_kinds(model.config) if family is not None else [""] * n_layers
+
+
+def kind_stats(ops: list, kinds: list[str]) -> dict[str, dict]:
+    """Per kind of layer (in order of first appearance): the medians over the layers of that
+    kind, as layer_stats gives them over all layers (a hybrid's linear-attention and
+    full-attention layers differ too much for one median to describe either)."""
+    from anefx.targets.op_counts import layer_histograms
+
+    per_layer, _ = layer_histograms(ops, len(kinds))
+    out: dict[str, dict] = {}
+    for kind in dict.fromkeys(kinds):
+        layers = [i for i, k in enumerate(kinds) if k == kind]
+        totals = [sum(per_layer[i].values()) for i in layers]
+        med = statistics.median(totals)
+        # the first layer of the kind closest to the median count: its op types
+        rep = min(layers, key=lambda i: abs(sum(per_layer[i].values()) - med))
+        out[kind] = {
+            "layers": len(layers),
+            "ops_per_layer": med,
+            "ops_per_layer_max": max(totals),
+            "transposes_per_layer": statistics.median(per_layer[i]["transpose"] for i in layers),
+            "reshapes_per_layer": statistics.median(per_layer[i]["reshape"] for i in layers),
+            "copies_per_layer": statistics.median(
+                per_layer[i]["transpose"] + per_layer[i]["reshape"] for i in layers
+            ),
+            "layer_op_types": dict(per_layer[rep].most_common()),
+            "layer_op_types_index": rep,
+        }
+    return out
 
 
 def _module_of(mil_name: str, name_to_module: dict[str, str]) -> str | None:
@@ -212,7 +263,7 @@ def run_anefx(model, seq: int, out: Path) -> dict:
         "passes_s": s["passes"] + s["check"],
         "pass_s": pass_times,
         "peak_rss_gb": peak_rss_gb(),
-        "analysis": analyse(package, model.config.num_hidden_layers),
+        "analysis": analyse(package, model.config.num_hidden_layers, kinds=layer_kinds(model)),
     }
 
 
@@ -270,7 +321,7 @@ def run_stateful(model, seq: int, out: Path, context: int = 512) -> dict:
     else:  # emit_functions said nothing we know: its own total and the rest
         emit_s = report["seconds"]["emit"]  # the MIL program, ct.convert, save
         stages.update({"emit": emit_s, "emit_check": (t2 - t1) - emit_s})
-    n_layers = model.config.num_hidden_layers
+    n_layers, kinds = model.config.num_hidden_layers, layer_kinds(model)
     spec = read_spec(package)
     return {
         "total_s": (t2 - t0) - both("load"),
@@ -279,8 +330,10 @@ def run_stateful(model, seq: int, out: Path, context: int = 512) -> dict:
         "peak_rss_by_stage_gb": emit_rss,
         "context": context,
         "batch": seq,
-        "decode": analyse(package, n_layers, function="decode", spec=spec),
-        "prefill": analyse(package, n_layers, function="prefill", spec=spec),
+        # a hybrid's conv and delta-rule states: program inputs and outputs, not Core ML states
+        "carried_states": len(dec.decode.signature.carried),
+        "decode": analyse(package, n_layers, function="decode", spec=spec, kinds=kinds),
+        "prefill": analyse(package, n_layers, function="prefill", spec=spec, kinds=kinds),
     }
 
 
@@ -387,7 +440,9 @@ def run_naive(model, seq: int, out: Path) -> dict:
         "stage_s": stages,
         "removed_nodes": removed,
         "peak_rss_gb": rss,
-        "analysis": analyse(package, model.config.num_hidden_layers, name_to_module),
+        "analysis": analyse(
+            package, model.config.num_hidden_layers, name_to_module, kinds=layer_kinds(model)
+        ),
     }
 
 
@@ -514,12 +569,13 @@ def stateful_keys(st: dict | None) -> dict:
 
 
 def summarise(
-    args: argparse.Namespace, a: dict, n: dict, mode: str, st: dict | None = None
+    args: argparse.Namespace, a: dict, n: dict | None, mode: str, st: dict | None = None
 ) -> dict:
-    """The final JSON record from the paths' results (ST: the stateful package, if run)."""
-    aa, na = a["analysis"], n["analysis"]
+    """The final JSON record from the paths' results (N: the naive path, None if not run
+    (--no-naive): its numbers are None; ST: the stateful package, if run)."""
+    aa, na = a["analysis"], (n["analysis"] if n else {})
     r2 = _r2
-    prints = {a["fingerprint"], n["fingerprint"]}
+    prints = {a["fingerprint"]} | ({n["fingerprint"]} if n else set())
     if st and "fingerprint" in st:
         prints.add(st["fingerprint"])
     return {
@@ -530,12 +586,12 @@ def summarise(
         "revision": git_revision(),
         "same_weights": len(prints) == 1,
         "anefx_s": round(a["total_s"], 2),
-        "naive_s": round(n["total_s"], 2),
-        "ratio": round(a["total_s"] / n["total_s"], 3),
+        "naive_s": round(n["total_s"], 2) if n else None,
+        "ratio": round(a["total_s"] / n["total_s"], 3) if n else None,
         "passes_s": round(a["passes_s"], 2),
-        "load_s": round(a["load_s"] or n["load_s"], 2),
+        "load_s": round(a["load_s"] or (n["load_s"] if n else 0.0), 2),
         "peak_rss_gb": round(a["peak_rss_gb"], 2),
-        "naive_peak_rss_gb": round(n["peak_rss_gb"], 2),
+        "naive_peak_rss_gb": round(n["peak_rss_gb"], 2) if n else None,
         "ops_per_layer": aa["ops_per_layer"],
         "ops_per_layer_max": aa["ops_per_layer_max"],
         "ops_layer0": aa["ops_layer0"],
@@ -545,24 +601,63 @@ def summarise(
         "layer_op_types": aa["layer_op_types"],
         "anefx_ops": aa["ops"],
         "anefx_ops_outside_layers": aa["outside_layers"],
-        "naive_ops": na["ops"],
-        "naive_ops_per_layer_avg": na["ops_per_layer_avg"],
-        "naive_transposes_per_layer_avg": na["transposes_per_layer_avg"],
-        "naive_reshapes_per_layer_avg": na["reshapes_per_layer_avg"],
-        "naive_ops_per_layer_est": na["ops_per_layer"],
-        "naive_layer_op_types_est": na["layer_op_types"],
-        "naive_removed_nodes": n["removed_nodes"],
+        "naive_ops": na.get("ops"),
+        "naive_ops_per_layer_avg": na.get("ops_per_layer_avg"),
+        "naive_transposes_per_layer_avg": na.get("transposes_per_layer_avg"),
+        "naive_reshapes_per_layer_avg": na.get("reshapes_per_layer_avg"),
+        "naive_ops_per_layer_est": na.get("ops_per_layer"),
+        "naive_layer_op_types_est": na.get("layer_op_types"),
+        "naive_removed_nodes": n["removed_nodes"] if n else None,
         "anefx_stage_s": r2(a["stage_s"]),
-        "naive_stage_s": r2(n["stage_s"]),
+        "naive_stage_s": r2(n["stage_s"]) if n else None,
         "anefx_pass_s": r2(a["pass_s"]),
         "anefx_errors": aa["errors"],
         "anefx_warnings": aa["warnings"],
-        "naive_errors": na["errors"],
-        "naive_warnings": na["warnings"],
+        "naive_errors": na.get("errors"),
+        "naive_warnings": na.get("warnings"),
         "package_mb": aa["package_mb"],
-        "naive_package_mb": na["package_mb"],
+        "naive_package_mb": na.get("package_mb"),
         "reference": REFERENCE,
         **stateful_keys(st),
+        **kind_keys(aa, na, st),
+    }
+
+
+# per kind of layer: the JSON name prefix of each function's numbers (the prefill package's,
+# the decode function's, the stateful prefill function's, as in the record), and the numbers
+_KIND_PREFIXES = ("", "decode_", "stateful_prefill_")
+_KIND_STATS = (
+    "ops_per_layer", "ops_per_layer_max", "copies_per_layer", "transposes_per_layer",
+    "reshapes_per_layer", "layer_op_types",
+)  # fmt: skip
+
+
+def kind_keys(aa: dict, na: dict, st: dict | None) -> dict:
+    """For a family whose layers differ (a hybrid): ``layer_kinds`` (layers of each kind) and
+    ``by_layer_kind`` (per kind: the prefill package's, the decode function's and the stateful
+    prefill function's medians, keyed as the record's own, and the naive estimate). Nothing
+    for a family whose layers are alike: its record is as before."""
+    if "by_kind" not in aa:
+        return {}
+    ran = st is not None and "error" not in st
+    functions = {"": aa["by_kind"]}
+    if ran:
+        functions["decode_"] = st["decode"]["by_kind"]
+        functions["stateful_prefill_"] = st["prefill"]["by_kind"]
+    by_kind = {}
+    for kind, stats in aa["by_kind"].items():
+        row: dict = {"layers": stats["layers"]}
+        for prefix in _KIND_PREFIXES:
+            for key in _KIND_STATS:
+                row[prefix + key] = functions[prefix][kind][key] if prefix in functions else None
+        naive = na.get("by_kind", {}).get(kind, {})
+        row["naive_ops_per_layer_est"] = naive.get("ops_per_layer")
+        row["naive_layer_op_types_est"] = naive.get("layer_op_types")
+        by_kind[kind] = row
+    return {
+        "layer_kinds": {k: v["layers"] for k, v in by_kind.items()},
+        "by_layer_kind": by_kind,
+        "carried_states": st["carried_states"] if ran else None,
     }
 
 
@@ -570,6 +665,7 @@ def render(rec: dict) -> str:
     """A human-readable summary of the JSON record."""
     ref = REFERENCE
     ratio = rec["ratio"]
+    hybrid = bool(rec.get("by_layer_kind"))
     lines = [
         f"anefx vs stock conversion: {rec['preset']}, seq {rec['seq']}, fp16 random weights "
         f"(seed {rec['seed']}, same weights: {rec['same_weights']}, {rec['mode']})",
@@ -579,51 +675,69 @@ def render(rec: dict) -> str:
         f"package {rec['package_mb']:.1f} MB",
     ]
     lines += [f"    {k:<12} {v:7.2f} s" for k, v in rec["anefx_stage_s"].items()]
+    lines.append(f"    passes + checker = {rec['passes_s']:.2f} s")
+    if rec["naive_s"] is None:
+        lines += ["  naive   not run (--no-naive)", ""]
+    else:
+        lines.append(
+            f"  naive   {rec['naive_s']:7.2f} s   peak RSS {rec['naive_peak_rss_gb']:.2f} GB   "
+            f"package {rec['naive_package_mb']:.1f} MB"
+        )
+        lines += [f"    {k:<12} {v:7.2f} s" for k, v in rec["naive_stage_s"].items()]
+        prior = ref["prior_naive_s"]
+        lines += [
+            f"    (prior measurement: export {prior['export']} s + convert {prior['convert']} s "
+            f"+ save {prior['save']} s, {ref['prior_naive_peak_rss_gb']} GB; "
+            f"removed here: {rec['naive_removed_nodes']})",
+            f"  anefx / naive time = {ratio:.2f} ({'slower' if ratio > 1 else 'faster'})",
+            "",
+        ]
+    if not hybrid:  # a hybrid's layers are counted per kind, after the stateful package
+        lines += [
+            "  per decoder layer            anefx        naive        ANEMLL prefill (64 tok)",
+            f"    ops                    {rec['ops_per_layer']:>8}   "
+            f"{_or_dash(rec['naive_ops_per_layer_avg']):>10}   "
+            f"{ref['anemll_prefill_ops_per_layer']:>8}",
+            f"    transposes             {rec['transposes_per_layer']:>8}   "
+            f"{_or_dash(rec['naive_transposes_per_layer_avg']):>10}   "
+            f"{ref['anemll_prefill_transposes_per_layer']:>8}",
+            f"    reshapes               {rec['reshapes_per_layer']:>8}   "
+            f"{_or_dash(rec['naive_reshapes_per_layer_avg']):>10}   "
+            f"{ref['anemll_prefill_reshapes_per_layer']:>8}",
+            f"    (anefx: median over layers; max {rec['ops_per_layer_max']}, layer 0 "
+            f"{rec['ops_layer0']}, {rec['anefx_ops_outside_layers']} ops outside the layers; "
+            "naive: all ops / layers)",
+            f"    anefx layer ops: {_fmt_counts(rec['layer_op_types'])}",
+            f"    naive layer ops (estimated): "
+            f"{_fmt_counts(rec['naive_layer_op_types_est'] or {}) or '-'}",
+            "",
+        ]
     lines += [
-        f"    passes + checker = {rec['passes_s']:.2f} s",
-        f"  naive   {rec['naive_s']:7.2f} s   peak RSS {rec['naive_peak_rss_gb']:.2f} GB   "
-        f"package {rec['naive_package_mb']:.1f} MB",
-    ]
-    lines += [f"    {k:<12} {v:7.2f} s" for k, v in rec["naive_stage_s"].items()]
-    prior = ref["prior_naive_s"]
-    lines += [
-        f"    (prior measurement: export {prior['export']} s + convert {prior['convert']} s "
-        f"+ save {prior['save']} s, {ref['prior_naive_peak_rss_gb']} GB; "
-        f"removed here: {rec['naive_removed_nodes']})",
-        f"  anefx / naive time = {ratio:.2f} ({'slower' if ratio > 1 else 'faster'})",
-        "",
-        "  per decoder layer            anefx        naive        ANEMLL prefill (64 tok)",
-        f"    ops                    {rec['ops_per_layer']:>8}   "
-        f"{rec['naive_ops_per_layer_avg']:>10}   {ref['anemll_prefill_ops_per_layer']:>8}",
-        f"    transposes             {rec['transposes_per_layer']:>8}   "
-        f"{rec['naive_transposes_per_layer_avg']:>10}   "
-        f"{ref['anemll_prefill_transposes_per_layer']:>8}",
-        f"    reshapes               {rec['reshapes_per_layer']:>8}   "
-        f"{rec['naive_reshapes_per_layer_avg']:>10}   "
-        f"{ref['anemll_prefill_reshapes_per_layer']:>8}",
-        f"    (anefx: median over layers; max {rec['ops_per_layer_max']}, layer 0 "
-        f"{rec['ops_layer0']}, {rec['anefx_ops_outside_layers']} ops outside the layers; "
-        "naive: all ops / layers)",
-        f"    anefx layer ops: {_fmt_counts(rec['layer_op_types'])}",
-        f"    naive layer ops (estimated): {_fmt_counts(rec['naive_layer_op_types_est'])}",
-        "",
         f"  ANE rule errors   anefx: {_fmt_counts(rec['anefx_errors']) or 'none'}",
-        f"                    naive: {_fmt_counts(rec['naive_errors']) or 'none'}",
+        f"                    naive: {_naive_counts(rec['naive_errors'])}",
         f"  ANE warnings      anefx: {_fmt_counts(rec['anefx_warnings']) or 'none'}",
-        f"                    naive: {_fmt_counts(rec['naive_warnings']) or 'none'}",
+        f"                    naive: {_naive_counts(rec['naive_warnings'])}",
         "",
     ]
-    return "\n".join(lines + render_stateful(rec))
+    lines += render_stateful(rec)
+    if hybrid:
+        lines += ["", *render_kinds(rec)]
+    return "\n".join(lines)
 
 
 def render_stateful(rec: dict) -> list[str]:
-    """The summary of the stateful two-function package, against ANEMLL's decode function."""
+    """The summary of the stateful two-function package, against ANEMLL's decode function
+    (a hybrid: its times and rule checks; its layers are in render_kinds)."""
     ref = REFERENCE
     if rec["stateful_error"]:
         return [f"  stateful decoder package: {rec['stateful_error']}"]
+    hybrid = bool(rec.get("by_layer_kind"))
+    n_carried = rec.get("carried_states") or 0
+    carried = f"; {n_carried} states carried as inputs and outputs" if n_carried else ""
     lines = [
         f"  stateful decoder package (functions prefill S={rec['stateful_batch']} and decode "
-        f"S=1, KV cache of {rec['stateful_context']} as state): {rec['stateful_s']:.2f} s   "
+        f"S=1, KV cache of {rec['stateful_context']} as state{carried}): "
+        f"{rec['stateful_s']:.2f} s   "
         f"peak RSS {rec['stateful_peak_rss_gb']:.2f} GB   package "
         f"{rec['stateful_package_mb']:.1f} MB",
     ]
@@ -633,6 +747,14 @@ def render_stateful(rec: dict) -> list[str]:
             "    peak RSS at the end of: "
             + ", ".join(f"{k} {v:.2f} GB" for k, v in rec["stateful_peak_rss_by_stage_gb"].items())
         )
+    checks = [
+        f"  ANE rule errors   decode: {_fmt_counts(rec['decode_errors']) or 'none'}; "
+        f"prefill: {_fmt_counts(rec['stateful_prefill_errors']) or 'none'}",
+        f"  ANE warnings      decode: {_fmt_counts(rec['decode_warnings']) or 'none'}; "
+        f"prefill: {_fmt_counts(rec['stateful_prefill_warnings']) or 'none'}",
+    ]
+    if hybrid:  # ANEMLL's figures are of Qwen3 layers: nothing of theirs to set beside these
+        return lines + checks
     lines += [
         f"    (ANEMLL, same shape: about {ref['anemll_conversion_s']} s for embeddings, head, "
         f"decode and prefill parts; about {ref['anemll_conversion_with_merge_s']} s with the "
@@ -665,16 +787,68 @@ def render_stateful(rec: dict) -> list[str]:
         "outside the layers)",
         f"    anefx decode layer ops:  {_fmt_counts(rec['decode_layer_op_types'])}",
         f"    ANEMLL decode layer ops: {_fmt_counts(ref['anemll_decode_layer_op_types'])}",
-        f"  ANE rule errors   decode: {_fmt_counts(rec['decode_errors']) or 'none'}; "
-        f"prefill: {_fmt_counts(rec['stateful_prefill_errors']) or 'none'}",
-        f"  ANE warnings      decode: {_fmt_counts(rec['decode_warnings']) or 'none'}; "
-        f"prefill: {_fmt_counts(rec['stateful_prefill_warnings']) or 'none'}",
     ]
+    return lines + checks
+
+
+def render_kinds(rec: dict) -> list[str]:
+    """A hybrid's layers, kind by kind: ops and copies (transposes + reshapes) per layer of
+    the prefill package, the stateful prefill function and the decode function, medians over
+    the layers of the kind; the naive path's all-ops estimate beside them."""
+
+    def num(v) -> str:
+        return "-" if v is None else f"{v:g}"
+
+    lines = [
+        "  per decoder layer, by kind (median over the layers of each kind, as the family labels"
+        " them)",
+        f"    {'':<24}{'prefill pkg':>12}{'stateful prefill':>18}{'decode':>8}{'naive (est.)':>14}",
+    ]
+    for kind, row in rec["by_layer_kind"].items():
+        lines.append(f"    {kind} ({row['layers']} layer{'s' if row['layers'] != 1 else ''})")
+        for label, key in (
+            ("ops", "ops_per_layer"),
+            ("transposes", "transposes_per_layer"),
+            ("reshapes", "reshapes_per_layer"),
+            ("copies", "copies_per_layer"),
+        ):
+            naive = num(row["naive_ops_per_layer_est"]) if key == "ops_per_layer" else ""
+            lines.append(
+                f"      {label:<22}{num(row[key]):>12}{num(row['stateful_prefill_' + key]):>18}"
+                f"{num(row['decode_' + key]):>8}{naive:>14}"
+            )
+        lines.append(
+            f"      ops max: prefill pkg {num(row['ops_per_layer_max'])}, stateful prefill "
+            f"{num(row['stateful_prefill_ops_per_layer_max'])}, decode "
+            f"{num(row['decode_ops_per_layer_max'])}"
+        )
+        for label, prefix in (
+            ("prefill pkg", ""),
+            ("stateful prefill", "stateful_prefill_"),
+            ("decode", "decode_"),
+        ):
+            types = row[prefix + "layer_op_types"]
+            if types is not None:
+                lines.append(f"      {label} layer ops: {_fmt_counts(types)}")
+        if row["naive_layer_op_types_est"]:
+            lines.append(
+                f"      naive layer ops (estimated): {_fmt_counts(row['naive_layer_op_types_est'])}"
+            )
     return lines
 
 
 def _fmt_counts(d: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
+def _naive_counts(d: dict | None) -> str:
+    """The naive path's rule counts ("not run" without it)."""
+    return "not run" if d is None else (_fmt_counts(d) or "none")
+
+
+def _or_dash(v):
+    """A number, or "-" for one not measured (the naive path not run)."""
+    return "-" if v is None else v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,6 +884,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the stateful two-function package (lower_decoder + emit_functions)",
     )
     p.add_argument(
+        "--no-naive",
+        dest="naive",
+        action="store_false",
+        help="skip the stock export + ct.convert path (minutes for a hybrid's stock graph)",
+    )
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="load once and run both paths on the same model object in this process",
@@ -738,8 +918,9 @@ def main(argv: list[str] | None = None) -> int:
     st = None
     if args.in_process:
         model, load_s = load(args.preset, args.seed)
-        res = {p: run_path(p, args.preset, args.seq, args.seed, args.out, model) for p in PATHS}
-        res["naive"]["load_s"] = load_s
+        paths = PATHS if args.naive else ("anefx",)
+        res = {p: run_path(p, args.preset, args.seq, args.seed, args.out, model) for p in paths}
+        res[paths[0]]["load_s"] = load_s
         if args.stateful:
             try:
                 st = run_path(
@@ -750,11 +931,11 @@ def main(argv: list[str] | None = None) -> int:
         mode = "one process: anefx peak RSS is the process-wide peak"
     else:
         # one path at a time: on two cores concurrent runs would distort both timings
-        res = {p: run_child(p, args) for p in PATHS}
+        res = {p: run_child(p, args) for p in PATHS if args.naive or p != "naive"}
         if args.stateful:
             st = run_child(STATEFUL, args, required=False)
         mode = "one child process per path"
-    rec = summarise(args, res["anefx"], res["naive"], mode, st)
+    rec = summarise(args, res["anefx"], res.get("naive"), mode, st)
     print(render(rec))
     print(json.dumps(rec))
     return 0

@@ -13,6 +13,7 @@ does not fit (a layer reading another layer's values, a block with several outpu
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 
 import torch
@@ -195,7 +196,15 @@ def repeat_layers(
         old_prefix, new_prefix = f"{prefix}.{t}", f"{prefix}.{j}"
         for n in blocks[t]:
             if n.op == "get_attr" and n.meta.get("anefx_lifted"):
-                env[n] = n  # a constant the layer's code made (not a weight): shared as it is
+                # a constant the layer's code made (not a weight): the same tensor, under a name
+                # of this layer's, as a full export lifts one per layer (shared, CSE would merge
+                # the layers' uses of it and the graph would differ from the full export's)
+                name = f"{n.target}_{prefix.replace('.', '_')}_{j}"
+                gm.register_buffer(name, operator.attrgetter(n.target)(gm), persistent=False)
+                with g.inserting_before(anchor):
+                    new = g.get_attr(name)
+                new.meta = dict(n.meta)
+                env[n] = new
                 continue
             if n.op == "get_attr":
                 fqn = n.meta.get("anefx_param", "")

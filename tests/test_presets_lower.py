@@ -7,9 +7,10 @@ import pytest
 import anefx
 from anefx.core import rules
 from anefx.core.signature import pack_states
+from anefx.lowering.matrix import matrix_presets
 from anefx.models.presets import PRESETS, sparse_layers
 
-REAL = [name for name in PRESETS if "tiny" not in name]
+REAL = matrix_presets()
 # one real shape per family in the default run (the checker tests lower qwen3-0.6b too): dense
 # Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE and the Qwen3.5 hybrid; every preset under
 # -m slow

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 import transformers
 
+import anefx
 import anefx.models.capture as capture_mod
 from anefx.core.signature import signature_of
 from anefx.models.capture import capture, example_inputs
@@ -33,6 +36,16 @@ def _model(kind: str, layers: int, mlp_only: list[int] | None = None) -> torch.n
             **common,
         )
         cls = transformers.Qwen3MoeForCausalLM
+    elif kind == "hybrid":  # Qwen3.5: linear, linear, full, linear, ... (irregular)
+        from anefx.models.presets import get_preset
+
+        raw = get_preset("qwen3.5-tiny")
+        raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
+        kinds = ["linear_attention", "linear_attention", "full_attention"]
+        raw.update(
+            num_hidden_layers=layers, layer_types=(kinds * layers)[:layers], vocab_size=VOCAB
+        )
+        config, cls = transformers.Qwen3_5TextConfig(**raw), transformers.Qwen3_5ForCausalLM
     elif kind == "qwen2":
         common.pop("head_dim")
         config, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
@@ -42,9 +55,17 @@ def _model(kind: str, layers: int, mlp_only: list[int] | None = None) -> torch.n
     torch.manual_seed(layers)
     model = cls(config).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
+            if kind == "hybrid" and not name.endswith("norm.weight"):
+                continue  # the delta rule's decays and gates as initialised: in range
             p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)  # distinct layers, distinct norms
     return model
+
+
+def _extra(cap) -> dict:
+    """The hybrid's stateful graph also takes which slots are valid (all of them here)."""
+    names = [n.target for n in cap.graph_module.graph.nodes if n.op == "placeholder"]
+    return {"anefx_valid": torch.ones(1, SEQ)} if "anefx_valid" in names else {}
 
 
 def _run(cap, seed: int) -> tuple[torch.Tensor, ...]:
@@ -53,7 +74,7 @@ def _run(cap, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (1, SEQ), generator=g, dtype=torch.int32)
     states = [torch.randn(s.shape, generator=g) for s in signature_of(gm).states]
-    out = gm(ids, pos, mask, *states)
+    out = gm(ids, pos, mask, *states, **_extra(cap))
     return out if isinstance(out, tuple) else (out,)
 
 
@@ -65,6 +86,8 @@ def _run(cap, seed: int) -> tuple[torch.Tensor, ...]:
         ("qwen2", 4, None, 2, None),
         ("moe", 5, [0, 3], 4, CONTEXT),  # the dense kind must come after layer 0: layer 3
         ("moe", 4, [1], 3, None),
+        ("hybrid", 7, None, 3, None),
+        ("hybrid", 5, None, 3, CONTEXT),  # conv, recurrent and K/V states per layer
     ],
 )
 def test_repeated_equals_full_export(kind, layers, mlp_only, exported, context) -> None:
@@ -81,8 +104,23 @@ def test_repeated_equals_full_export(kind, layers, mlp_only, exported, context) 
             assert torch.equal(x, y)
     # every repeated node points at its own layer
     modules = {n.meta.get("anefx_module") for n in fast.graph_module.graph.nodes}
-    assert f"model.layers.{layers - 1}.self_attn" in modules
+    last = "linear_attn" if kind == "hybrid" and (layers - 1) % 3 != 2 else "self_attn"
+    assert f"model.layers.{layers - 1}.{last}" in modules
     assert len(model.model.layers) == model.config.num_hidden_layers == layers  # restored
+
+
+def test_repeated_hybrid_lowers_to_the_full_exports_graph() -> None:
+    """After the passes too: a constant a layer's code makes is the layer's own in the repeated
+    graph as in a full export (shared, CSE merged the layers' uses of it: one node fewer per
+    repeated linear layer than the full export lowers to)."""
+    model = _model("hybrid", 5)
+    fast, full = (anefx.lower(model, seq_len=32, dtype=torch.float32, repeat=r) for r in (1, 0))
+    assert fast.exported_layers == 3 and full.exported_layers == 5
+
+    def targets(low) -> Counter:
+        return Counter(str(n.target) for n in low.graph_module.graph.nodes if n.op != "get_attr")
+
+    assert targets(fast) == targets(full)
 
 
 @pytest.mark.parametrize(
