@@ -8,12 +8,14 @@ presets are the published sizes and the report's multiplier counts the shared ex
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_end_to_end import psnr, reference_logits
 
 import anefx
@@ -22,7 +24,7 @@ from anefx.errors import AnefxInputError
 from anefx.generation import Session, lower_decoder
 from anefx.models.families import FAMILIES
 from anefx.models.infer_config import infer_config, infer_from_tensors, recognise
-from anefx.models.load import build_config, build_meta_model
+from anefx.models.load import build_config, build_meta_model, load_model
 from anefx.models.presets import (
     PRESETS,
     active_parameters,
@@ -306,3 +308,21 @@ def test_the_router_and_the_shared_gate_stay_dense() -> None:
     assert kind("model.layers.0.mlp.shared_expert_gate", "conv") is None
     assert kind("model.layers.0.mlp.shared_expert.up_proj", "conv") == "ffn"
     assert kind("model.layers.0.mlp.experts", "conv") == "ffn"
+
+
+def test_a_shared_expert_that_disagrees_is_named(tmp_path: Path) -> None:
+    """config.json's shared width against the stored tensors, and a missing shared-expert
+    tensor: one error naming the tensor, before the model is built."""
+    folder = write_random_checkpoint(tmp_path / "m", TINY, torch.float32, seed=2)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "shared_expert_intermediate_size": 64})
+    )
+    with pytest.raises(AnefxInputError, match=r"shared_expert\.gate_proj\.weight' has shape \[48"):
+        load_model(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.0.mlp.shared_expert_gate.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(AnefxInputError, match=r"shared_expert_gate\.weight' missing"):
+        load_model(folder)
