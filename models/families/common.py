@@ -69,6 +69,14 @@ def no_experts(config: Mapping[str, Any]) -> int:
     return 0
 
 
+def shared_expert_parameters(config: Mapping[str, Any]) -> int:
+    """A sigmoid-gated shared expert beside the routed ones (Qwen2-MoE, Qwen3-Next,
+    Qwen3.5-MoE): a gated MLP of width `shared_expert_intermediate_size` and its (1, hidden)
+    gate."""
+    hidden = config["hidden_size"]
+    return 3 * hidden * config["shared_expert_intermediate_size"] + hidden
+
+
 def never_refused(suffixes: frozenset[str], first: frozenset[str]) -> str | None:
     return None
 

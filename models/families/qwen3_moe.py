@@ -112,23 +112,35 @@ def _has_experts(suffixes: frozenset[str]) -> bool:
     return any(s.startswith("mlp.experts.") or s == "mlp.gate.weight" for s in suffixes)
 
 
+def _has_shared_expert(suffixes: frozenset[str]) -> bool:
+    return any(s.startswith("mlp.shared_expert") for s in suffixes)
+
+
 def recognise(suffixes: frozenset[str], first: frozenset[str]) -> int:
     """Expert (or router) tensors and Qwen3's q_norm: above dense Qwen3's score."""
     return 2 if _has_experts(suffixes) and "self_attn.q_norm.weight" in first else 0
 
 
 def refuse(suffixes: frozenset[str], first: frozenset[str]) -> str | None:
-    """Other mixture-of-experts layouts than Qwen3-MoE's."""
-    if any(".shared_expert" in s for s in suffixes):
-        return "shared-expert tensors (Qwen2-MoE) are not a supported family"
-    if _has_experts(suffixes) and "self_attn.q_norm.weight" not in first:
-        return "expert tensors without q_norm: only Qwen3-MoE experts are supported"
+    """Other mixture-of-experts layouts than Qwen3-MoE's and Qwen2-MoE's (a shared expert
+    without q_norm, models/families/qwen2_moe.py)."""
+    q_norm = "self_attn.q_norm.weight" in first
+    if _has_shared_expert(suffixes) and q_norm:
+        return "shared-expert tensors beside q_norm are not a supported family"
+    if _has_experts(suffixes) and not q_norm and not _has_shared_expert(suffixes):
+        return "expert tensors without q_norm or a shared expert: not a supported MoE layout"
     return None
 
 
 def infer(r: ShapeReader) -> None:
     """Qwen3 attention; the experts' count and width, and which layers are sparse."""
     q_norm_attention(r)
+    infer_experts(r)
+
+
+def infer_experts(r: ShapeReader) -> None:
+    """The routed experts' count and width (stored per expert or fused), which layers are
+    sparse, and intermediate_size from a dense layer if there is one."""
     expert_count: dict[int, int] = {}
     expert_width: dict[int, int] = {}
     for i, per_layer in r.layers.items():
