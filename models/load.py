@@ -517,7 +517,10 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     family = family_of(raw, where)
     config_cls = family.config_cls()
     _check_keys(raw, config_cls, where)
-    required = [(f,) for f in REQUIRED_FIELDS] + list(family.required)
+    # a field the family's class does not have is not required (Qwen3.5-MoE has no dense MLP
+    # width)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    required = [(f,) for f in REQUIRED_FIELDS if f in fields] + list(family.required)
     for spellings in required:
         if not any(f in raw for f in spellings):
             raise input_error(
@@ -607,6 +610,7 @@ def count_config_parameters(config: PreTrainedConfig) -> int:
         "tie_word_embeddings",
         "num_experts_per_tok",
         "moe_intermediate_size",
+        "shared_expert_intermediate_size",
         "decoder_sparse_step",
         "mlp_only_layers",
         # a hybrid's linear-attention layers (Family.linear_attention)
