@@ -101,6 +101,7 @@ _POSITIVE_INT_FIELDS = (
     "num_local_experts",
     "num_experts_per_tok",
     "moe_intermediate_size",
+    "shared_expert_intermediate_size",
     "decoder_sparse_step",
     "sliding_window",
 )
@@ -111,6 +112,7 @@ _NULLABLE_INT_FIELDS = ("num_key_value_heads", "sliding_window")
 _BOOL_FIELDS = (
     "tie_word_embeddings",
     "attention_bias",
+    "qkv_bias",
     "use_sliding_window",
     "use_cache",
     "norm_topk_prob",
@@ -611,6 +613,7 @@ def count_config_parameters(config: PreTrainedConfig) -> int:
         "num_experts_per_tok",
         "moe_intermediate_size",
         "shared_expert_intermediate_size",
+        "qkv_bias",
         "decoder_sparse_step",
         "mlp_only_layers",
         # a hybrid's linear-attention layers (Family.linear_attention)

@@ -77,10 +77,10 @@ def count_parameters(config: dict[str, Any]) -> int:
     Covers the Qwen3 layout (q/k RMSNorm over head_dim, optional bias on all four attention
     projections), Qwen2 (bias on q/k/v only, no q/k norms, head_dim = hidden / heads),
     Qwen3-MoE (Qwen3 attention; per sparse layer a router (E, H) and the experts' fused
-    gate_up (E, 2I, H) and down (E, H, I), and where the family has one a shared expert with
-    its (1, H) gate; a dense MLP on the other layers) and the hybrids (the family's
-    linear-attention layers in place of attention blocks; its gated attention's extra q_proj
-    rows in `attention_parameters`).
+    gate_up (E, 2I, H) and down (E, H, I); a dense MLP on the other layers), a shared expert
+    beside the routed ones (the family's `shared_expert`: Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE)
+    and the hybrids (the family's linear-attention layers in place of attention blocks; its gated
+    attention's extra q_proj rows in `attention_parameters`).
     """
     model_type = config.get("model_type")
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
@@ -102,9 +102,7 @@ def count_parameters(config: dict[str, Any]) -> int:
     sparse = len(sparse_layers(config))
     experts = num_experts(config)
     sparse_mlp = experts * hidden + experts * _expert_params(config)  # router + experts
-    shared = config.get("shared_expert_intermediate_size") or 0
-    if shared:  # a shared expert (gate, up, down) and its sigmoid gate (1, H)
-        sparse_mlp += 3 * hidden * shared + hidden
+    sparse_mlp += family.shared_expert(config) if experts else 0
 
     # the layers whose mixer is a linear attention hold no attention block
     linear_layers, linear_mixers = family.linear_attention(config)
@@ -117,7 +115,8 @@ def count_parameters(config: dict[str, Any]) -> int:
 
 
 def active_parameters(config: dict[str, Any]) -> int:
-    """Parameters one token uses: all but the experts it is not routed to (= total if dense)."""
+    """Parameters one token uses: all but the experts it is not routed to (= total if dense;
+    a shared expert is used by every token)."""
     idle = num_experts(config) - config.get("num_experts_per_tok", 8)
     if idle <= 0:
         return count_parameters(config)

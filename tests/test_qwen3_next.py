@@ -125,13 +125,16 @@ def test_loads_as_stored(ckpt, caplog) -> None:
 
 def test_lowered_graph_equals_transformers(ckpt) -> None:
     """fp32 at rounding level, fp16 >= 60 dB; every sparse layer's block densified, the
-    compute multiplier E / k stated."""
+    compute multiplier (E I + Is) / (k I + Is) stated with the shared expert's width."""
     _, folder, model = ckpt
     rel, db, moe = lowered_errors(folder, model)
     assert rel < 1e-4 and db >= 60.0, (rel, db)
     cfg = model.config
     assert moe["blocks"] == len(sparse_layers(cfg.to_dict())) and "unmatched" not in moe
-    assert moe["compute_multiplier"] == cfg.num_experts / cfg.num_experts_per_tok
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    i, shared = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    assert moe["compute_multiplier"] == pytest.approx((e * i + shared) / (k * i + shared))
+    assert (moe["shared_expert_width"], moe["shared_expert_gated"]) == (shared, True)
 
 
 def test_greedy_tokens_equal_generate(ckpt) -> None:

@@ -70,6 +70,14 @@ def no_experts(config: Mapping[str, Any]) -> int:
     return 0
 
 
+def shared_expert_parameters(config: Mapping[str, Any]) -> int:
+    """A sigmoid-gated shared expert beside the routed ones (Qwen2-MoE, Qwen3-Next,
+    Qwen3.5-MoE): a gated MLP of width `shared_expert_intermediate_size` and its (1, hidden)
+    gate."""
+    hidden = config["hidden_size"]
+    return 3 * hidden * config["shared_expert_intermediate_size"] + hidden
+
+
 def never_refused(suffixes: frozenset[str], first: frozenset[str]) -> str | None:
     return None
 
@@ -157,7 +165,7 @@ def routed_experts(r: ShapeReader) -> set[int]:
     return set(expert_count) | set(expert_width)
 
 
-def shared_expert(r: ShapeReader, sparse: set[int]) -> None:
+def infer_shared_expert(r: ShapeReader, sparse: set[int]) -> None:
     """shared_expert_intermediate_size from the shared expert's gate_proj rows (I_s, H), in
     every layer of SPARSE, beside its gate `mlp.shared_expert_gate` (1, H)."""
     hidden = r.fields["hidden_size"]

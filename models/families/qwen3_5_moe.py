@@ -16,7 +16,13 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from anefx.models.families.common import expert_parts, experts, routed_experts, shared_expert
+from anefx.models.families.common import (
+    expert_parts,
+    experts,
+    infer_shared_expert,
+    routed_experts,
+    shared_expert_parameters,
+)
 from anefx.models.families.qwen3_5.hybrid import (
     DENSE_LINEAR,
     FULL,
@@ -171,7 +177,7 @@ def mlp(r: ShapeReader) -> None:
             f"layer {dense[0]} ('{r.layer_tensor(dense[0], 'mlp.*')}') has no experts; every "
             "Qwen3.5-MoE layer routes its tokens"
         )
-    shared_expert(r, sparse)
+    infer_shared_expert(r, sparse)
 
 
 HYBRID = Hybrid("Qwen3_5MoeTextConfig", PRESETS, separate_projections, mlp)
@@ -218,6 +224,7 @@ FAMILY = hybrid_family(
     tiny="qwen3.5-moe-tiny",
     experts=experts,
     stored_parts=expert_parts,
+    shared_expert=shared_expert_parameters,
     nested=(NESTED,),
     dropped_tensors=DROPPED,
     # the router and the shared expert's gate: their outputs choose and weigh the experts

@@ -26,8 +26,9 @@ from anefx.models.families.common import (
     expert_parts,
     experts,
     has_router,
+    infer_shared_expert,
     routed_experts,
-    shared_expert,
+    shared_expert_parameters,
     sparse_pattern,
     tiny,
 )
@@ -180,7 +181,7 @@ def mlp(r: ShapeReader) -> None:
         r.fields["num_experts"] = 0
         return
     sparse = routed_experts(r)
-    shared_expert(r, sparse)
+    infer_shared_expert(r, sparse)
     step, dense = sparse_pattern(len(r.layers), sparse)
     r.fields["decoder_sparse_step"] = step
     r.fields["mlp_only_layers"] = dense
@@ -234,6 +235,7 @@ FAMILY = hybrid_family(
     tiny="qwen3-next-tiny",
     experts=experts,
     stored_parts=expert_parts,
+    shared_expert=shared_expert_parameters,
     dropped_tensors=(("mtp.", "of multi-token prediction"),),
     # the router and the shared expert's gate: their outputs choose and weigh the experts
     dense_in_layer=(*DENSE_LINEAR, "mlp.gate", "mlp.shared_expert_gate"),
