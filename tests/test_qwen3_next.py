@@ -6,7 +6,7 @@ stored; its lowered graph equals the stock model (fp32 within 1e-4 of the larges
 >= 60 dB); greedy decoding carrying the conv and delta-rule states equals `generate` for a
 prompt longer than the batch; a stateful package passes the checker with at most one Core ML
 state per function and `verify` on the reference executor. The fused projections, interleaved
-per key head, reach the delta rule as separate linears (random head counts and widths). The
+per key head, lower to Qwen3.5's convs (random head counts and widths). The
 published preset's count equals transformers' model; the config comes back from the tensors
 alone; recognition and malformed tensors."""
 
@@ -181,25 +181,28 @@ def _one_layer(key_heads: int, per_key: int, key_dim: int, value_dim: int, seed:
     seq=st.sampled_from([1, 5, SEQ]),
     seed=st.integers(0, 1000),
 )
-def test_fused_projections_become_separate_linears(
+def test_fused_projections_lower_to_qwen35s_convs(
     key_heads: int, per_key: int, key_dim: int, value_dim: int, seq: int, seed: int
 ) -> None:
     """transformers de-interleaves in_proj_qkvz / in_proj_ba with a view to (S, Hk, per head)
-    and a split of its last axis; the lowered graph computes the same logits with one conv per
-    part (q, k, v, z; b, a) and no slice of a projection's output left."""
+    and a split of its last axis, then joins q, k and v for the conv; the lowered graph
+    computes the same logits with Qwen3.5's convs: one for q | k | v, one for z, one each for
+    b and a, and no slice of a projection's output left."""
     model = _one_layer(key_heads, per_key, key_dim, value_dim, seed)
     low = anefx.lower(model, seq_len=seq, dtype=torch.float32)
     tokens = ids(seq, seed)
     ref = stock_logits(model, tokens)
     assert (low.run(tokens) - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
-    convs: dict[str, int] = {}
+    convs: dict[str, list[int]] = {}
     for node in low.graph_module.graph.nodes:
         module = node.meta.get("anefx_module") or ""
         if node.target is torch.ops.aten.conv2d.default and "in_proj_" in module:
-            convs[module.rsplit(".", 1)[-1]] = convs.get(module.rsplit(".", 1)[-1], 0) + 1
+            convs.setdefault(module.rsplit(".", 1)[-1], []).append(node.meta["val"].shape[1])
         if node.target is torch.ops.aten.slice.Tensor and module.endswith(("qkvz", "ba")):
             raise AssertionError(f"{node.name} slices a fused projection's output")
-    assert convs == {"in_proj_qkvz": 4, "in_proj_ba": 2}, convs
+    keys, values = key_heads * key_dim, key_heads * per_key * value_dim
+    assert sorted(convs["in_proj_qkvz"]) == sorted([2 * keys + values, values]), convs
+    assert convs["in_proj_ba"] == [key_heads * per_key] * 2, convs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ transformers `model_type` `qwen3_next` (class `Qwen3NextForCausalLM`). Its linea
 q | k | v | z with one `in_proj_qkvz` and b | a with one `in_proj_ba`, their rows interleaved
 per key head: for key head h, [q_h (dk) | k_h (dk) | v (r dv) | z (r dv)] and [b (r) | a (r)],
 r = Hv / Hk value heads per key head. transformers' `fix_query_key_value_ordering` takes them
-apart with a view to (S, Hk, per-head) and a split of its last axis; `split_sliced_linears`
-rewrites exactly that (a linear read only in disjoint slices of its head-major rows becomes one
-linear per slice, the rows gathered in the weight), so the graph reaching the delta rule is
-Qwen3.5's, and nothing is substituted for it (docs/qwen3_5.md, "Qwen3-Next").
+apart with a view to (S, Hk, per-head) and a split of its last axis, then joins q, k and v for
+the conv; `split_sliced_linears` gives each part a linear of its own (the rows gathered in the
+weight) and `merge_concatenated_linears` joins q, k and v again, so the graph reaching the delta
+rule is Qwen3.5's and nothing is substituted for it (docs/qwen3_next.md).
 
 Published checkpoints store the experts per expert (`mlp.experts.<e>.gate_proj.weight` ...), as
 transformers saves them; fused (`mlp.experts.gate_up_proj`) loads too. The multi-token
