@@ -524,7 +524,10 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     family = family_of(raw, where)
     config_cls = family.config_cls()
     _check_keys(raw, config_cls, where)
-    required = [(f,) for f in REQUIRED_FIELDS] + list(family.required)
+    # a field the family's class does not have is not required (Qwen3.5-MoE has no dense MLP
+    # width)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    required = [(f,) for f in REQUIRED_FIELDS if f in fields] + list(family.required)
     for spellings in required:
         if not any(f in raw for f in spellings):
             raise input_error(

@@ -78,8 +78,8 @@ def count_parameters(config: dict[str, Any]) -> int:
     projections), Qwen2 (bias on q/k/v only, no q/k norms, head_dim = hidden / heads),
     Qwen3-MoE (Qwen3 attention; per sparse layer a router (E, H) and the experts' fused
     gate_up (E, 2I, H) and down (E, H, I); a dense MLP on the other layers), a shared expert
-    beside the routed ones (the family's `shared_expert`, Qwen2-MoE) and the Qwen3.5
-    hybrids (the family's linear-attention layers in place of attention blocks; its gated
+    beside the routed ones (the family's `shared_expert`: Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE)
+    and the hybrids (the family's linear-attention layers in place of attention blocks; its gated
     attention's extra q_proj rows in `attention_parameters`).
     """
     model_type = config.get("model_type")
@@ -90,7 +90,8 @@ def count_parameters(config: dict[str, Any]) -> int:
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = _head_dim(config)
-    inter = config["intermediate_size"]
+    # a model whose every layer is sparse may have no dense width (Qwen3.5-MoE's class has none)
+    inter = config.get("intermediate_size") or 0
     vocab = config["vocab_size"]
     layers = config["num_hidden_layers"]
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
@@ -140,7 +141,7 @@ def describe_presets() -> list[dict[str, Any]]:
                 "heads": cfg["num_attention_heads"],
                 "kv_heads": cfg["num_key_value_heads"],
                 "head_dim": _head_dim(cfg),
-                "intermediate": cfg["intermediate_size"],
+                "intermediate": cfg.get("intermediate_size") or 0,
                 "experts": num_experts(cfg),
                 "experts_per_tok": cfg.get("num_experts_per_tok", 0) if num_experts(cfg) else 0,
                 "moe_intermediate": cfg.get("moe_intermediate_size", 0) if num_experts(cfg) else 0,

@@ -10,12 +10,13 @@ import anefx
 from anefx.core import rules
 from anefx.core.signature import pack_states
 from anefx.lowering.matrix import matrix_presets
+from anefx.models.families import FAMILIES
 from anefx.models.presets import PRESETS, num_experts, sparse_layers
 
 REAL = matrix_presets()
 # one real shape per family in the default run (the checker tests lower qwen3-0.6b too): dense
-# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE, Qwen2-MoE and the Qwen3.5 hybrid; every
-# preset under -m slow
+# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE, Qwen2-MoE, the Qwen3.5 hybrid and the hybrids
+# with experts (Qwen3.5-MoE, Qwen3-Next); every preset under -m slow
 DEFAULT = {
     "qwen3-1.7b",
     "qwen2.5-0.5b",
@@ -23,7 +24,15 @@ DEFAULT = {
     "qwen3-30b-a3b",
     "qwen1.5-moe-a2.7b",
     "qwen3.5-0.8b",
+    "qwen3.5-35b-a3b",
+    "qwen3-next-80b-a3b",
 }
+
+
+def _hybrid(name: str) -> bool:
+    """A preset whose family has linear-attention layers."""
+    cfg = PRESETS[name]
+    return FAMILIES[cfg["model_type"]].linear_attention(cfg)[0] > 0
 
 
 @pytest.mark.parametrize(
@@ -55,7 +64,7 @@ def test_preset_lowers_without_errors(name: str) -> None:
 
 
 @pytest.mark.slow  # the default run lowers the tiny hybrid's stateful graphs (test_qwen3_5.py)
-@pytest.mark.parametrize("name", [n for n in REAL if PRESETS[n]["model_type"] == "qwen3_5_text"])
+@pytest.mark.parametrize("name", [n for n in REAL if _hybrid(n)])
 def test_hybrid_stateful_graphs_lower_without_errors(name: str) -> None:
     """A hybrid's prefill and decode with states: 0 errors, one Core ML state per program (the
     full layers' K and V), the conv and delta-rule states carried."""
