@@ -115,10 +115,13 @@ DEFAULTS = (
 )
 
 
-def head_dim(fields: Mapping[str, Any]) -> tuple[int, str]:
-    """head_dim for a Qwen2 checkpoint (not a config field), and where it came from."""
+def head_dim(
+    fields: Mapping[str, Any], presets: Mapping[str, dict[str, Any]] | None = None
+) -> tuple[int, str]:
+    """head_dim for a Qwen2 checkpoint (not a config field), and where it came from; PRESETS
+    (default: Qwen2's) are the shapes that decide."""
     hidden, k_rows = fields["hidden_size"], fields["_k_rows"]
-    for name, preset in PRESETS.items():
+    for name, preset in (PRESETS if presets is None else presets).items():
         dim = preset.get("head_dim") or preset["hidden_size"] // preset["num_attention_heads"]
         same = (
             all(
@@ -141,15 +144,16 @@ def recognise(suffixes: frozenset[str], first: frozenset[str]) -> int:
     return int("self_attn.q_proj.bias" in first and "self_attn.q_norm.weight" not in first)
 
 
-def infer(r: ShapeReader) -> None:
-    """The q rows must be hidden_size; the head count comes from `head_dim` (the defaults)."""
+def infer(r: ShapeReader, presets: Mapping[str, dict[str, Any]] | None = None) -> None:
+    """The q rows must be hidden_size; the head count comes from `head_dim` (the defaults),
+    which PRESETS (default: Qwen2's) may decide."""
     q_name, q_rows, _, k_rows = attention_rows(r)
     hidden = r.fields["hidden_size"]
     if q_rows != hidden:
         raise r.fail(f"tensor '{q_name}' has {q_rows} rows; Qwen2 needs hidden_size ({hidden})")
     r.fields["_k_rows"] = k_rows
     dense_mlp(r, required=True)
-    r.fields["_head_dim"], why = head_dim(r.fields)
+    r.fields["_head_dim"], why = head_dim(r.fields, presets)
     r.reasons["num_attention_heads"] = r.reasons["num_key_value_heads"] = why
 
 

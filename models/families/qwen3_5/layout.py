@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from anefx.models.families.common import dense_mlp, tiny
+from anefx.models.families.common import dense_mlp, mrope_sections, tiny
 from anefx.models.family import Default, Nested
 from anefx.models.limits import MAX_HEAD_DIM, MAX_HEADS
 from anefx.models.messages import shown
@@ -436,9 +436,7 @@ def infer(r: ShapeReader) -> None:
 def _rope_default(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Published rope parameters; the mrope sections split the rotary's half as published
     (11 + 11 + 10 of 32) whatever head_dim is (for text they are one rotary anyway)."""
-    half = int(fields.get("head_dim", 256) * 0.25) // 2
-    third = half // 3
-    sections = [half - 2 * third, third, third] if half != 32 else [11, 11, 10]
+    sections = mrope_sections(int(fields.get("head_dim", 256) * 0.25), [11, 11, 10], 64)
     return {
         "rope_type": "default",
         "rope_theta": 10000000.0,
