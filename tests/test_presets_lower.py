@@ -8,13 +8,22 @@ import anefx
 from anefx.core import rules
 from anefx.core.signature import pack_states
 from anefx.lowering.matrix import matrix_presets
-from anefx.models.presets import PRESETS, sparse_layers
+from anefx.models.presets import PRESETS, num_experts, sparse_layers
 
 REAL = matrix_presets()
 # one real shape per family in the default run (the checker tests lower qwen3-0.6b too): dense
-# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE and the Qwen3.5 hybrid; every preset under
-# -m slow
-DEFAULT = {"qwen3-1.7b", "qwen2.5-0.5b", "qwen3-4b-2507", "qwen3-30b-a3b", "qwen3.5-0.8b"}
+# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE, the Qwen3.5 hybrid and the language towers of
+# Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE; every preset under -m slow
+DEFAULT = {
+    "qwen3-1.7b",
+    "qwen2.5-0.5b",
+    "qwen3-4b-2507",
+    "qwen3-30b-a3b",
+    "qwen3.5-0.8b",
+    "qwen2.5-vl-3b",
+    "qwen3-vl-2b",
+    "qwen3-vl-30b-a3b",
+}
 
 
 @pytest.mark.parametrize(
@@ -33,7 +42,7 @@ def test_preset_lowers_without_errors(name: str) -> None:
         b - a <= rules.MAX_CONV_OUT_CHANNELS for a, b in (o.vocab for o in low.signature.logits)
     )
     cfg = PRESETS[name]
-    if cfg["model_type"] == "qwen3_moe":
+    if num_experts(cfg):
         moe = rep.stats["moe"]
         assert moe["blocks"] == len(sparse_layers(cfg)) and "unmatched" not in moe
         assert moe["compute_multiplier"] == cfg["num_experts"] / cfg["num_experts_per_tok"]
