@@ -546,3 +546,111 @@ def test_one_published_tower_per_family_lowers_by_default() -> None:
     for model_type in TOWERS:
         assert any(PRESETS[n]["model_type"] == model_type for n in DEFAULT), model_type
     assert rules.MAX_STATES_PER_PROGRAM == 1
+
+
+def _published_qwen3_vl(text: dict, tied: bool, model_type: str = "qwen3_vl") -> dict:
+    """A config.json as the Qwen3-VL repositories publish it: text_config with the legacy rope
+    spelling, the outer tie, a vision_config beside."""
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": model_type,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "tie_word_embeddings": tied,
+        "vision_config": {"deepstack_visual_indexes": [5, 11, 17], "depth": 24},
+        "text_config": {
+            "model_type": f"{model_type}_text",
+            "attention_bias": False,
+            "head_dim": 128,
+            "hidden_act": "silu",
+            "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-06,
+            "rope_scaling": {
+                "mrope_interleaved": True,
+                "mrope_section": [24, 20, 20],
+                "rope_type": "default",
+            },
+            "rope_theta": 5000000,
+            "tie_word_embeddings": tied,
+            "vocab_size": 151936,
+            "dtype": "bfloat16",
+            **text,
+        },
+    }
+
+
+PUBLISHED_FILES = {
+    # the flat config.json of Qwen/Qwen2.5-VL-7B-Instruct (its text fields; vision abridged)
+    "qwen2.5-vl-7b": {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "hidden_act": "silu",
+        "hidden_size": 3584,
+        "initializer_range": 0.02,
+        "intermediate_size": 18944,
+        "max_position_embeddings": 128000,
+        "max_window_layers": 28,
+        "model_type": "qwen2_5_vl",
+        "num_attention_heads": 28,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vision_config": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 3584},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vocab_size": 152064,
+    },
+    "qwen3-vl-2b": _published_qwen3_vl(
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 28,
+            "num_key_value_heads": 8,
+        },
+        tied=True,
+    ),
+    "qwen3-vl-30b-a3b": _published_qwen3_vl(
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "num_attention_heads": 32,
+            "num_hidden_layers": 48,
+            "num_key_value_heads": 4,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "moe_intermediate_size": 768,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
+        tied=False,
+        model_type="qwen3_vl_moe",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_FILES))
+def test_published_config_files_read_as_the_presets(name: str) -> None:
+    """config.json in the published spelling (flat with rope type "mrope" for Qwen2.5-VL,
+    text_config with rope_scaling for Qwen3-VL) gives the preset's text config."""
+    config = build_config(json.loads(json.dumps(PUBLISHED_FILES[name])), name)
+    preset = build_config(get_preset(name), name)
+    assert config.model_type == preset.model_type
+    assert config.rope_parameters["rope_type"] == "default"
+    assert config.rope_parameters["mrope_section"] == preset.rope_parameters["mrope_section"]
+    assert config.rope_parameters["rope_theta"] == preset.rope_parameters["rope_theta"]
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "tie_word_embeddings"):
+        assert getattr(config, key) == getattr(preset, key), key
+    assert count_parameters(config.to_dict()) == count_parameters(PRESETS[name])
