@@ -255,8 +255,9 @@ def unnest_config(raw: Any, where: str) -> tuple[Any, str, tuple[str, ...]]:
     """RAW as the text model's config dict: a config nesting a family's text model (a published
     vision-language one, `Family.nested`) gives its text config, with the fields its outer
     config decides (`tie_word_embeddings`: its value, else its class default) and the family's
-    model_type; any other RAW is returned as it is. Also returns WHERE for messages about the
-    result and the fields the config declares."""
+    model_type (a flat layout, `Nested.flat`, holds the text fields at its top level: those
+    of the family's config class are taken); any other RAW is returned as it is. Also returns
+    WHERE for messages about the result and the fields the config declares."""
     found = _nested_layout(raw.get("model_type")) if isinstance(raw, dict) else None
     if found is None:
         return raw, where, tuple(raw) if isinstance(raw, dict) else ()
@@ -266,7 +267,8 @@ def unnest_config(raw: Any, where: str) -> tuple[Any, str, tuple[str, ...]]:
     text = raw.get(key)
     if text is None and layout.flat:
         # the text model's fields at the top level, as the outer class reads them
-        return _flat_text_config(raw, family, layout), where, tuple(raw)
+        out = _flat_text_config(raw, family, layout)
+        return out, where, tuple(k for k in out if k in raw)
     if text is None:
         raise input_error(
             f"{where}: field '{key}' missing (a '{layout.model_type}' config nests its text "
