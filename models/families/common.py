@@ -260,6 +260,5 @@ def text_decoder_class(name: str, text_model: str, pretrained: str) -> type:
             "set_input_embeddings": set_input_embeddings,
             "config_class": text_cls.config_class,
             "_tied_weights_keys": {"lm_head.weight": "model.embed_tokens.weight"},
-            "_tp_plan": {},
         },
     )
