@@ -21,8 +21,28 @@ from typing import Any
 from anefx.core.signature import State
 from anefx.models.tensor_shapes import ShapeReader
 
-# One parameter stored in pieces: (index into the parameter, stored tensor name) per piece.
-StoredParts = list[tuple[tuple[int | slice, ...], str]]
+
+@dataclass(frozen=True)
+class Transposed:
+    """A stored tensor holding a whole parameter with two axes swapped (Qwen3-VL-MoE's published
+    experts: gate_up (E, H, 2I) for the model's (E, 2I, H))."""
+
+    dim0: int
+    dim1: int
+
+
+# Where a stored piece goes in its parameter: an index (a per-expert slice of a fused
+# parameter; () for the whole) or the whole parameter with two axes swapped.
+Part = tuple[int | slice, ...] | Transposed
+# One parameter stored in pieces: (where in the parameter, stored tensor name) per piece.
+StoredParts = list[tuple[Part, str]]
+
+
+def part_of(tensor: Any, part: Part) -> Any:
+    """The view of TENSOR (a parameter) that the stored piece PART fills."""
+    if isinstance(part, Transposed):
+        return tensor.transpose(part.dim0, part.dim1)
+    return tensor[part] if part else tensor
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,13 @@ class Nested:
     outer_fields: tuple[str, ...]
     stored_prefix: str  # the text model's tensors as stored ("model.language_model.")
     model_prefix: str  # ... and as the family's model names them ("model.")
+    # An outer config without `text_key` holds the text model's fields at its top level, as
+    # its class reads them (published Qwen2.5-VL config.json files): those of the family's
+    # config class are the text config
+    flat: bool = False
+    # outer fields that are true when the nested text config says so even though the outer
+    # one does not (Qwen2_5_VLConfig forwards a pre-v5 text_config's tie_word_embeddings)
+    either: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +165,16 @@ class Family:
     # the parameters of one sparse layer's shared expert, beside its routed experts (its MLP
     # and its gate; every token uses them): (config dict) -> count, 0 when there is none
     shared_expert: Callable[[Mapping[str, Any]], int] = lambda config: 0
+    # the causal LM when transformers has none (a vision-language model's text decoder under
+    # its head: models/families/common.py text_decoder_class); None: `model_class` by name
+    model_factory: Callable[[], type] | None = None
+    # another family whose model computes exactly this one's from the same tensors (Qwen3-VL's
+    # text decoder is Qwen3's): tensors alone say this family only in one of its own published
+    # layouts (a nested prefix renamed or its tensors dropped); else they are the twin's
+    text_twin: str | None = None
+    # what the family's config class rewrites in a config dict before reading it (legacy
+    # spellings, as Qwen2.5-VL's rope type "mrope" for "default"): (dict) -> the dict read
+    legacy_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda raw: raw
 
     def config_cls(self) -> type:
         """The transformers config class (imported on first use: families load without it)."""
@@ -146,7 +183,10 @@ class Family:
         return getattr(transformers, self.config_class)
 
     def model_cls(self) -> type:
-        """The transformers *ForCausalLM class."""
+        """The transformers *ForCausalLM class (or, for a text decoder transformers ships only
+        inside a vision-language model, the family's `model_factory` class over it)."""
+        if self.model_factory is not None:
+            return self.model_factory()
         import transformers
 
         return getattr(transformers, self.model_class)

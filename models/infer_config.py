@@ -160,18 +160,23 @@ def recognise(
     """The family whose recognition scores TENSORS highest, and its decoder layers' tensors.
 
     A layout some family refuses, no family recognising the tensors, or two tying for the top
-    score are AnefxInputErrors naming WHERE."""
+    score are AnefxInputErrors naming WHERE. A family with a text twin (`Family.text_twin`)
+    is a candidate only for tensors in one of its own layouts (some renamed or dropped)."""
     layouts: dict[tuple, dict | AnefxInputError] = {}
+    own_layout: dict[tuple, bool] = {}
     candidates = []
     for family in families.values():
         # each family reads the tensors as its text model names them (a nested layout's)
         key = (family.embed_path, family.layers_path, family.nested, family.dropped_tensors)
         if key not in layouts:
-            view = text_tensors(family, tensors, where).tensors  # two names for one: an error
+            text = text_tensors(family, tensors, where)  # two names for one: an error
+            own_layout[key] = bool(text.stored or text.dropped)
             try:
-                layouts[key] = _decoder_layers(where, view, family)
+                layouts[key] = _decoder_layers(where, text.tensors, family)
             except AnefxInputError as exc:
                 layouts[key] = exc
+        if family.text_twin is not None and not own_layout[key]:
+            continue  # the tensors of its text model alone: the twin's
         if not isinstance(layouts[key], AnefxInputError):
             candidates.append((family, layouts[key]))
     if not candidates:

@@ -260,8 +260,9 @@ def unnest_config(raw: Any, where: str) -> tuple[Any, str, tuple[str, ...]]:
     """RAW as the text model's config dict: a config nesting a family's text model (a published
     vision-language one, `Family.nested`) gives its text config, with the fields its outer
     config decides (`tie_word_embeddings`: its value, else its class default) and the family's
-    model_type; any other RAW is returned as it is. Also returns WHERE for messages about the
-    result and the fields the config declares."""
+    model_type (a flat layout, `Nested.flat`, holds the text fields at its top level: those
+    of the family's config class are taken); any other RAW is returned as it is. Also returns
+    WHERE for messages about the result and the fields the config declares."""
     found = _nested_layout(raw.get("model_type")) if isinstance(raw, dict) else None
     if found is None:
         return raw, where, tuple(raw) if isinstance(raw, dict) else ()
@@ -269,6 +270,10 @@ def unnest_config(raw: Any, where: str) -> tuple[Any, str, tuple[str, ...]]:
     _check_quantized(raw, where)  # a quantization block sits in the outer config
     key = layout.text_key
     text = raw.get(key)
+    if text is None and layout.flat:
+        # the text model's fields at the top level, as the outer class reads them
+        out = _flat_text_config(raw, family, layout)
+        return out, where, tuple(k for k in out if k in raw)
     if text is None:
         raise input_error(
             f"{where}: field '{key}' missing (a '{layout.model_type}' config nests its text "
@@ -291,9 +296,25 @@ def unnest_config(raw: Any, where: str) -> tuple[Any, str, tuple[str, ...]]:
                 f"{where}: field '{field}' must be true or false, got {shown(raw[field])}"
             )
         out[field] = raw[field] if field in raw else _class_default(layout.config_class, field)
+        if field in layout.either and text.get(field) is True:
+            out[field] = True  # the outer class forwards the text config's (pre-v5 saves)
     declared = tuple(k for k in out if k in text or k in raw)
     out.setdefault("architectures", list(family.architectures))
     return out, f"{where} ({key})", declared
+
+
+def _flat_text_config(raw: dict[str, Any], family: Family, layout: Nested) -> dict[str, Any]:
+    """The text config of a flat outer config: its fields of the family's config class (and
+    the rope spellings and dtype), as transformers' outer class picks them; the outer fields
+    as given, else the outer class's defaults."""
+    fields = {f.name for f in dataclasses.fields(family.config_cls())}
+    fields |= {"rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype"}
+    out = {k: v for k, v in raw.items() if k in fields and k != "model_type"}
+    for field in layout.outer_fields:
+        out[field] = raw[field] if field in raw else _class_default(layout.config_class, field)
+    out["model_type"] = family.model_type
+    out["architectures"] = list(family.architectures)
+    return out
 
 
 def _check_keys(raw: dict[str, Any], config_cls: type, where: str) -> None:
@@ -522,6 +543,7 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
         raise input_error(f"{where}: expected a JSON object, got {type(raw).__name__}")
     raw, where, _ = unnest_config(raw, where)
     family = family_of(raw, where)
+    raw = family.legacy_config(raw)
     config_cls = family.config_cls()
     _check_keys(raw, config_cls, where)
     # a field the family's class does not have is not required (Qwen3.5-MoE has no dense MLP

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from anefx.models.families import family_of
+from anefx.models.family import Part, part_of
 from anefx.models.load import (
     build_config,
     build_meta_model,
@@ -83,9 +84,10 @@ def _split(sizes: list[int], shards: int | None, max_shard_bytes: int | None) ->
     return out
 
 
-# One stored tensor: (stored name, model parameter, index into that parameter); the index is ()
-# for the whole parameter, else the per-expert slice of a fused expert parameter.
-_Source = tuple[str, str, tuple[int | slice, ...]]
+# One stored tensor: (stored name, model parameter, where in that parameter); () for the whole
+# parameter, else the per-expert slice of a fused expert parameter or the parameter transposed
+# (models/family.py Part).
+_Source = tuple[str, str, Part]
 
 
 def _stored_sources(model: PreTrainedModel, expert_layout: str) -> list[_Source]:
@@ -117,7 +119,7 @@ def checkpoint_tensors(
     """
     full = model.state_dict()
     return {
-        src: full[name][index] if index else full[name]
+        src: part_of(full[name], index)
         for src, name, index in _stored_sources(model, expert_layout)
     }
 
@@ -161,7 +163,7 @@ def write_random_checkpoint(
             raise ValueError(f"checkpoint tensor '{name}' is not a parameter; cannot generate it")
     if max_shard_bytes is None and shards > len(sources):
         raise ValueError(f"cannot split {len(sources)} tensors into {shards} shards")
-    metas = [params[name][index] if index else params[name] for _, name, index in sources]
+    metas = [part_of(params[name], index) for _, name, index in sources]
     sizes = [t.numel() * t.element_size() for t in metas]
     assignment = _split(sizes, shards, max_shard_bytes)
     count = assignment[-1] + 1
@@ -198,7 +200,7 @@ def write_random_checkpoint(
                     fused_name, fused = name, generate(name)
                 assert fused is not None
                 # A copy, so the fused parameter can go as soon as its last slice is taken.
-                shard[stored] = fused[where].clone()
+                shard[stored] = part_of(fused, where).contiguous().clone()
                 if last_use[name] == position:
                     fused_name, fused = None, None
             position += 1

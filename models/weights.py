@@ -24,13 +24,14 @@ from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 
 from anefx.models.checkpoint_files import TensorEntry, input_error
-from anefx.models.family import StoredParts
+from anefx.models.family import Part, StoredParts, part_of
 
 ST_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
-# One stored tensor and where it goes: (state-dict name, index into that tensor, stored name).
-# The index is () for the whole tensor; a per-expert tensor fills one slice of a fused one.
-Copy = tuple[str, tuple[int | slice, ...], str]
+# One stored tensor and where it goes: (state-dict name, where in that tensor, stored name).
+# The index is () for the whole tensor; a per-expert tensor fills one slice of a fused one, a
+# transposed one the whole tensor with two axes swapped (models/family.py Part).
+Copy = tuple[str, Part, str]
 
 
 def tied_targets(model: PreTrainedModel) -> set[str]:
@@ -107,7 +108,7 @@ def map_converted_(
         whole = torch.empty(state[name].shape, device="meta")
         at, ok = 0, True
         for _, index, src in group:
-            piece = whole[index] if index else whole
+            piece = part_of(whole, index)
             ok &= piece.storage_offset() == at and piece.is_contiguous()
             at += math.prod(located[src].shape)
         if ok and at == whole.numel():
@@ -190,12 +191,21 @@ def validate_tensors(
     copies: list[Copy] = []
     missing: list[str] = []
     for name in wanted:
-        if name in located:
+        want = tuple(expected[name].shape)
+        whole = located.get(name)
+        if whole is not None and whole.shape == want:
             copies.append((name, (), name))
             continue
-        parts = stored_parts(name, tuple(expected[name].shape))
+        parts = stored_parts(name, want)
         absent = [src for _, src in parts if src not in located]
-        if parts and not absent:
+        fits = all(
+            located[src].shape == tuple(part_of(expected[name], index).shape)
+            for index, src in parts
+            if src in located
+        )
+        if whole is not None and not (parts and not absent and fits):
+            copies.append((name, (), name))  # its shape is refused below, naming the tensor
+        elif parts and not absent:
             copies.extend((name, index, src) for index, src in parts)
         elif parts and len(absent) < len(parts):
             missing.append(absent[0])  # stored per expert, but not every expert
@@ -207,7 +217,7 @@ def validate_tensors(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise input_error(f"{folder}: tensor '{missing[0]}' missing from all shards{more}")
     for name, index, src in copies:
-        entry, want = located[src], tuple(expected[name][index].shape)
+        entry, want = located[src], tuple(part_of(expected[name], index).shape)
         stored = entry.name_in_file(src)  # messages name the tensor as the file does
         if entry.shape != want:
             raise input_error(
@@ -247,7 +257,7 @@ def copy_weights_(
                 with safe_open(str(real), framework="pt", device="cpu") as fh:
                     for name, index, src in group:
                         stored = located[src].name_in_file(src)
-                        targets[name][index].copy_(fh.get_tensor(stored))
+                        part_of(targets[name], index).copy_(fh.get_tensor(stored))
             except SafetensorError as exc:
                 raise input_error(f"{path}: cannot read safetensors file: {exc}") from exc
         for name in redundant:

@@ -119,6 +119,9 @@ def test_the_families_are_discovered() -> None:
         "qwen3_5_text",
         "qwen3_5_moe_text",
         "qwen3_next",
+        "qwen2_5_vl_text",
+        "qwen3_vl_text",
+        "qwen3_vl_moe_text",
     }
     for model_type, family in FAMILIES.items():
         assert family.model_type == model_type and family.tiny in family.presets
@@ -169,11 +172,12 @@ def test_the_family_pipeline(saved, tmp_path: Path) -> None:
     shutil.copytree(folder, bare)
     (bare / "config.json").unlink()
     result = infer_config(bare, warn=False)
-    assert result.config["model_type"] == family.model_type
-    shapes = {k: v for k, v in result.config.items() if k in SHAPE_FIELDS}
+    # a text-only save of a VL tower's decoder is its text twin's (the same model)
+    assert result.config["model_type"] in (family.model_type, family.text_twin)
+    shapes = {k: v for k, v in result.config.items() if k in SHAPE_FIELDS and k != "model_type"}
     assert shapes == {k: getattr(loaded.config, k) for k in shapes}
-    assert len(shapes) >= 7
-    defaults = {row.field for row in family.defaults}
+    assert len(shapes) >= 6
+    defaults = {row.field for row in FAMILIES[result.config["model_type"]].defaults}
     assert set(result.defaulted) <= defaults and set(result.inferred).isdisjoint(result.defaulted)
 
     low16 = anefx.lower(str(folder), seq_len=SEQ, dtype=torch.float16)

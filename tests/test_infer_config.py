@@ -14,6 +14,7 @@ from transformers import Qwen3MoeForCausalLM
 from anefx import cli
 from anefx.errors import AnefxInputError
 from anefx.models import weights
+from anefx.models.families import FAMILIES
 from anefx.models.infer_config import (
     DEFAULTS,
     ConfigDefaultsWarning,
@@ -204,6 +205,15 @@ def test_infer_recovers_every_preset_from_names_and_shapes(name: str) -> None:
             self.dtype, self.shape = "BF16", tuple(tensor.shape)
 
     stored = {k: Entry(v) for k, v in checkpoint_tensors(model).items()}
+    family = FAMILIES[cfg["model_type"]]
+    if family.text_twin is not None:  # a VL tower: alone its text tensors are its twin's
+        layout = family.nested[0]  # ... in the VL layout they are the tower's
+        stored = {
+            layout.stored_prefix + k[len(layout.model_prefix) :]
+            if k.startswith(layout.model_prefix)
+            else k: v
+            for k, v in stored.items()
+        }
     result = infer_from_tensors(stored, name)
     want = _shape_fields(cfg)
     if num_experts(cfg) and len(sparse_layers(cfg)) == cfg["num_hidden_layers"]:

@@ -15,8 +15,9 @@ from anefx.models.presets import PRESETS, num_experts, sparse_layers
 
 REAL = matrix_presets()
 # one real shape per family in the default run (the checker tests lower qwen3-0.6b too): dense
-# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE, Qwen2-MoE, the Qwen3.5 hybrid and the hybrids
-# with experts (Qwen3.5-MoE, Qwen3-Next); every preset under -m slow
+# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE, Qwen2-MoE, the Qwen3.5 hybrid, the hybrids with
+# experts (Qwen3.5-MoE, Qwen3-Next) and the language towers of Qwen2.5-VL, Qwen3-VL and
+# Qwen3-VL-MoE; every preset under -m slow
 DEFAULT = {
     "qwen3-1.7b",
     "qwen2.5-0.5b",
@@ -26,6 +27,9 @@ DEFAULT = {
     "qwen3.5-0.8b",
     "qwen3.5-35b-a3b",
     "qwen3-next-80b-a3b",
+    "qwen2.5-vl-3b",
+    "qwen3-vl-2b",
+    "qwen3-vl-30b-a3b",
 }
 
 

@@ -1,15 +1,19 @@
 """What the Qwen families share: default rows, the tiny preset shape, the KV-cache states, the
-inference rules for the attention, dense-MLP and expert tensors, and how experts are stored."""
+inference rules for the attention, dense-MLP and expert tensors, how experts are stored, and
+what the text decoders of the vision-language models need (their published layouts, the causal
+LM over the text model, the mrope recomposition for text)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from anefx.core.signature import State
-from anefx.models.family import Default, PadRule, StoredParts
+from anefx.models.family import Default, Nested, PadRule, StoredParts
 from anefx.models.kv_cache import CACHE_AXES, cache_name, kv_cache_shape
 from anefx.models.tensor_shapes import ShapeReader
 
@@ -224,3 +228,148 @@ def expert_parts(name: str, shape: tuple[int, ...]) -> StoredParts:
         parts.append(((e, slice(0, half)), f"{prefix}.{e}.gate_proj.weight"))
         parts.append(((e, slice(half, None)), f"{prefix}.{e}.up_proj.weight"))
     return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Multimodal rotary (mrope) for text
+
+
+MROPE_SUBSTITUTION = (
+    "text-mode mrope: the text rotary's recomposition_frequencies (select/slice scatters of "
+    "three equal position streams) replaced by its value for equal streams"
+)
+
+
+def equal_streams_recomposition(self: Any, freq: Any) -> Any:
+    """A text rotary's ``recomposition_frequencies`` when its three mrope position streams are
+    equal (text: the model expands one (1, S) position row to all three): whichever stream a
+    frequency is taken from (Qwen2.5-VL's sections, Qwen3-VL's and Qwen3.5's interleaving),
+    it is stream 0's, so the result is the 1-D rotary's ``cat(freq, freq)``."""
+    import torch
+
+    return torch.cat((freq[0], freq[0]), dim=-1)
+
+
+@contextlib.contextmanager
+def equal_mrope_streams(model: Any) -> Iterator[None]:
+    """While capturing: every mrope rotary class of MODEL (a module with `mrope_section` whose
+    class defines `recomposition_frequencies`) recomposes as for equal streams; restored
+    afterwards."""
+    saved: list[tuple[type, Any]] = []
+    for sub in model.modules():
+        cls = type(sub)
+        own = vars(cls).get("recomposition_frequencies")
+        if own is None or not hasattr(sub, "mrope_section") or any(c is cls for c, _ in saved):
+            continue
+        saved.append((cls, own))
+        cls.recomposition_frequencies = equal_streams_recomposition
+    try:
+        yield
+    finally:
+        for cls, own in reversed(saved):
+            cls.recomposition_frequencies = own
+
+
+def mrope_sections(rotary: int, published: list[int], published_rotary: int) -> list[int]:
+    """Three mrope sections splitting the ROTARY dims of a head (summing to rotary / 2): the
+    PUBLISHED ones for the published rotary width, else thirds (for text they are one rotary
+    anyway)."""
+    if rotary == published_rotary:
+        return list(published)
+    half = rotary // 2
+    third = half // 3
+    return [half - 2 * third, third, third]
+
+
+# ---------------------------------------------------------------------------------------------
+# The text decoder of a vision-language model
+
+
+VISION_TOWER = "of the vision tower"
+
+
+def vl_layout(model_type: str, config_class: str, flat: bool = False, either=()) -> Nested:
+    """transformers' vision-language layout of a text model: the outer config nests it as
+    `text_config`; its class ties the head by its own `tie_word_embeddings`; the text model's
+    tensors are ``model.language_model.*``."""
+    return Nested(
+        model_type=model_type,
+        config_class=config_class,
+        text_key="text_config",
+        outer_fields=("tie_word_embeddings",),
+        stored_prefix="model.language_model.",
+        model_prefix="model.",
+        flat=flat,
+        either=tuple(either),
+    )
+
+
+@functools.cache
+def text_decoder_class(name: str, text_model: str, pretrained: str) -> type:
+    """transformers' TEXT_MODEL class (a vision-language model's text decoder, unmodified)
+    under an LM head, as the class NAME: the causal LM transformers does not ship for it.
+
+    It computes what the vision-language class computes for text alone: that class's forward
+    runs the same text model on the token embeddings (no image: no visual embeddings are
+    merged, no deepstack features added) and applies ``lm_head`` (bias-free, tied to the
+    embedding by the config's ``tie_word_embeddings``) to the last hidden states. PRETRAINED
+    is the family's PreTrainedModel class (weight init, attention settings). Built once per
+    name (the class is the family's `model_cls`).
+    """
+    import transformers
+    from torch import nn
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    base = getattr(transformers, pretrained)
+    text_cls = getattr(transformers, text_model)
+
+    def __init__(self, config):  # noqa: N807 (a method of the class built below)
+        base.__init__(self, config)
+        self.model = text_cls(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep, :])
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    return type(
+        name,
+        (base, transformers.GenerationMixin),
+        {
+            "__module__": __name__,
+            "__init__": __init__,
+            "forward": forward,
+            "get_input_embeddings": get_input_embeddings,
+            "set_input_embeddings": set_input_embeddings,
+            "config_class": text_cls.config_class,
+            "_tied_weights_keys": {"lm_head.weight": "model.embed_tokens.weight"},
+        },
+    )

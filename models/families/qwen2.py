@@ -117,7 +117,7 @@ DEFAULTS = (
 
 def head_dim(
     fields: Mapping[str, Any],
-    presets: Mapping[str, Mapping[str, Any]] = PRESETS,
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
     same_shapes: tuple[str, ...] = (
         "hidden_size",
         "num_hidden_layers",
@@ -127,10 +127,10 @@ def head_dim(
     ),
 ) -> tuple[int, str]:
     """head_dim for a checkpoint of Qwen2's attention (not a config field), and where it came
-    from: a preset of PRESETS whose SAME_SHAPES fields equal those read (a field not read is
-    not compared), else the rule."""
+    from: a preset of PRESETS (default: Qwen2's) whose SAME_SHAPES fields equal those read (a
+    field not read is not compared), else the rule."""
     hidden, k_rows = fields["hidden_size"], fields["_k_rows"]
-    for name, preset in presets.items():
+    for name, preset in (PRESETS if presets is None else presets).items():
         dim = preset.get("head_dim") or preset["hidden_size"] // preset["num_attention_heads"]
         same = all(preset.get(k) == fields[k] for k in same_shapes if k in fields)
         if same and preset["num_key_value_heads"] * dim == k_rows:
@@ -147,15 +147,16 @@ def recognise(suffixes: frozenset[str], first: frozenset[str]) -> int:
     return int("self_attn.q_proj.bias" in first and "self_attn.q_norm.weight" not in first)
 
 
-def infer(r: ShapeReader) -> None:
-    """The q rows must be hidden_size; the head count comes from `head_dim` (the defaults)."""
+def infer(r: ShapeReader, presets: Mapping[str, dict[str, Any]] | None = None) -> None:
+    """The q rows must be hidden_size; the head count comes from `head_dim` (the defaults),
+    which PRESETS (default: Qwen2's) may decide."""
     q_name, q_rows, _, k_rows = attention_rows(r)
     hidden = r.fields["hidden_size"]
     if q_rows != hidden:
         raise r.fail(f"tensor '{q_name}' has {q_rows} rows; Qwen2 needs hidden_size ({hidden})")
     r.fields["_k_rows"] = k_rows
     dense_mlp(r, required=True)
-    r.fields["_head_dim"], why = head_dim(r.fields)
+    r.fields["_head_dim"], why = head_dim(r.fields, presets)
     r.reasons["num_attention_heads"] = r.reasons["num_key_value_heads"] = why
 
 

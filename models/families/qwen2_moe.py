@@ -230,7 +230,7 @@ def attention_parameters(config: Mapping[str, Any], dim: int) -> int:
 
 FAMILY = Family(
     model_type="qwen2_moe",
-    order=2,
+    order=3,
     config_class="Qwen2MoeConfig",
     model_class="Qwen2MoeForCausalLM",
     architectures=("Qwen2MoeForCausalLM",),

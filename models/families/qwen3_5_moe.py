@@ -206,7 +206,7 @@ DEFAULTS: tuple[Default, ...] = (
 FAMILY = hybrid_family(
     HYBRID,
     model_type=MODEL_TYPE,
-    order=4,
+    order=5,
     config_class="Qwen3_5MoeTextConfig",
     model_class=ARCHITECTURE,
     architectures=(ARCHITECTURE,),

@@ -216,7 +216,7 @@ DEFAULTS: tuple[Default, ...] = (
 FAMILY = hybrid_family(
     HYBRID,
     model_type=MODEL_TYPE,
-    order=5,
+    order=6,
     config_class="Qwen3NextConfig",
     model_class=ARCHITECTURE,
     architectures=(ARCHITECTURE,),

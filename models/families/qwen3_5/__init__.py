@@ -26,7 +26,7 @@ from anefx.models.families.qwen3_5.layout import (
 FAMILY = hybrid_family(
     HYBRID,
     model_type="qwen3_5_text",
-    order=3,
+    order=4,
     config_class="Qwen3_5TextConfig",
     model_class="Qwen3_5ForCausalLM",
     architectures=("Qwen3_5ForCausalLM",),

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from anefx.core.signature import State
+from anefx.models.families.common import equal_mrope_streams
 from anefx.models.families.qwen3_5.delta_rule import (
     OUTPUT_SCALE,
     chunk_delta_rule,
     recurrent_step,
-    text_rotary_recomposition,
 )
 from anefx.models.family import PadRule
 from anefx.models.kv_cache import CACHE_AXES, RowKVCache, cache_name, kv_cache_shape
@@ -182,7 +182,7 @@ def _modules_of(model: torch.nn.Module) -> list[Any]:
 def loop_free_delta_rule(model: torch.nn.Module):
     """While capturing: transformers' delta-rule functions -> delta_rule.py's (the names in
     ``delta_rule.SUBSTITUTIONS``), and the text rotary's mrope recomposition -> its value for
-    equal position streams; restored afterwards."""
+    equal position streams (common.equal_mrope_streams); restored afterwards."""
     saved: list[tuple[Any, str, Any]] = []
     swaps = {
         "torch_chunk_gated_delta_rule": partial(chunk_delta_rule, output_scale=OUTPUT_SCALE),
@@ -200,15 +200,9 @@ def loop_free_delta_rule(model: torch.nn.Module):
         if hasattr(sub, "A_log") and isinstance(getattr(norm, "variance_epsilon", None), float):
             saved.append((norm, "variance_epsilon", norm.variance_epsilon))
             norm.variance_epsilon = norm.variance_epsilon * OUTPUT_SCALE**2
-    for sub in model.modules():
-        cls = type(sub)
-        if "recomposition_frequencies" in vars(cls) and cls.__name__.endswith(
-            "TextRotaryEmbedding"
-        ):
-            saved.append((cls, "recomposition_frequencies", vars(cls)["recomposition_frequencies"]))
-            cls.recomposition_frequencies = text_rotary_recomposition
     try:
-        yield
+        with equal_mrope_streams(model):  # common.py: shared with the VL text decoders
+            yield
     finally:
         for owner, name, old in reversed(saved):
             setattr(owner, name, old)

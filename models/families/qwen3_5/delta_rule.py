@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anefx.models.families.common import MROPE_SUBSTITUTION
+
 # Chunk length of the prefill form: 16 measured best in fp16 with op-by-op rounding
 # (qwen35-hybrid.md: 51.7 dB, 189 MIL ops for 64 tokens; chunks of 8: 209 ops).
 CHUNK = 16
@@ -48,8 +50,7 @@ SUBSTITUTIONS = (
     "a rank-4 recurrent step (models/families/qwen3_5/delta_rule.py; equal to rounding, "
     "tests/test_delta_rule.py), its output scaled by 16 and the gated norm's eps by 256 (the "
     "same function; an eps fp16 holds)",
-    "text-mode mrope: Qwen3_5TextRotaryEmbedding.recomposition_frequencies (select/slice "
-    "scatters of three equal position streams) replaced by its value for equal streams",
+    MROPE_SUBSTITUTION,
 )
 
 
@@ -227,10 +228,3 @@ def recurrent_step(
     state = state + k.reshape(1, h, dk, 1) @ delta
     o = (q @ state).transpose(1, 2).to(in_dtype)  # (1, 1, H, dv)
     return o, (state if output_final_state else None)
-
-
-def text_rotary_recomposition(self, freq: torch.Tensor) -> torch.Tensor:
-    """Qwen3_5TextRotaryEmbedding.recomposition_frequencies when the three mrope position
-    streams are equal (text: the model expands one (1, S) position row to all three): the
-    interleaved overwrite of stream 0 by streams 1 and 2 changes nothing."""
-    return torch.cat((freq[0], freq[0]), dim=-1)

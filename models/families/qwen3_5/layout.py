@@ -17,7 +17,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from anefx.models.families.common import dense_mlp, tiny
+from anefx.models.families.common import dense_mlp, mrope_sections, tiny
 from anefx.models.families.qwen3_5.hybrid import (
     FULL,
     LINEAR,
@@ -192,9 +192,7 @@ HYBRID = Hybrid("Qwen3_5TextConfig", PRESETS, separate_projections, dense_hybrid
 def _rope_default(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Published rope parameters; the mrope sections split the rotary's half as published
     (11 + 11 + 10 of 32) whatever head_dim is (for text they are one rotary anyway)."""
-    half = int(fields.get("head_dim", 256) * 0.25) // 2
-    third = half // 3
-    sections = [half - 2 * third, third, third] if half != 32 else [11, 11, 10]
+    sections = mrope_sections(int(fields.get("head_dim", 256) * 0.25), [11, 11, 10], 64)
     return {
         "rope_type": "default",
         "rope_theta": 10000000.0,

@@ -1,0 +1,206 @@
+"""The language model of Qwen3-VL-MoE (30B-A3B, 235B-A22B): Qwen3-MoE's decoder (Qwen3
+attention; a router and `num_experts` experts in the sparse layers, top-k weights always
+renormalised, no shared expert) with Qwen3-VL's interleaved mrope, read from a
+vision-language checkpoint without its vision tower.
+
+The experts go through passes/densify_experts.py as Qwen3-MoE's (the report states the
+compute multiplier). They are stored fused: published checkpoints hold ``experts.gate_up_proj``
+as (E, H, 2I) and ``experts.down_proj`` as (E, I, H), the transpose of the model's (E, 2I, H) and
+(E, H, I) (transformers transposes them when loading); transformers 5's save_pretrained writes
+the model's own orientation. Both load (`stored_parts`: a tensor of the model's shape whole,
+else transposed). Mrope and the absent deepstack features as in qwen3_vl.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from anefx.models.families import qwen3_moe, qwen3_vl
+from anefx.models.families.common import (
+    KV_PADDING,
+    MROPE_SUBSTITUTION,
+    VISION_TOWER,
+    dense_mlp,
+    equal_mrope_streams,
+    kv_states,
+    never_refused,
+    q_norm_attention,
+    q_norm_attention_parameters,
+    text_decoder_class,
+    tiny,
+    vl_layout,
+)
+from anefx.models.family import Default, Family, StoredParts, Transposed
+from anefx.models.kv_cache import RowKVCache
+from anefx.models.tensor_shapes import ShapeReader
+
+MODEL_CLASS = "Qwen3VLMoeTextForCausalLM"
+
+# What the published MoE text_config adds to Qwen3-VL's: 128 experts, 8 routed per token,
+# every layer sparse, 4 KV heads, untied head (Qwen3VLMoeTextConfig has no norm_topk_prob: it
+# always renormalises).
+_MOE_FIELDS: dict[str, Any] = {
+    "model_type": "qwen3_vl_moe_text",
+    "architectures": [MODEL_CLASS],
+    "num_key_value_heads": 4,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+}
+
+
+def published(
+    hidden: int, layers: int, heads: int, intermediate: int, moe_intermediate: int
+) -> dict[str, Any]:
+    """A published Qwen3-VL-MoE text config with these shapes."""
+    return {
+        **qwen3_vl.published(hidden, layers, heads, intermediate, tied=False),
+        **copy.deepcopy(_MOE_FIELDS),
+        "moe_intermediate_size": moe_intermediate,
+    }
+
+
+# Qwen/Qwen3-VL-30B-A3B-Instruct and -235B-A22B-Instruct config.json (text_config): the shapes
+# of Qwen3-30B-A3B and -235B-A22B (equal counts, tests/test_vl_towers.py); the published totals
+# (31.1B, 236B) add the vision tower.
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen3-vl-30b-a3b": published(
+        hidden=2048, layers=48, heads=32, intermediate=6144, moe_intermediate=768
+    ),
+    "qwen3-vl-235b-a22b": published(
+        hidden=4096, layers=94, heads=64, intermediate=12288, moe_intermediate=1536
+    ),
+    # layer 0 routes each token to 2 of 8 experts, layer 1 is a dense MLP; 2I (32) and I (16)
+    # differ from hidden (64), so either stored orientation of the experts is unambiguous
+    "qwen3-vl-moe-tiny": {
+        **tiny(
+            "qwen3_vl_moe_text",
+            head_dim=32,
+            attention_bias=False,
+            tie_word_embeddings=False,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            output_router_logits=False,
+            router_aux_loss_coef=0.001,
+        ),
+        "rope_parameters": qwen3_vl.rope(32),
+        "architectures": [MODEL_CLASS],
+    },
+}
+PRESETS["qwen3-vl-moe-tiny-tied"] = {
+    **copy.deepcopy(PRESETS["qwen3-vl-moe-tiny"]),
+    "tie_word_embeddings": True,
+}
+for _cfg in PRESETS.values():  # the config class has no sliding-window switch
+    for _key in ("max_window_layers", "use_sliding_window", "sliding_window"):
+        _cfg.pop(_key, None)
+
+# the model's fused expert parameters
+_FUSED_EXPERTS = re.compile(r"^.+\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def stored_parts(name: str, shape: tuple[int, ...]) -> StoredParts:
+    """A fused expert parameter stored transposed, as published (E, H, 2I) / (E, I, H); one of
+    the model's shape loads whole (models/weights.py tries that first)."""
+    if _FUSED_EXPERTS.match(name) is None or len(shape) != 3:
+        return []
+    return [(Transposed(1, 2), name)]
+
+
+def _has_experts(suffixes: frozenset[str]) -> bool:
+    return any(s.startswith("mlp.experts.") or s == "mlp.gate.weight" for s in suffixes)
+
+
+def recognise(suffixes: frozenset[str], first: frozenset[str]) -> int:
+    """Expert tensors and Qwen3's q_norm, no linear attention, in a Qwen3-VL-MoE layout: above
+    Qwen3-MoE (the tensors are a candidate only in that layout: Family.text_twin)."""
+    if any(s.startswith("linear_attn.") for s in suffixes):
+        return 0
+    return 2 * qwen3_moe.recognise(suffixes, first)
+
+
+def infer(r: ShapeReader) -> None:
+    """Qwen3 attention; the experts' count (the router's rows) and width (the axis of the
+    fused down_proj that is not hidden_size, in either stored orientation); the sparse layers."""
+    q_norm_attention(r)
+    hidden = r.fields["hidden_size"]
+    count: dict[int, int] = {}
+    width: dict[int, int] = {}
+    for i, per_layer in r.layers.items():
+        if "mlp.gate.weight" in per_layer:
+            count[i] = r.shape(i, "mlp.gate.weight", 2)[0]
+        if "mlp.experts.down_proj" in per_layer:
+            experts, a, b = r.shape(i, "mlp.experts.down_proj", 3)
+            count.setdefault(i, experts)
+            width[i] = b if a == hidden else a
+    dense_mlp(r, required=False)
+    r.fields["num_experts"] = r.one_value(count, "num_experts")
+    found = r.one_value(width, "moe_intermediate_size")
+    if found is None:
+        raise r.fail("a router 'mlp.gate.weight' but no 'mlp.experts.down_proj'")
+    r.fields["moe_intermediate_size"] = found
+    step, dense = qwen3_moe.sparse_pattern(len(r.layers), set(count) | set(width))
+    r.fields["decoder_sparse_step"] = step
+    r.fields["mlp_only_layers"] = dense
+
+
+DEFAULTS: tuple[Default, ...] = (
+    *qwen3_vl.DEFAULTS,
+    Default(
+        "num_experts_per_tok",
+        lambda f: min(8, f["num_experts"]),
+        "8 as in Qwen3-VL-30B-A3B and 235B-A22B (at most num_experts)",
+    ),
+    Default(
+        "intermediate_size",
+        lambda f: 3 * f["hidden_size"],
+        "3 x hidden_size as published; only when every layer is sparse, so it is unused",
+    ),
+)
+
+
+FAMILY = Family(
+    model_type="qwen3_vl_moe_text",
+    order=9,
+    config_class="Qwen3VLMoeTextConfig",
+    model_class=MODEL_CLASS,
+    architectures=(MODEL_CLASS,),
+    # the config class would default to 60 experts of width 1408, 4 per token: no published
+    # model's; transformers itself writes num_experts as num_local_experts
+    required=(
+        ("num_experts", "num_local_experts"),
+        ("moe_intermediate_size",),
+        ("num_experts_per_tok",),
+    ),
+    recognise=recognise,
+    sign=None,
+    refuse=never_refused,
+    infer=infer,
+    defaults=DEFAULTS,
+    presets=PRESETS,
+    tiny="qwen3-vl-moe-tiny",
+    attention_parameters=q_norm_attention_parameters,
+    experts=qwen3_moe.experts,
+    stored_parts=stored_parts,
+    states=kv_states,
+    cache=RowKVCache,
+    padding=KV_PADDING,
+    # the router: its scores pick the experts, where a small error changes which run
+    dense_in_layer=("mlp.gate",),
+    capture_context=equal_mrope_streams,
+    substitutions=(MROPE_SUBSTITUTION,),
+    nested=(vl_layout("qwen3_vl_moe", "Qwen3VLMoeConfig"),),
+    dropped_tensors=(("model.visual.", VISION_TOWER),),
+    model_factory=lambda: text_decoder_class(
+        MODEL_CLASS, "Qwen3VLMoeTextModel", "Qwen3VLMoePreTrainedModel"
+    ),
+    text_twin="qwen3_moe",
+)
