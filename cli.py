@@ -223,7 +223,9 @@ def cmd_inspect(args) -> int:
     aliases |= {"torch_dtype": "dtype", "num_local_experts": "num_experts"}
     declared = {aliases.get(k, k) for k in info["_declared"]} | set(info["_declared"])
     inferred = {aliases.get(k, k) for k in info["_inferred"]} | set(info["_inferred"])
-    print(f"{'field':<26}{'value':<44}origin")
+    # the field column fits the longest name (shared_expert_intermediate_size: 31)
+    width = max([26] + [len(k) + 2 for k in info if not k.startswith("_")])
+    print(f"{'field':<{width}}{'value':<44}origin")
     for key, value in info.items():
         if key.startswith("_"):
             continue
@@ -237,7 +239,7 @@ def cmd_inspect(args) -> int:
             origin = "class default"
         shown = json.dumps(value, default=str)
         shown = shown if len(shown) <= 42 else shown[:39] + "..."
-        print(f"{key:<26}{shown:<44}{origin}")
+        print(f"{key:<{width}}{shown:<44}{origin}")
     return 0
 
 

@@ -116,9 +116,13 @@ class Report:
                 lines.append(f"  {key:<15} {val}")
         moe = self.stats.get("moe")
         if moe and moe.get("blocks"):
+            shared = ""
+            if moe.get("shared_expert_width"):
+                gate = " gated" if moe.get("shared_expert_gated") else ""
+                shared = f" + a{gate} shared expert of width {moe['shared_expert_width']}"
             lines.append(
                 f"  {'moe':<15} {moe['blocks']} block(s) x {moe['experts']} experts, top "
-                f"{moe['top_k']}: every expert evaluated densely, expert compute "
+                f"{moe['top_k']}{shared}: every expert evaluated densely, expert compute "
                 f"x{moe['compute_multiplier']:g} ({moe['expert_groups']} conv groups per block)"
             )
         for u in (moe or {}).get("unmatched", []):

@@ -56,6 +56,12 @@ def build_pipeline(
             "linear_to_conv2d: the linear is split by its weight rows, not its activations",
         ),
         _step(
+            "merge_concatenated_linears",
+            "right after split_sliced_linears, whose parts of a fused projection (Qwen3-Next's "
+            "q | k | v | z) it joins again where the model concatenates them, and before "
+            "linear_to_conv2d: one linear becomes one conv",
+        ),
+        _step(
             "sdpa_to_matmul",
             "before limit_rank, which folds the GQA repeat into the matmuls this writes, and "
             "before the dtype pass, which folds the softmax into the compute dtype",

@@ -135,6 +135,9 @@ class Family:
     linear_attention: Callable[[Mapping[str, Any]], tuple[int, int]] = lambda config: (0, 0)
     # rows `anefx inspect` adds to say the family's own structure: (config) -> {row: text}
     describe: Callable[[Any], dict[str, str]] = lambda config: {}
+    # the parameters of one sparse layer's shared expert, beside its routed experts (its MLP
+    # and its gate; every token uses them): (config dict) -> count, 0 when there is none
+    shared_expert: Callable[[Mapping[str, Any]], int] = lambda config: 0
 
     def config_cls(self) -> type:
         """The transformers config class (imported on first use: families load without it)."""

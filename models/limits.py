@@ -50,6 +50,7 @@ CONFIG_BOUNDS: dict[str, tuple[int, str]] = {
     "hidden_size": (MAX_HIDDEN, "MAX_HIDDEN"),
     "intermediate_size": (MAX_INTERMEDIATE, "MAX_INTERMEDIATE"),
     "moe_intermediate_size": (MAX_INTERMEDIATE, "MAX_INTERMEDIATE"),
+    "shared_expert_intermediate_size": (MAX_INTERMEDIATE, "MAX_INTERMEDIATE"),
     "vocab_size": (MAX_VOCAB, "MAX_VOCAB"),
     "num_attention_heads": (MAX_HEADS, "MAX_HEADS"),
     "num_key_value_heads": (MAX_HEADS, "MAX_HEADS"),

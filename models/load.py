@@ -101,6 +101,7 @@ _POSITIVE_INT_FIELDS = (
     "num_local_experts",
     "num_experts_per_tok",
     "moe_intermediate_size",
+    "shared_expert_intermediate_size",
     "decoder_sparse_step",
     "sliding_window",
 )
@@ -111,6 +112,7 @@ _NULLABLE_INT_FIELDS = ("num_key_value_heads", "sliding_window")
 _BOOL_FIELDS = (
     "tie_word_embeddings",
     "attention_bias",
+    "qkv_bias",
     "use_sliding_window",
     "use_cache",
     "norm_topk_prob",
@@ -517,7 +519,10 @@ def build_config(raw: dict[str, Any], where: str = "config") -> PreTrainedConfig
     family = family_of(raw, where)
     config_cls = family.config_cls()
     _check_keys(raw, config_cls, where)
-    required = [(f,) for f in REQUIRED_FIELDS] + list(family.required)
+    # a field the family's class does not have is not required (Qwen3.5-MoE has no dense MLP
+    # width)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    required = [(f,) for f in REQUIRED_FIELDS if f in fields] + list(family.required)
     for spellings in required:
         if not any(f in raw for f in spellings):
             raise input_error(
@@ -607,6 +612,8 @@ def count_config_parameters(config: PreTrainedConfig) -> int:
         "tie_word_embeddings",
         "num_experts_per_tok",
         "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "qkv_bias",
         "decoder_sparse_step",
         "mlp_only_layers",
         # a hybrid's linear-attention layers (Family.linear_attention)

@@ -77,8 +77,9 @@ def count_parameters(config: dict[str, Any]) -> int:
     Covers the Qwen3 layout (q/k RMSNorm over head_dim, optional bias on all four attention
     projections), Qwen2 (bias on q/k/v only, no q/k norms, head_dim = hidden / heads),
     Qwen3-MoE (Qwen3 attention; per sparse layer a router (E, H) and the experts' fused
-    gate_up (E, 2I, H) and down (E, H, I); a dense MLP on the other layers) and the Qwen3.5
-    hybrids (the family's linear-attention layers in place of attention blocks; its gated
+    gate_up (E, 2I, H) and down (E, H, I); a dense MLP on the other layers), a shared expert
+    beside the routed ones (the family's `shared_expert`: Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE)
+    and the hybrids (the family's linear-attention layers in place of attention blocks; its gated
     attention's extra q_proj rows in `attention_parameters`).
     """
     model_type = config.get("model_type")
@@ -89,7 +90,8 @@ def count_parameters(config: dict[str, Any]) -> int:
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = _head_dim(config)
-    inter = config["intermediate_size"]
+    # a model whose every layer is sparse may have no dense width (Qwen3.5-MoE's class has none)
+    inter = config.get("intermediate_size") or 0
     vocab = config["vocab_size"]
     layers = config["num_hidden_layers"]
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
@@ -100,6 +102,7 @@ def count_parameters(config: dict[str, Any]) -> int:
     sparse = len(sparse_layers(config))
     experts = num_experts(config)
     sparse_mlp = experts * hidden + experts * _expert_params(config)  # router + experts
+    sparse_mlp += family.shared_expert(config) if experts else 0
 
     # the layers whose mixer is a linear attention hold no attention block
     linear_layers, linear_mixers = family.linear_attention(config)
@@ -112,7 +115,8 @@ def count_parameters(config: dict[str, Any]) -> int:
 
 
 def active_parameters(config: dict[str, Any]) -> int:
-    """Parameters one token uses: all but the experts it is not routed to (= total if dense)."""
+    """Parameters one token uses: all but the experts it is not routed to (= total if dense;
+    a shared expert is used by every token)."""
     idle = num_experts(config) - config.get("num_experts_per_tok", 8)
     if idle <= 0:
         return count_parameters(config)
@@ -137,7 +141,7 @@ def describe_presets() -> list[dict[str, Any]]:
                 "heads": cfg["num_attention_heads"],
                 "kv_heads": cfg["num_key_value_heads"],
                 "head_dim": _head_dim(cfg),
-                "intermediate": cfg["intermediate_size"],
+                "intermediate": cfg.get("intermediate_size") or 0,
                 "experts": num_experts(cfg),
                 "experts_per_tok": cfg.get("num_experts_per_tok", 0) if num_experts(cfg) else 0,
                 "moe_intermediate": cfg.get("moe_intermediate_size", 0) if num_experts(cfg) else 0,

@@ -5,17 +5,24 @@
     after:  sel = sum(p[:,None,:] > p[:,:,None], -1) < k ; d = norm(p * sel) (N,E)
             per expert group G: act(linear(h, Wg_G), linear(h, Wu_G)) * linear(d_G, R_G) (N,|G|I)
             out = sum_G linear(., Wd_G) (N,H)      every expert runs: compute x E/k
+    shared expert (Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE), before and after alike:
+            out + sigmoid(linear(h, Wsg (1,H))) (N,1) * mlp_s(h) (N,H), mlp_s of width Is
+            already dense, it is kept as captured and counted: compute x (E I + Is) / (k I + Is)
 The block is found from the graph (a topk whose indices route a pair of grouped matmuls over
-3-D weights), never from a class name. The router's values-to-weights steps (e.g. the top-k
-renormalisation) and the activation between the two matmuls are copied from the captured graph,
-so the dense form computes what the model computes. Experts are grouped so every conv fits the
-width limits in core/rules.py. Ties in the router probabilities select every tied expert.
+3-D weights), never from a class name; a shared expert is the other addend of the block's
+result when it is computed from the block's hidden states alone (dense linears, optionally
+gated by a one-row linear such as Qwen's sigmoid gate). The router's values-to-weights steps
+(e.g. the top-k renormalisation) and the activation between the two matmuls are copied from
+the captured graph, so the dense form computes what the model computes. Experts are grouped so
+every conv fits the width limits in core/rules.py. Ties in the router probabilities select
+every tied expert.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from fractions import Fraction
 
 import torch
 import torch.fx as fx
@@ -236,6 +243,56 @@ def _match(gm: fx.GraphModule, topk: fx.Node, window: list[fx.Node]) -> dict:
     }
 
 
+def _shared_expert(m: dict, order: dict[fx.Node, int]) -> dict | None:
+    """The shared expert beside the routed block M, if any: the other addend of an add of the
+    block's result (through views and casts) computed from the block's hidden states alone.
+
+    Returns {"macs": multiply-accumulates per token of its linears, "gated": whether a
+    one-row linear (a scalar gate per token, Qwen's sigmoid gate) scales it}; None when the
+    result is added to nothing computed from the hidden states alone (a residual, say).
+    ORDER: each node's position in the graph, to stop the search above the hidden states.
+    """
+    hidden, out = m["hidden"], m["result"]
+    top = order[hidden]
+    while True:
+        adds = [u for u in out.users if is_op(u, aten.add) and len(u.all_input_nodes) == 2]
+        views = [u for u in out.users if is_op(u, *_VIEW_OPS)]
+        if adds or len(views) != 1 or len(out.users) != 1:
+            break
+        out = views[0]
+    for add in adds:
+        other = next(a for a in add.all_input_nodes if a is not out)
+        path, todo, ok = set(), [other], True
+        while todo and ok:
+            n = todo.pop()
+            if n is hidden or n in path or n.op == "get_attr":
+                continue
+            # above the hidden states (a residual; a node an earlier block's rewrite made has
+            # no position and lies above too), or routed: not the shared expert
+            ok = n.op == "call_function" and order.get(n, -1) > top and not is_op(n, *_ROUTING_OPS)
+            path.add(n)
+            todo.extend(n.all_input_nodes)
+        if not ok or not any(hidden in n.all_input_nodes for n in path):
+            continue
+        linears = [n for n in path if is_op(n, aten.linear)]
+        shapes = [shape_of(n.args[1]) for n in linears]
+        if not linears or any(s is None or len(s) != 2 for s in shapes):
+            continue
+        # a one-row linear is a scorer (the gate), not expert compute: the router's own
+        # linear is not counted either
+        return {
+            "macs": sum(o * i for o, i in shapes if o > 1),
+            "gated": any(o == 1 for o, _ in shapes),
+        }
+    return None
+
+
+def _multiplier(n_exp: int, k: int, expert_macs: int, shared_macs: int) -> float:
+    """Dense over routed expert compute per token: (E e + s) / (k e + s), E/k exactly when
+    there is no shared expert."""
+    return float(Fraction(n_exp * expert_macs + shared_macs, k * expert_macs + shared_macs))
+
+
 def _group_size(inter: int, n_exp: int) -> int:
     """Experts per group: gate/up convs within the conv width, down conv within C."""
     per = min(rules.MAX_CONV_OUT_CHANNELS, rules.DIM_LIMITS["C"]) // inter
@@ -327,6 +384,7 @@ def densify_experts(gm: fx.GraphModule) -> PassResult:
     info = gm.meta.setdefault(MOE_META, {"blocks": [], "unmatched": []})
     changed = False
     replaced: set[str] = set()
+    order = {n: i for i, n in enumerate(nodes)}
     for j, i in enumerate(found):
         topk = nodes[i]
         window = nodes[i : found[j + 1] if j + 1 < len(found) else len(nodes)]
@@ -337,18 +395,25 @@ def densify_experts(gm: fx.GraphModule) -> PassResult:
             info["unmatched"].append({"node": topk.name, "module": module, "reason": str(exc)})
             continue
         size = _group_size(m["inter"], m["experts"])
+        shared = _shared_expert(m, order)  # read before the rewrite moves the result's users
         _rewrite(gm, m, size)
         replaced |= m["weight_attrs"]
-        info["blocks"].append(
-            {
-                "module": module,
-                "experts": m["experts"],
-                "top_k": m["k"],
-                "expert_groups": math.ceil(m["experts"] / size),
-                "experts_per_group": size,
-                "compute_multiplier": m["experts"] / m["k"],
-            }
-        )
+        hidden = m["w_down"].shape[2]
+        block = {
+            "module": module,
+            "experts": m["experts"],
+            "top_k": m["k"],
+            "expert_groups": math.ceil(m["experts"] / size),
+            "experts_per_group": size,
+            "compute_multiplier": _multiplier(
+                m["experts"], m["k"], 3 * hidden * m["inter"], shared["macs"] if shared else 0
+            ),
+        }
+        if shared:
+            # the width of a gated MLP doing the same work (exact for one)
+            block["shared_expert_width"] = round(shared["macs"] / (3 * hidden))
+            block["shared_expert_gated"] = shared["gated"]
+        info["blocks"].append(block)
         changed = True
     if changed:
         gm.graph.eliminate_dead_code()
@@ -371,10 +436,14 @@ def moe_summary(info: dict) -> dict:
                 "experts": first["experts"],
                 "top_k": first["top_k"],
                 "expert_groups": first["expert_groups"],
-                # every expert runs for every token instead of top_k of them
+                # every expert runs for every token instead of top_k of them (a shared
+                # expert runs either way: counted on both sides)
                 "compute_multiplier": first["compute_multiplier"],
             }
         )
+        if "shared_expert_width" in first:
+            out["shared_expert_width"] = first["shared_expert_width"]
+            out["shared_expert_gated"] = first["shared_expert_gated"]
     if info.get("unmatched"):
         out["unmatched"] = info["unmatched"]
     return out

@@ -111,7 +111,14 @@ def test_dynamic_rope_within_the_original_length_keeps_the_original_tables(tmp_p
 
 
 def test_the_families_are_discovered() -> None:
-    assert set(FAMILIES) == {"qwen2", "qwen3", "qwen3_moe", "qwen3_5_text"}
+    assert set(FAMILIES) == {
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "qwen3_5_text",
+        "qwen3_5_moe_text",
+        "qwen3_next",
+    }
     for model_type, family in FAMILIES.items():
         assert family.model_type == model_type and family.tiny in family.presets
         assert family.config_cls().model_type == model_type
@@ -125,7 +132,11 @@ def test_the_families_are_discovered() -> None:
 @pytest.mark.parametrize(
     ("given", "message"),
     [
-        ({}, "field 'model_type' missing; supported: qwen2, qwen3, qwen3_5_text, qwen3_moe"),
+        (
+            {},
+            "field 'model_type' missing; supported: qwen2, qwen3, qwen3_5_moe_text, "
+            "qwen3_5_text, qwen3_moe, qwen3_next",
+        ),
         ({"model_type": "llama"}, "model_type 'llama' is not supported; supported: qwen2"),
         ({"model_type": ["qwen3"]}, r"model_type \['qwen3'\] is not supported"),
     ],

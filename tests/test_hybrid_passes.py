@@ -33,6 +33,7 @@ from anefx.passes import (
     conv1d_to_conv2d,
     fold_constants,
     l2_norm_to_layer_norm,
+    merge_concatenated_linears,
     remove_noop_nodes,
     repeat_interleave_to_expand,
     rms_norm_to_layer_norm,
@@ -409,6 +410,79 @@ def test_split_sliced_linears_leaves_overlaps_and_whole_reads() -> None:
         res = apply(split_sliced_linears.split_sliced_linears, gm)
         assert not res.modified and res.graph_module.code == gm.code, fn.__name__
         assert split_sliced_linears.postcondition(res.graph_module) == []
+
+
+# -- merge_concatenated_linears ---------------------------------------------------------------
+
+
+def _fused_qkvz(key_heads: int, per_key: int, dk: int, dv: int):
+    """Qwen3-Next's projection: [q | k | v | z] per key head, q, k, v joined for the conv."""
+
+    def proj(x, w, *b):
+        y = torch.nn.functional.linear(x, w, b[0] if b else None)
+        y = y.view(*x.shape[:-1], key_heads, 2 * dk + 2 * per_key * dv)
+        q, k, v, z = torch.split(y, [dk, dk, per_key * dv, per_key * dv], dim=-1)
+        v = v.reshape(*x.shape[:-1], -1, dv)
+        q, k, v = (t.reshape(*x.shape[:-1], -1) for t in (q, k, v))
+        return torch.cat((q, k, v), dim=-1).transpose(1, 2), z.reshape(*x.shape[:-1], -1, dv)
+
+    return proj
+
+
+@FEW
+@given(
+    key_heads=st.integers(1, 3),
+    per_key=st.integers(1, 3),
+    dk=st.integers(1, 6),
+    dv=st.integers(1, 6),
+    bias=st.booleans(),
+    seed=seeds,
+)
+def test_merge_concatenated_linears_fused_qkvz(key_heads, per_key, dk, dv, bias, seed) -> None:
+    """split_sliced_linears gives q, k, v, z a linear each; the q | k | v the model joins
+    become one linear again (z stays apart), the same function."""
+    rows = key_heads * (2 * dk + 2 * per_key * dv)
+    w = randn((rows, 8), seed)
+    params = (w, randn((rows,), seed + 1)) if bias else (w,)
+    x = randn((1, 5, 8), seed + 2)
+    gm = clean(Fn(_fused_qkvz(key_heads, per_key, dk, dv), *params), x)
+    gm = chain(gm, split_to_slices.split_to_slices, split_sliced_linears.split_sliced_linears)
+    assert count(gm, aten.linear) == 4 and count(gm, aten.cat) == 1
+    res = apply(merge_concatenated_linears.merge_concatenated_linears, gm)
+    after = res.graph_module
+    assert res.modified and merge_concatenated_linears.postcondition(after) == []
+    assert count(after, aten.linear) == 2 and count(after, aten.cat) == 0
+    widths = sorted(n.meta["val"].shape[-1] for n in after.graph.nodes if is_op(n, aten.linear))
+    assert widths == sorted([key_heads * per_key * dv, key_heads * (2 * dk + per_key * dv)])
+    for before, got in zip(run(gm, x), run(after, x), strict=True):
+        assert_same(got, before)
+    assert_idempotent(merge_concatenated_linears.merge_concatenated_linears, after)
+
+
+def test_merge_concatenated_linears_leaves_other_concats() -> None:
+    """Linears of different inputs, a linear read elsewhere too, a concat on another axis:
+    left as they are."""
+    wa, wb = randn((3, 4), 0), randn((5, 4), 1)
+
+    def two_inputs(x, wa, wb):
+        lin = torch.nn.functional.linear
+        return torch.cat((lin(x, wa), lin(x * 2, wb)), -1)
+
+    def read_twice(x, wa, wb):
+        lin = torch.nn.functional.linear
+        a = lin(x, wa)
+        return torch.cat((a, lin(x, wb)), -1), a * 3
+
+    def other_axis(x, wa, wb):
+        lin = torch.nn.functional.linear
+        return torch.cat((lin(x, wa), lin(x, wa * 1.0 + 1)), 1)
+
+    x = randn((1, 3, 4), 2)
+    for fn in (two_inputs, read_twice, other_axis):
+        gm = clean(Fn(fn, wa, wb), x)
+        res = apply(merge_concatenated_linears.merge_concatenated_linears, gm)
+        assert not res.modified and res.graph_module.code == gm.code, fn.__name__
+        assert merge_concatenated_linears.postcondition(res.graph_module) == []
 
 
 # -- sdpa_to_matmul ---------------------------------------------------------------------------

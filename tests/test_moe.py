@@ -1,13 +1,17 @@
-"""Mixture of experts (Qwen3-MoE): the dense rewrite computes what transformers computes.
+"""Mixture of experts (Qwen3-MoE, and Qwen2-MoE's shared expert): the dense rewrite computes
+what transformers computes.
 
 Random tiny Qwen3MoeForCausalLM models (experts, top-k, expert width, renormalised or not,
 dense layers mixed in, sequence lengths down to 1, expert groups forced small) are lowered and
-compared with the stock model; the fp16 package passes the checker; greedy decoding with the KV
-cache equals transformers' generate; a block the pass does not understand is reported, not
-silently lowered.
+compared with the stock model; so are random Qwen2MoeForCausalLM models, whose blocks add a
+sigmoid-gated shared expert of its own width (the report counts it in the compute multiplier);
+the fp16 package passes the checker; greedy decoding with the KV cache equals transformers'
+generate; a block the pass does not understand is reported, not silently lowered.
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import pytest
 import torch
@@ -65,6 +69,47 @@ def moe_model(
     return model
 
 
+def shared_moe_model(
+    experts: int,
+    top_k: int,
+    inter: int,
+    shared: int,
+    norm_topk: bool = False,
+    mlp_only_layers: tuple[int, ...] = (),
+    sparse_step: int = 1,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A random-weight Qwen2MoeForCausalLM (q/k/v bias, a sigmoid-gated shared expert of width
+    SHARED beside the routed ones), routers scaled as in moe_model."""
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=inter,
+        shared_expert_intermediate_size=shared,
+        norm_topk_prob=norm_topk,
+        decoder_sparse_step=sparse_step,
+        mlp_only_layers=list(mlp_only_layers),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0 if name.endswith("mlp.gate.weight") else 0.15)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
 def _logits_close(model, low, seq: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (1, seq), generator=g)
@@ -101,12 +146,58 @@ def test_dense_experts_match_the_model(
     sparse = 1 if dense_layer else 2
     assert moe["blocks"] == sparse and "unmatched" not in moe
     assert moe["compute_multiplier"] == experts / top_k
+    assert "shared_expert_width" not in moe  # the residual add is no shared expert
     if small_groups:
         assert moe["expert_groups"] == -(-experts // 2)
     counts = low.report.counts()
     assert "routing" not in counts and counts.get("gather") == 1, counts  # the embedding only
     _logits_close(model, low, seq, seed)
     assert not densify_experts(low.graph_module).modified  # idempotent
+
+
+@given(
+    experts=st.integers(2, 12),
+    top_k=st.integers(1, 4),
+    inter=st.sampled_from([8, 16, 24]),
+    shared=st.sampled_from([8, 40, 96]),
+    seq=st.sampled_from([1, 5, 16]),
+    norm_topk=st.booleans(),
+    dense=st.sampled_from(["none", "mlp_only_layers", "decoder_sparse_step"]),
+    small_groups=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=8, phases=[Phase.explicit, Phase.generate])  # a capture each: no shrinking
+def test_shared_expert_blocks_match_the_model(
+    experts, top_k, inter, shared, seq, norm_topk, dense, small_groups, seed
+) -> None:
+    """Routed experts plus a sigmoid-gated shared expert (Qwen2-MoE's block): the dense form
+    equals transformers, and the multiplier counts the shared expert on both sides."""
+    top_k = min(top_k, experts)
+    model = shared_moe_model(
+        experts,
+        top_k,
+        inter,
+        shared,
+        norm_topk=norm_topk,
+        mlp_only_layers=(0,) if dense == "mlp_only_layers" else (),
+        sparse_step=2 if dense == "decoder_sparse_step" else 1,  # layer 1 only is sparse
+        seed=seed,
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        if small_groups:
+            mp.setattr(rules, "MAX_CONV_OUT_CHANNELS", 2 * inter)
+        low = anefx.lower(model, seq_len=seq, dtype=torch.float32)
+    moe = low.report.stats["moe"]
+    assert moe["blocks"] == (2 if dense == "none" else 1) and "unmatched" not in moe
+    # (E I + Is) / (k I + Is): every expert runs densely, the shared one runs either way
+    want = Fraction(experts * inter + shared, top_k * inter + shared)
+    assert Fraction(moe["compute_multiplier"]).limit_denominator(10**6) == want
+    assert moe["shared_expert_width"] == shared and moe["shared_expert_gated"] is True
+    assert f"+ a gated shared expert of width {shared}" in low.report.render()
+    counts = low.report.counts()
+    assert "routing" not in counts and counts.get("gather") == 1, counts
+    _logits_close(model, low, seq, seed)
+    assert not densify_experts(low.graph_module).modified
 
 
 def test_fp16_package_has_no_errors_and_states_the_multiplier(tmp_path) -> None:

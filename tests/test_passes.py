@@ -360,6 +360,7 @@ STRUCTURE = {
             "fold_constants",
             "split_to_slices",
             "split_sliced_linears",
+            "merge_concatenated_linears",
             "sdpa_to_matmul",
             "l2_norm_to_layer_norm",
             "repeat_interleave_to_expand",

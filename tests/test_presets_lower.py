@@ -8,13 +8,28 @@ import anefx
 from anefx.core import rules
 from anefx.core.signature import pack_states
 from anefx.lowering.matrix import matrix_presets
-from anefx.models.presets import PRESETS, sparse_layers
+from anefx.models.families import FAMILIES
+from anefx.models.presets import PRESETS, num_experts, sparse_layers
 
 REAL = matrix_presets()
 # one real shape per family in the default run (the checker tests lower qwen3-0.6b too): dense
-# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE and the Qwen3.5 hybrid; every preset under
-# -m slow
-DEFAULT = {"qwen3-1.7b", "qwen2.5-0.5b", "qwen3-4b-2507", "qwen3-30b-a3b", "qwen3.5-0.8b"}
+# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE, the Qwen3.5 hybrid and the hybrids with
+# experts (Qwen3.5-MoE, Qwen3-Next); every preset under -m slow
+DEFAULT = {
+    "qwen3-1.7b",
+    "qwen2.5-0.5b",
+    "qwen3-4b-2507",
+    "qwen3-30b-a3b",
+    "qwen3.5-0.8b",
+    "qwen3.5-35b-a3b",
+    "qwen3-next-80b-a3b",
+}
+
+
+def _hybrid(name: str) -> bool:
+    """A preset whose family has linear-attention layers."""
+    cfg = PRESETS[name]
+    return FAMILIES[cfg["model_type"]].linear_attention(cfg)[0] > 0
 
 
 @pytest.mark.parametrize(
@@ -33,14 +48,16 @@ def test_preset_lowers_without_errors(name: str) -> None:
         b - a <= rules.MAX_CONV_OUT_CHANNELS for a, b in (o.vocab for o in low.signature.logits)
     )
     cfg = PRESETS[name]
-    if cfg["model_type"] == "qwen3_moe":
+    if num_experts(cfg):
         moe = rep.stats["moe"]
         assert moe["blocks"] == len(sparse_layers(cfg)) and "unmatched" not in moe
-        assert moe["compute_multiplier"] == cfg["num_experts"] / cfg["num_experts_per_tok"]
+        e, k, i = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
+        shared = cfg.get("shared_expert_intermediate_size") or 0  # runs either way
+        assert moe["compute_multiplier"] == pytest.approx((e * i + shared) / (k * i + shared))
 
 
 @pytest.mark.slow  # the default run lowers the tiny hybrid's stateful graphs (test_qwen3_5.py)
-@pytest.mark.parametrize("name", [n for n in REAL if PRESETS[n]["model_type"] == "qwen3_5_text"])
+@pytest.mark.parametrize("name", [n for n in REAL if _hybrid(n)])
 def test_hybrid_stateful_graphs_lower_without_errors(name: str) -> None:
     """A hybrid's prefill and decode with states: 0 errors, one Core ML state per program (the
     full layers' K and V), the conv and delta-rule states carried."""

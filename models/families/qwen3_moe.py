@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import copy
-import re
-from collections.abc import Mapping
 from typing import Any
 
 from anefx.models.families.common import (
@@ -13,14 +11,19 @@ from anefx.models.families.common import (
     RMS_EPS_DEFAULT,
     ROPE_DEFAULT,
     dense_mlp,
+    expert_parts,
+    experts,
+    has_router,
     kv_states,
     q_norm_attention,
     q_norm_attention_parameters,
+    routed_experts,
+    sparse_pattern,
     tiny,
 )
 from anefx.models.families.qwen3 import MAX_POSITIONS_DEFAULT
 from anefx.models.families.qwen3 import published as published_dense
-from anefx.models.family import Default, Family, StoredParts
+from anefx.models.family import Default, Family
 from anefx.models.kv_cache import RowKVCache
 from anefx.models.tensor_shapes import ShapeReader
 
@@ -102,26 +105,19 @@ DEFAULTS = (
     ),
 )
 
-# per-expert tensors of a layer, as published checkpoints store them
-_EXPERT = re.compile(r"^mlp\.experts\.(\d{1,9})\.(gate_proj|up_proj|down_proj)\.weight$")
-# the model's fused expert parameters
-_FUSED_EXPERTS = re.compile(r"^(.+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-
-
-def _has_experts(suffixes: frozenset[str]) -> bool:
-    return any(s.startswith("mlp.experts.") or s == "mlp.gate.weight" for s in suffixes)
-
 
 def recognise(suffixes: frozenset[str], first: frozenset[str]) -> int:
     """Expert (or router) tensors and Qwen3's q_norm: above dense Qwen3's score."""
-    return 2 if _has_experts(suffixes) and "self_attn.q_norm.weight" in first else 0
+    return 2 if has_router(suffixes) and "self_attn.q_norm.weight" in first else 0
 
 
 def refuse(suffixes: frozenset[str], first: frozenset[str]) -> str | None:
-    """Other mixture-of-experts layouts than Qwen3-MoE's."""
+    """Other mixture-of-experts layouts than Qwen3-MoE's and the hybrids'."""
+    if any(s.startswith("linear_attn.") for s in suffixes):
+        return None  # a hybrid with experts: Qwen3.5-MoE or Qwen3-Next
     if any(".shared_expert" in s for s in suffixes):
         return "shared-expert tensors (Qwen2-MoE) are not a supported family"
-    if _has_experts(suffixes) and "self_attn.q_norm.weight" not in first:
+    if has_router(suffixes) and "self_attn.q_norm.weight" not in first:
         return "expert tensors without q_norm: only Qwen3-MoE experts are supported"
     return None
 
@@ -129,72 +125,15 @@ def refuse(suffixes: frozenset[str], first: frozenset[str]) -> str | None:
 def infer(r: ShapeReader) -> None:
     """Qwen3 attention; the experts' count and width, and which layers are sparse."""
     q_norm_attention(r)
-    expert_count: dict[int, int] = {}
-    expert_width: dict[int, int] = {}
-    for i, per_layer in r.layers.items():
-        if "mlp.gate.weight" in per_layer:  # the router, (E, H)
-            expert_count[i] = r.shape(i, "mlp.gate.weight", 2)[0]
-        if "mlp.experts.down_proj" in per_layer:  # fused, (E, H, I)
-            fused = r.shape(i, "mlp.experts.down_proj", 3)
-            expert_count.setdefault(i, fused[0])
-            expert_width[i] = fused[-1]
-        per_expert = [m for s in per_layer if (m := _EXPERT.match(s))]
-        if per_expert:  # (I, H) gate/up, (H, I) down per expert
-            expert_count.setdefault(i, max(int(m.group(1)) for m in per_expert) + 1)
-            first = r.shape(i, per_expert[0].group(0), 2)
-            down = per_expert[0].group(2) == "down_proj"
-            expert_width.setdefault(i, first[-1] if down else first[0])
     dense_mlp(r, required=False)  # a dense layer, if any, gives intermediate_size
-    r.fields["num_experts"] = r.one_value(expert_count, "num_experts")
-    width = r.one_value(expert_width, "moe_intermediate_size")
-    if width is None:
-        raise r.fail("a router 'mlp.gate.weight' but no expert weights")
-    r.fields["moe_intermediate_size"] = width
-    step, dense = sparse_pattern(len(r.layers), set(expert_count) | set(expert_width))
+    sparse = routed_experts(r)
+    step, dense = sparse_pattern(len(r.layers), sparse)
     r.fields["decoder_sparse_step"] = step
     r.fields["mlp_only_layers"] = dense
 
 
-def sparse_pattern(layers: int, sparse: set[int]) -> tuple[int, list[int]]:
-    """(decoder_sparse_step, mlp_only_layers) that make exactly `sparse` the MoE layers.
-
-    transformers' rule: layer i is sparse iff i not in mlp_only_layers and (i + 1) % step == 0.
-    A step that gives the set exactly is preferred; otherwise step 1 and the dense layers listed.
-    """
-    for step in range(1, layers + 1):
-        if {i for i in range(layers) if (i + 1) % step == 0} == sparse:
-            return step, []
-    return 1, sorted(set(range(layers)) - sparse)
-
-
-def experts(config: Mapping[str, Any]) -> int:
-    """Experts per sparse layer of a config dict.
-
-    transformers writes the field as `num_local_experts` (its attribute_map alias), published
-    config.json files as `num_experts`; both are read.
-    """
-    return config.get("num_experts", config.get("num_local_experts", 128))
-
-
-def stored_parts(name: str, shape: tuple[int, ...]) -> StoredParts:
-    """The per-expert checkpoint tensors making up fused expert parameter `name` (else []).
-
-    Published Qwen3-MoE checkpoints, and transformers' own save_pretrained (which undoes its
-    load-time fusion), store `experts.<e>.{gate,up,down}_proj.weight`; the model holds
-    `experts.gate_up_proj` (E, 2I, H), gate rows first, and `experts.down_proj` (E, H, I).
-    """
-    match = _FUSED_EXPERTS.match(name)
-    if match is None or len(shape) != 3:
-        return []
-    prefix, kind = match.groups()
-    if kind == "down_proj":
-        return [((e,), f"{prefix}.{e}.down_proj.weight") for e in range(shape[0])]
-    half = shape[1] // 2
-    parts: StoredParts = []
-    for e in range(shape[0]):
-        parts.append(((e, slice(0, half)), f"{prefix}.{e}.gate_proj.weight"))
-        parts.append(((e, slice(half, None)), f"{prefix}.{e}.up_proj.weight"))
-    return parts
+# what the model holds fused, published checkpoints store per expert
+stored_parts = expert_parts
 
 
 FAMILY = Family(

@@ -1,0 +1,95 @@
+"""What tests/test_qwen3_next.py and tests/test_qwen3_5_moe.py check alike of a hybrid with
+experts: a checkpoint folder's weights load as stored, its lowered graph equals the stock model
+(fp32 at rounding level, fp16 >= 60 dB), greedy decoding with the carried states equals
+transformers' `generate`, and a stateful package passes the checker with at most one Core ML
+state per function and `verify` on the reference executor."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import anefx
+from anefx.core import rules
+from anefx.generation import Session, lower_decoder
+from anefx.models.load import load_model
+from anefx.targets.coreml import check_package
+from anefx.targets.reader import read_spec
+from anefx.targets.verify import verify
+
+VOCAB = 512
+SEQ = 16  # the stateless graph's length
+BATCH, CONTEXT = 8, 64  # the stateful prefill batch and context
+PROMPT, STEPS = 13, 32  # a prompt longer than the batch, greedy steps
+
+
+def ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """20 log10(max|ref| / RMSE), as `verify` reports it."""
+    err = (ref.double() - out.double()).pow(2).mean().sqrt().item()
+    return math.inf if err == 0 else 20 * math.log10(ref.abs().max().item() / err)
+
+
+def stock_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The stock model's logits over TOKENS, no cache."""
+    with torch.no_grad():
+        return model(input_ids=tokens, use_cache=False).logits
+
+
+def assert_loads_as_stored(folder: Path, text: dict[str, torch.Tensor], model_class: str) -> None:
+    """The folder loads into the family's stock class with exactly the text model's weights
+    TEXT (a state dict as the causal LM names it)."""
+    loaded = load_model(str(folder), dtype=torch.float32).model
+    assert type(loaded).__name__ == model_class
+    got = loaded.state_dict()
+    assert got.keys() == text.keys()
+    for key, tensor in text.items():
+        assert torch.equal(got[key], tensor), key
+
+
+def lowered_errors(folder: Path, reference: torch.nn.Module) -> tuple[float, float, dict]:
+    """(fp32 max error relative to max |logit|, fp16 PSNR in dB, the fp16 report's MoE stats)
+    of the stateless lowered graph of FOLDER against REFERENCE's logits."""
+    tokens = ids(SEQ, seed=1)
+    ref = stock_logits(reference, tokens)
+    low32 = anefx.lower(str(folder), seq_len=SEQ, dtype=torch.float32)
+    rel = (low32.run(tokens) - ref).abs().max().item() / ref.abs().max().item()
+    low16 = anefx.lower(str(folder), seq_len=SEQ, dtype=torch.float16)
+    assert not low16.report.errors, low16.report.render()
+    return rel, psnr(ref, low16.run(tokens).float()), low16.report.stats["moe"]
+
+
+def greedy_tokens(folder: Path, reference: torch.nn.Module) -> tuple[list[int], list[int]]:
+    """(anefx's, transformers') greedy continuation of a prompt longer than the batch, fp32:
+    the lowered prefill and decode graphs carrying the conv and delta-rule states."""
+    prompt = ids(PROMPT, seed=2)[0].tolist()
+    decoder = lower_decoder(str(folder), batch=BATCH, context=CONTEXT, dtype=torch.float32)
+    got = Session(decoder).generate(prompt, max_new_tokens=STEPS)
+    with torch.no_grad():
+        want = reference.generate(
+            torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False
+        )[0, PROMPT:].tolist()
+    return got, want
+
+
+def package_checked(folder: Path, out: Path):
+    """A stateful package of FOLDER: every function holds at most one Core ML state (the full
+    layers' K and V) and carries the rest, the checker finds no error in the emitted program;
+    returns `verify`'s result on the reference executor."""
+    done = anefx.convert(str(folder), out, context=CONTEXT, batch=BATCH, max_chunk_mb=10_000)
+    assert done.errors == 0 and done.kind == "package"
+    spec = read_spec(out)
+    for fn in spec.description.functions:
+        assert len(list(fn.state)) <= rules.MAX_STATES_PER_PROGRAM, fn.name
+        inputs = {i.name for i in fn.input}
+        outputs = {o.name for o in fn.output}
+        carried = {n for n in inputs if n.startswith(("conv_state_", "rec_state_"))}
+        assert carried and {f"{n}_out" for n in carried} <= outputs, fn.name
+    for report in check_package(out):
+        assert not report.errors, report.render()
+    return verify(out, str(folder), ids=ids(11, seed=4)[0].tolist(), steps=16)
