@@ -77,6 +77,16 @@ def build_pipeline(
             "RMSNorm: the L2 norms are among them",
         ),
         _step(
+            "mean_to_sum",
+            "after the norm rewrites, which match the mean of squares of an RMSNorm: what "
+            "is left is a plain average (Qwen4-Exp's hyper-connections over their streams)",
+        ),
+        _step(
+            "repeat_to_cat",
+            "beside mean_to_sum, before limit_rank and the layout sweep, which handle cat: "
+            "the copies of a tensor repeated whole (Qwen4-Exp's residual streams)",
+        ),
+        _step(
             "cast_to_compute_dtype",
             "after the norm rewrite has consumed its casts: the remaining fp32 islands "
             "(softmax) fold into the compute dtype",

@@ -138,6 +138,16 @@ class Family:
     # the parameters of one sparse layer's shared expert, beside its routed experts (its MLP
     # and its gate; every token uses them): (config dict) -> count, 0 when there is none
     shared_expert: Callable[[Mapping[str, Any]], int] = lambda config: 0
+    # every parameter beside the embedding, the head, the token mixers and the MLPs: (config
+    # dict) -> count; by default two RMSNorms per decoder layer and the final norm
+    other_parameters: Callable[[Mapping[str, Any]], int] = lambda config: (
+        (2 * config["num_hidden_layers"] + 1) * config["hidden_size"]
+    )
+    # config fields `other_parameters` reads beyond the shared ones (the loader passes them)
+    parameter_fields: tuple[str, ...] = ()
+    # the transformers module classes of the family that no pass lowers (docs/<family>.md says
+    # why): a lowered report's blocking constructs are these; () for a family that lowers
+    unlowered: tuple[str, ...] = ()
 
     def config_cls(self) -> type:
         """The transformers config class (imported on first use: families load without it)."""

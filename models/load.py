@@ -623,6 +623,8 @@ def count_config_parameters(config: PreTrainedConfig) -> int:
         "linear_key_head_dim",
         "linear_value_head_dim",
         "linear_conv_kernel_dim",
+        # what the family's other_parameters reads
+        *family_of(config).parameter_fields,
     ):
         if getattr(config, key, None) is not None:
             fields[key] = getattr(config, key)

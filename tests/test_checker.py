@@ -122,6 +122,26 @@ PLANTS = {
         aten.index_select.default, (a, 1, add_const(gm, torch.zeros(3, dtype=torch.long), "i"))
     ),
     "routing": lambda gm, g, a: g.call_function(aten.topk.default, (a, 2, 1)),
+    # a 1x3 kernel dilated by 2, padded to keep the width
+    "dilated_conv": lambda gm, g, a: g.call_function(
+        aten.conv2d.default,
+        (
+            a.args[0],
+            add_const(gm, torch.zeros(64, 64, 1, 3, dtype=torch.float16), "w"),
+            None,
+            [1, 1],
+            [0, 2],
+            [1, 2],
+        ),
+    ),
+    # token ids hashed as Qwen4-Exp's n-gram tables do
+    "int_arith": lambda gm, g, a: g.call_function(
+        aten.bitwise_xor.Tensor,
+        (
+            add_const(gm, torch.arange(64, dtype=torch.long), "i"),
+            add_const(gm, torch.arange(64, dtype=torch.long) * 7, "j"),
+        ),
+    ),
     # an op the emitter has no translation for, and that breaks no other rule
     "unsupported_op": lambda gm, g, a: g.call_function(aten.sin.default, (a,)),
 }
@@ -211,7 +231,16 @@ def _summary(rule: str) -> str:
 
 
 # rules on ops that leave the ANE: their message is the rule's own statement of it
-_LEAVE_THE_ANE = ("linear", "rms_pow_rsqrt", "scatter", "routing", "in_graph_mask", "gather")
+_LEAVE_THE_ANE = (
+    "linear",
+    "rms_pow_rsqrt",
+    "scatter",
+    "routing",
+    "in_graph_mask",
+    "gather",
+    "dilated_conv",
+    "int_arith",
+)
 # rule id -> its planted violation; the table must not have a rule without one
 PLANTED: dict[str, Planted] = {
     **{
