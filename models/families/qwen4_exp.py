@@ -67,7 +67,7 @@ from anefx.models.families.qwen3_5.hybrid import (
     separate_projections,
 )
 from anefx.models.families.qwen3_5.layout import HYBRID_DEFAULTS
-from anefx.models.family import Default, Nested
+from anefx.models.family import Default, Nested, StoredParts
 from anefx.models.kv_cache import CACHE_AXES
 from anefx.models.messages import shown
 from anefx.models.tensor_shapes import ShapeReader
@@ -405,6 +405,30 @@ def other_parameters(config: Mapping[str, Any]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# How checkpoints store the n-gram tables
+
+# transformers saves each table in `split_ngram_parts` row shards (`ngram_embedding.shard_<i>.
+# weight`) and concatenates them when loading (conversion_mapping.py); the count is the class's
+# default, which this reading assumes (a stored part count needs the config, which
+# stored_parts is not given)
+NGRAM_PARTS = 512
+_NGRAM_TABLE = ".ple.ple_embedding.ngram_embedding.weight"
+
+
+def stored_parts(name: str, shape: tuple[int, ...]) -> StoredParts:
+    """The n-gram table as its row shards (torch.chunk's split of the rows), the experts per
+    expert (common.expert_parts), every other parameter whole."""
+    if not name.endswith(_NGRAM_TABLE) or len(shape) != 2:
+        return expert_parts(name, shape)
+    prefix = name[: -len(".weight")]
+    size = -(-shape[0] // NGRAM_PARTS)
+    return [
+        ((slice(start, min(start + size, shape[0])),), f"{prefix}.shard_{i}.weight")
+        for i, start in enumerate(range(0, shape[0], size))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # States and the cache
 
 
@@ -630,7 +654,7 @@ FAMILY = hybrid_family(
     presets=PRESETS,
     tiny="qwen4-exp-tiny",
     experts=experts,
-    stored_parts=expert_parts,
+    stored_parts=stored_parts,
     shared_expert=shared_expert_parameters,
     other_parameters=other_parameters,
     parameter_fields=(
