@@ -367,3 +367,59 @@ def test_state_alignment(context: int, expected: int) -> None:
     assert len(hits) == expected
     assert {v.node for v in hits} <= {s["name"] for s in states}
     assert all(v.severity == "warning" and str(context) in v.message for v in hits)
+
+
+class _Hasher(torch.nn.Module):
+    """Hashes token ids with int64 arithmetic (no ANE op) and scores with a top-k."""
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        hashed = torch.bitwise_xor(ids.long() * 31, ids.long()) % 7
+        top = x.topk(2, dim=-1).values.sum(-1, keepdim=True)
+        return x * hashed.unsqueeze(-1).to(x.dtype) + top
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64)
+        self.hash = _Hasher()
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.hash(ids, self.proj(x))
+
+
+class _Planted(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Block(), _Block(), _Block()])
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(ids, x)
+        return x
+
+
+def test_blocking_constructs_are_grouped_by_class_and_path() -> None:
+    """Ops no rule lets through, planted in a known module class at known paths: the report's
+    blocking summary names that class once, with the path pattern of its three copies, the ops
+    counted once each whatever rules they break, and nothing else (the linears are errors of
+    their own class)."""
+    from anefx.models.capture import unlift
+
+    ids = torch.zeros(1, 64, dtype=torch.int32)
+    x = torch.randn(1, 64, 64, dtype=torch.float16)
+    ep = torch.export.export(_Planted().half(), (ids, x), strict=False).run_decompositions({})
+    gm, _ = unlift(ep)
+    propagate_shapes(gm)
+    rep = check_graph(gm, "lowered")
+    groups = {g["class"]: g for g in rep.blocking()}
+    hasher = groups["_Hasher"]
+    assert hasher["module"] == "layers.*.hash"
+    assert hasher["ops"]["topk"] == 3 and hasher["ops"]["bitwise_xor"] == 3
+    assert hasher["rules"]["routing"] == 3 and hasher["rules"]["int_arith"] >= 6  # mul, xor
+    assert (
+        groups["Linear"]["module"] == "layers.*.proj" and groups["Linear"]["rules"]["linear"] == 3
+    )
+    assert set(groups) == {"_Hasher", "Linear"}
+    assert sum(g["errors"] for g in rep.blocking()) == len(rep.errors)
+    assert "_Hasher (layers.*.hash): " in rep.render()

@@ -85,7 +85,9 @@ def test_what_blocks_is_named_by_its_class(preset: str, classes: set[str]) -> No
         assert by_class["Conv1d"]["module"] == "model.layers.*.ple.conv1d"
         assert by_class["Conv1d"]["rules"]["dilated_conv"] == 2  # two PLE layers
     text = rep.render()
-    assert "blocked by" in text and "Qwen4ExpTextQSAIndexer (model.layers.*.self_attn.indexer)" in text
+    assert (
+        "blocked by" in text and "Qwen4ExpTextQSAIndexer (model.layers.*.self_attn.indexer)" in text
+    )
     assert rep.to_dict()["blocking"] == blocking
 
 
@@ -99,7 +101,9 @@ def test_check_exits_1_naming_the_constructs(tmp_path: Path) -> None:
     write_random_checkpoint(folder, get_preset("qwen4-exp-tiny-no-ple"), dtype=torch.float32)
     code, out, err = cli("check", folder, "--seq", SEQ)
     assert code == 1 and "Traceback" not in err, err
-    assert "blocked by" in out and "Qwen4ExpTextQSAIndexer (model.layers.*.self_attn.indexer)" in out
+    assert (
+        "blocked by" in out and "Qwen4ExpTextQSAIndexer (model.layers.*.self_attn.indexer)" in out
+    )
     code, out, err = cli("check", "preset:qwen4-exp-tiny", "--seq", SEQ, "--json")
     assert code == 1 and "Traceback" not in err, err
     report = json.loads(out)
@@ -185,9 +189,10 @@ def test_qsa_selection_equals_transformers(seed: int, monkeypatch) -> None:
         # the tail is the same; the chosen blocks differ only among equal scores
         tail = slice(complete * r, None)
         assert torch.equal(got[q, tail], want[q, tail]), q
-        chosen = [got[q, b * r].item() for b in range(complete)], [
-            want[q, b * r].item() for b in range(complete)
-        ]
+        chosen = (
+            [got[q, b * r].item() for b in range(complete)],
+            [want[q, b * r].item() for b in range(complete)],
+        )
         mine = sorted(score[b].item() for b in range(complete) if chosen[0][b])
         theirs = sorted(score[b].item() for b in range(complete) if chosen[1][b])
         assert len(mine) == len(theirs) == min(budget // r, complete), q
