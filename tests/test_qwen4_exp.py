@@ -91,20 +91,43 @@ def test_what_blocks_is_named_by_its_class(preset: str, classes: set[str]) -> No
     assert rep.to_dict()["blocking"] == blocking
 
 
-def test_check_exits_1_naming_the_constructs(tmp_path: Path) -> None:
-    """`anefx check` on a tiny checkpoint folder (no PLE: see docs/qwen4_exp.md for the PLE
-    checkpoints' int64 buffers) and on the tiny preset with PLE: exit 1, the blocking
-    constructs in the table and in the JSON, no traceback."""
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """The tiny preset with PLE and QSA as transformers saves it (each n-gram table in 512 row
+    shards, the int64 hash buffers beside), and transformers' model (fp32)."""
+    model = random_model(get_preset("qwen4-exp-tiny"), torch.float32, seed=5)
+    folder = tmp_path_factory.mktemp("qwen4-saved")
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_the_blocked_graph_still_computes_the_model(saved) -> None:
+    """Loaded from transformers' save, captured (QSA substituted) and through every pass, the
+    graph is not emittable but computes transformers' logits (fp32, rounding level): what the
+    report names is the model's own computation, not a capture artefact."""
+    folder, model = saved
+    low = anefx.lower(str(folder), seq_len=SEQ, dtype=torch.float32)
+    assert low.report.errors
+    for seed in range(3):
+        ids = _ids(model.config.vocab_size, seed)
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits
+        err = (low.run(ids) - ref).abs().max().item()
+        assert err < 1e-4 * max(1.0, ref.abs().max().item()), (seed, err)
+
+
+def test_check_exits_1_naming_the_constructs(saved) -> None:
+    """`anefx check` on the saved folder, as a table and as JSON: exit 1, the blocking
+    constructs named, no traceback."""
     import json
 
-    folder = tmp_path / "ckpt"
-    write_random_checkpoint(folder, get_preset("qwen4-exp-tiny-no-ple"), dtype=torch.float32)
+    folder, _ = saved
     code, out, err = cli("check", folder, "--seq", SEQ)
     assert code == 1 and "Traceback" not in err, err
-    assert (
-        "blocked by" in out and "Qwen4ExpTextQSAIndexer (model.layers.*.self_attn.indexer)" in out
-    )
-    code, out, err = cli("check", "preset:qwen4-exp-tiny", "--seq", SEQ, "--json")
+    assert "blocked by" in out
+    assert "Qwen4ExpTextQSAIndexer (model.layers.*.self_attn.indexer)" in out
+    assert "Qwen4ExpTextNGramEmbedding (model.layers.*.ple.ple_embedding)" in out
+    code, out, err = cli("check", folder, "--seq", SEQ, "--json")
     assert code == 1 and "Traceback" not in err, err
     report = json.loads(out)
     assert {g["class"] for g in report["blocking"]} == set(FAMILY.unlowered)
