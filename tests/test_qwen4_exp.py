@@ -33,7 +33,8 @@ def _ids(vocab: int, seed: int, n: int = SEQ) -> torch.Tensor:
 def linear(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """The linear-only variant (hyper-connections, Gated DeltaNet, MoE, no PLE, no attention
     layer and so no QSA) as a checkpoint folder, and transformers' model of it (fp32)."""
-    cfg = get_preset("qwen4-exp-tiny-linear")
+    cfg = {**get_preset("qwen4-exp-tiny-no-ple"), "layer_types": ["linear_attention"] * 4}
+    cfg["tie_word_embeddings"] = False
     folder = tmp_path_factory.mktemp("qwen4-linear")
     write_random_checkpoint(folder, cfg, dtype=torch.float32, seed=7)
     model = random_model(cfg, torch.float32, seed=7)
@@ -219,3 +220,15 @@ def test_parameter_count_and_the_table_on_meta() -> None:
     assert 40e9 < table < 46e9
     assert 100e9 < count_parameters(cfg) < 120e9
     assert math.isclose(count_parameters(cfg) / 1e9, 108.39, abs_tol=0.01)
+
+
+def test_the_matrix_row_names_what_blocks() -> None:
+    """`anefx matrix`'s row of a blocked preset lists its constructs (class, path, errors)."""
+    from anefx.lowering.matrix import matrix_row, render_matrix
+
+    row = matrix_row("qwen4-exp-tiny", seq_len=SEQ)
+    assert {g["class"] for g in row["blocking"]} == set(FAMILY.unlowered)
+    assert row["errors_after_except_size"] == sum(g["errors"] for g in row["blocking"])
+    text = render_matrix([row])
+    assert "blocked by Qwen4ExpTextNGramEmbedding (model.layers.*.ple.ple_embedding, " in text
+    assert row["family"] == "qwen4_exp_text"

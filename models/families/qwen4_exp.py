@@ -220,12 +220,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen4-exp-tiny": _tiny(tie_word_embeddings=False, **_TINY_PLE),
     # no PLE: the hyper-connections and QSA alone
     "qwen4-exp-tiny-no-ple": _tiny(tie_word_embeddings=True),
-    # linear layers only (no attention layer, so no QSA indexer) and no PLE: what is left is
-    # the hyper-connections, the Gated DeltaNet and the MoE
-    "qwen4-exp-tiny-linear": {
-        **_tiny(tie_word_embeddings=False),
-        "layer_types": [LINEAR] * 4,
-    },
 }
 
 
@@ -264,12 +258,59 @@ def _own_fields(r: ShapeReader) -> None:
         r.fields["ple_embed_dim"] = embed
         _, _, kernel = r.get(r.layer_tensor(ple[0], "ple.conv1d.weight"), 3)
         r.fields["ple_conv_kernel_size"] = kernel
+        _ngram_tables(r, ple[0], embed)
     full = [i for i, per in r.layers.items() if "self_attn.indexer.index_qk_proj.weight" in per]
     if full:
         (head_dim,) = r.get(r.layer_tensor(full[0], "self_attn.indexer.q_layernorm.weight"), 1)
         qk = r.layer_tensor(full[0], "self_attn.indexer.index_qk_proj.weight")
         heads = r.divide(qk, r.get(qk, 2)[0], head_dim, "indexer head dim") - 1
         r.fields.update(indexer_head_dim=head_dim, indexer_n_heads=heads, indexer_kv_heads=1)
+
+
+# what the n-gram tables' shapes leave open: the n-gram orders and heads (only their product is
+# the table's width), the prime base and the padding (only the padded sum of primes is its rows)
+_NGRAM_FIELDS = ("ngram_size", "heads_per_ngram", "ngram_vocab_size_base")
+
+
+def _shard_count(r: ShapeReader, table: str) -> int:
+    """How many row shards `<table>.shard_<i>.weight` are stored (at least one)."""
+    count = 0
+    while f"{table}.shard_{count}.weight" in r.tensors:
+        count += 1
+    if not count:
+        raise r.fail(f"tensor '{table}.weight' missing (nor its shards '{table}.shard_0.weight')")
+    return count
+
+
+def _ngram_tables(r: ShapeReader, layer: int, embed: int) -> None:
+    """The n-gram fields from a preset whose first table has the stored rows and width (the
+    hashing's sizes, which no tensor states); else the class's 3-grams with the heads the width
+    gives, and the class's base (said by the defaults)."""
+    table = r.layer_tensor(layer, "ple.ple_embedding.ngram_embedding")
+    if f"{table}.weight" in r.tensors:
+        rows, width = r.get(f"{table}.weight", 2)
+    else:  # stored in row shards, as transformers saves it (stored_parts)
+        shards = [r.get(f"{table}.shard_{i}.weight", 2) for i in range(_shard_count(r, table))]
+        rows, width = sum(s[0] for s in shards), shards[0][1]
+    heads = r.divide("ple_embed_dim", embed, width, "the n-gram table's width")
+    for name, preset in PRESETS.items():
+        if (
+            not preset.get("ple_layer_ids")
+            or preset.get("ple_embed_dim", preset["hidden_size"]) != embed
+        ):
+            continue
+        preset_heads = (preset["ngram_size"] - 1) * preset["heads_per_ngram"]
+        if preset_heads == heads and _ngram_rows(preset, 0) == rows:
+            for field in (*_NGRAM_FIELDS, "make_ngram_vocab_size_divisible_by"):
+                r.fields[field] = preset[field]
+                r.reasons[field] = f"preset:{name}, whose n-gram table this is"
+            return
+    if heads % 2:
+        raise r.fail(
+            f"the n-gram tables have {heads} heads: not a whole number per n-gram order of "
+            "the class's 3-grams; a config.json must give ngram_size and heads_per_ngram"
+        )
+    r.fields["heads_per_ngram"] = heads // 2
 
 
 def _infer(r: ShapeReader) -> None:
