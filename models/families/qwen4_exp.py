@@ -599,14 +599,19 @@ def qsa_selection(
     q = apply_rotary_pos_emb(q, cos=full_cos[:, -seq:, :], sin=full_sin[:, -seq:, :])
     slots = attention_mask.shape[-1]
     blocks = slots // r
+    # in float arithmetic and comparisons the emitter has, so that what the report names in
+    # this class is the selection itself (top-k, the scatter of the chosen blocks)
     if attention_mask.dtype == torch.bool:
-        visible = attention_mask[:, 0]
-    else:
-        visible = attention_mask[:, 0] == 0
+        visible = attention_mask[:, 0].float()
+    else:  # additive: 0 where a slot is seen, a large negative where not
+        visible = (attention_mask[:, 0] > -1.0).float()
     if blocks == 0:  # fewer slots than a block: nothing to select, every slot is tail
-        return visible.unsqueeze(1)
-    seen = visible.sum(-1)  # (B, S): the slots each query sees, a prefix
-    complete = torch.div(seen, r, rounding_mode="floor")  # (B, S) complete blocks
+        return (visible > 0.5).unsqueeze(1)
+    seen = visible.sum(-1, keepdim=True)  # (B, S, 1): the slots each query sees, a prefix
+    device = hidden_states.device
+    # block b is complete for a query that sees its (b + 1) r slots
+    ends = torch.arange(1, blocks + 1, dtype=torch.float32, device=device) * r
+    is_complete = (ends - 0.5 < seen).float()  # (B, S, blocks)
     pooled = raw_keys[:, : blocks * r].reshape(batch, blocks, r, d).float().mean(2)
     pooled = indexer.k_layernorm(pooled.to(raw_keys.dtype))
     # each block's key rotated at its first slot: the key given to every slot of its block,
@@ -615,21 +620,21 @@ def qsa_selection(
     rotated = apply_rotary_pos_emb(
         spread, cos=full_cos[:, : blocks * r], sin=full_sin[:, : blocks * r]
     )
-    block_keys = rotated[:, 0, ::r]  # (B, blocks, d)
-    scores = torch.einsum("bhsd,bnd->bsnh", q.float(), block_keys.float())
-    scores = torch.relu(scores).sum(-1) / math.sqrt(d)  # (B, S, blocks)
-    index = torch.arange(blocks, device=scores.device)
-    is_complete = index[None, None, :] < complete[..., None]
-    scores = torch.where(is_complete, scores, float("-inf"))
+    block_keys = rotated[:, :, ::r]  # (B, 1, blocks, d)
+    scores = torch.matmul(q.float(), block_keys.float().transpose(-1, -2))  # (B, H, S, blocks)
+    scores = torch.relu(scores).sum(1) / math.sqrt(d)  # (B, S, blocks), each >= 0
+    # incomplete blocks below every complete one
+    scores = scores - (1.0 - is_complete) * 1e4
     top = scores.topk(min(indexer.block_topk, blocks), dim=-1).indices
-    chosen = torch.zeros_like(is_complete).scatter(-1, top, True) & is_complete
-    token_block = torch.arange(slots, device=scores.device) // r  # (T,)
+    chosen = torch.zeros_like(scores).scatter(-1, top, 1.0) * is_complete
     in_chosen = chosen.repeat_interleave(r, dim=-1)
     if slots > blocks * r:  # slots past the last whole block: never complete, always tail
-        tail_pad = torch.zeros(batch, seq, slots - blocks * r, dtype=torch.bool)
-        in_chosen = torch.cat([in_chosen, tail_pad.to(in_chosen.device)], dim=-1)
-    tail = token_block[None, None, :] >= complete[..., None]
-    return ((in_chosen | tail) & visible).unsqueeze(1)
+        rest = torch.zeros(batch, seq, slots - blocks * r, device=device)
+        in_chosen = torch.cat([in_chosen, rest], dim=-1)
+    # a slot is in the tail when its block is not complete
+    block_end = (torch.arange(slots, device=device) // r + 1).float() * r
+    tail = (block_end - 0.5 > seen).float()
+    return ((in_chosen + tail) * visible > 0.5).unsqueeze(1)
 
 
 @contextlib.contextmanager
