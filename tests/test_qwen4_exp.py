@@ -102,7 +102,8 @@ def test_the_blocked_graph_still_computes_the_model(saved) -> None:
 def test_check_exits_1_naming_the_constructs(saved) -> None:
     """`anefx check --json` on the saved folder: exit 1, no traceback, every error in a
     construct the family says no pass lowers: the n-gram hashing (int_arith), QSA (top-k), the
-    PLE layers' dilated convs (one per PLE layer), each with its module path pattern."""
+    PLE gate's abs / sign / sqrt, each with its module path pattern; the PLE layers' dilated
+    conv and padding are lowered (dilated_conv_to_taps, pad_to_cat)."""
     import json
 
     folder, _ = saved
@@ -116,8 +117,14 @@ def test_check_exits_1_naming_the_constructs(saved) -> None:
     assert hashing["module"] == "model.layers.*.ple.ple_embedding"
     assert hashing["ops"]["bitwise_xor"] and hashing["rules"]["int_arith"]
     assert by_class["Qwen4ExpTextQSAIndexer"]["ops"]["topk"] == 1
-    conv = by_class["Conv1d"]
-    assert conv["module"] == "model.layers.*.ple.conv1d" and conv["rules"]["dilated_conv"] == 2
+    ple = by_class["Qwen4ExpTextPLELayer"]
+    assert ple["module"] == "model.layers.*.ple" and set(ple["ops"]) == {
+        "abs",
+        "sign",
+        "sqrt",
+        "clamp_min",
+    }
+    assert "dilated_conv" not in report["counts"]
 
 
 @pytest.mark.slow  # 120 s, 0.7 GB here: 40 layers of 2048 through every pass

@@ -82,8 +82,7 @@ INDEXED = "indexed_attention"  # transformers' name of a full layer with a QSA i
 UNLOWERED = (
     "Qwen4ExpTextNGramEmbedding",  # int64 hashing of token n-grams, a gather from the tables
     "Qwen4ExpTextQSAIndexer",  # top-k block selection, a scatter into the token mask
-    "Qwen4ExpTextPLELayer",  # sign(g) sqrt|g| gate, the dilated conv's padding
-    "Conv1d",  # the PLE's dilated depthwise conv (model.layers.*.ple.conv1d)
+    "Qwen4ExpTextPLELayer",  # the gate sign(g) sqrt(max(|g|, eps)): no translators
     "Qwen4ExpTextAttention",  # the QSA mask laid over the causal one (not, masked_fill)
 )
 
