@@ -107,6 +107,9 @@ _POSITIVE_INT_FIELDS = (
 )
 # ... of which these may be null (the class then derives them: KV heads = heads, no window)
 _NULLABLE_INT_FIELDS = ("num_key_value_heads", "sliding_window")
+# ... of which these may be 0: Qwen2MoeConfig sets sliding_window to 0 for "no window" when
+# use_sliding_window is false, and save_pretrained writes that 0
+_ZERO_ALLOWED_INT_FIELDS = ("sliding_window",)
 # The strict config classes check these are bools, but only after building per-layer lists;
 # checked first for a message naming the field.
 _BOOL_FIELDS = (
@@ -324,9 +327,11 @@ def _check_ints(raw: dict[str, Any], where: str) -> None:
         if field not in raw or (raw[field] is None and field in _NULLABLE_INT_FIELDS):
             continue
         value = raw[field]
-        if not _is_int(value) or value <= 0:
+        zero = field in _ZERO_ALLOWED_INT_FIELDS
+        if not _is_int(value) or value < (0 if zero else 1):
+            what = "a non-negative" if zero else "a positive"
             raise input_error(
-                f"{where}: field '{field}' must be a positive integer, got {shown(value)}"
+                f"{where}: field '{field}' must be {what} integer, got {shown(value)}"
             )
     for field, (bound, name) in limits.CONFIG_BOUNDS.items():
         value = raw.get(field)

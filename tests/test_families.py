@@ -113,6 +113,7 @@ def test_dynamic_rope_within_the_original_length_keeps_the_original_tables(tmp_p
 def test_the_families_are_discovered() -> None:
     assert set(FAMILIES) == {
         "qwen2",
+        "qwen2_moe",
         "qwen3",
         "qwen3_moe",
         "qwen3_5_text",
@@ -135,7 +136,7 @@ def test_the_families_are_discovered() -> None:
     [
         (
             {},
-            "field 'model_type' missing; supported: qwen2, qwen3, qwen3_5_moe_text, "
+            "field 'model_type' missing; supported: qwen2, qwen2_moe, qwen3, qwen3_5_moe_text, "
             "qwen3_5_text, qwen3_moe, qwen3_next, qwen4_exp_text",
         ),
         ({"model_type": "llama"}, "model_type 'llama' is not supported; supported: qwen2"),
@@ -207,7 +208,7 @@ def test_recognition_scores_and_refusals() -> None:
     with pytest.raises(AnefxInputError, match="match the families qwen3_moe and copy equally"):
         recognise("ckpt", shapes, equal)
     shared = {**shapes, "model.layers.0.mlp.shared_expert.up_proj.weight": _Header("F32", (4, 4))}
-    with pytest.raises(AnefxInputError, match=r"^ckpt: .*shared-expert tensors \(Qwen2-MoE\)"):
+    with pytest.raises(AnefxInputError, match=r"^ckpt: .*shared-expert tensors beside q_norm"):
         recognise("ckpt", shared)
     nothing = {k: v for k, v in shapes.items() if "q_norm" not in k and "mlp." not in k}
     with pytest.raises(

@@ -21,7 +21,13 @@ from anefx.models.infer_config import (
     infer_from_tensors,
 )
 from anefx.models.load import build_config, build_meta_model, load_model
-from anefx.models.presets import PRESETS, count_parameters, get_preset, sparse_layers
+from anefx.models.presets import (
+    PRESETS,
+    count_parameters,
+    get_preset,
+    num_experts,
+    sparse_layers,
+)
 from anefx.models.synthetic import (
     checkpoint_tensors,
     random_init_,
@@ -43,6 +49,7 @@ SHAPE_FIELDS = (
     "attention_bias",
     "num_experts",
     "moe_intermediate_size",
+    "shared_expert_intermediate_size",
     "decoder_sparse_step",
     "mlp_only_layers",
 )
@@ -62,6 +69,15 @@ EXPECTED_DEFAULTS = {
         "num_experts_per_tok",
         "norm_topk_prob",
     },
+    "qwen2_moe": {
+        "rope_parameters",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_experts_per_tok",
+        "norm_topk_prob",
+    },
 }
 
 
@@ -76,6 +92,8 @@ CASES: dict[str, tuple[dict, bool]] = {
     "qwen3-tiny": (get_preset("qwen3-tiny"), True),
     "qwen2-tiny": (get_preset("qwen2-tiny"), True),
     "qwen3-moe-tiny": (get_preset("qwen3-moe-tiny"), False),  # top-2, the default is 8
+    # the defaults (top-k, heads, positions) from the preset with the same experts
+    "qwen2-moe-tiny": (get_preset("qwen2-moe-tiny"), True),
     "qwen3-untied-yarn": (
         _variant(
             "qwen3-tiny",
@@ -123,7 +141,7 @@ def _shape_fields(cfg: dict) -> dict:
     if cfg["model_type"] == "qwen2":
         out.pop("head_dim", None)  # Qwen2 has no head_dim field
         out.pop("attention_bias", None)  # its q/k/v bias is implied by the class
-    if cfg["model_type"] != "qwen3_moe":
+    if not num_experts(cfg):
         for k in ("num_experts", "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers"):
             out.pop(k, None)
     return out
@@ -340,7 +358,7 @@ def test_moe_preset_runs_with_sensible_random_experts() -> None:
     assert torch.equal(again.model.layers[0].mlp.experts.down_proj, experts.down_proj)
 
 
-FAMILY_TINY = ("qwen3-tiny", "qwen2-tiny", "qwen3-moe-tiny")
+FAMILY_TINY = ("qwen3-tiny", "qwen2-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny")
 ROPE_SCALINGS = {
     "none": None,
     "yarn": {"factor": 4.0, "original_max_position_embeddings": 512},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 
 import anefx
@@ -15,13 +17,14 @@ from anefx.models.presets import PRESETS, num_experts, sparse_layers
 # what blocks it (tests/test_qwen4_exp.py)
 REAL = [n for n in matrix_presets() if not FAMILIES[PRESETS[n]["model_type"]].unlowered]
 # one real shape per family in the default run (the checker tests lower qwen3-0.6b too): dense
-# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE, the Qwen3.5 hybrid and the hybrids with
-# experts (Qwen3.5-MoE, Qwen3-Next); every preset under -m slow
+# Qwen3, Qwen2.5, long-context Qwen3, Qwen3-MoE, Qwen2-MoE, the Qwen3.5 hybrid and the hybrids
+# with experts (Qwen3.5-MoE, Qwen3-Next); every preset under -m slow
 DEFAULT = {
     "qwen3-1.7b",
     "qwen2.5-0.5b",
     "qwen3-4b-2507",
     "qwen3-30b-a3b",
+    "qwen1.5-moe-a2.7b",
     "qwen3.5-0.8b",
     "qwen3.5-35b-a3b",
     "qwen3-next-80b-a3b",
@@ -53,9 +56,13 @@ def test_preset_lowers_without_errors(name: str) -> None:
     if num_experts(cfg):
         moe = rep.stats["moe"]
         assert moe["blocks"] == len(sparse_layers(cfg)) and "unmatched" not in moe
-        e, k, i = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
-        shared = cfg.get("shared_expert_intermediate_size") or 0  # runs either way
-        assert moe["compute_multiplier"] == pytest.approx((e * i + shared) / (k * i + shared))
+        # every expert runs densely; a shared expert runs either way (counted on both sides)
+        width, shared = cfg["moe_intermediate_size"], cfg.get("shared_expert_intermediate_size", 0)
+        want = Fraction(
+            num_experts(cfg) * width + shared, cfg["num_experts_per_tok"] * width + shared
+        )
+        assert Fraction(moe["compute_multiplier"]).limit_denominator(10**6) == want
+        assert moe.get("shared_expert_width", 0) == shared
 
 
 @pytest.mark.slow  # the default run lowers the tiny hybrid's stateful graphs (test_qwen3_5.py)

@@ -115,18 +115,24 @@ DEFAULTS = (
 )
 
 
-def head_dim(fields: Mapping[str, Any]) -> tuple[int, str]:
-    """head_dim for a Qwen2 checkpoint (not a config field), and where it came from."""
+def head_dim(
+    fields: Mapping[str, Any],
+    presets: Mapping[str, Mapping[str, Any]] = PRESETS,
+    same_shapes: tuple[str, ...] = (
+        "hidden_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "intermediate_size",
+        "tie_word_embeddings",
+    ),
+) -> tuple[int, str]:
+    """head_dim for a checkpoint of Qwen2's attention (not a config field), and where it came
+    from: a preset of PRESETS whose SAME_SHAPES fields equal those read (a field not read is
+    not compared), else the rule."""
     hidden, k_rows = fields["hidden_size"], fields["_k_rows"]
-    for name, preset in PRESETS.items():
+    for name, preset in presets.items():
         dim = preset.get("head_dim") or preset["hidden_size"] // preset["num_attention_heads"]
-        same = (
-            all(
-                preset[k] == fields[k]
-                for k in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
-            )
-            and preset.get("tie_word_embeddings", False) == fields["tie_word_embeddings"]
-        )
+        same = all(preset.get(k) == fields[k] for k in same_shapes if k in fields)
         if same and preset["num_key_value_heads"] * dim == k_rows:
             return dim, f"head_dim {dim} of preset:{name}, whose shapes these are"
     for dim in HEAD_DIMS:

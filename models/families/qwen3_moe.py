@@ -112,19 +112,28 @@ def recognise(suffixes: frozenset[str], first: frozenset[str]) -> int:
 
 
 def refuse(suffixes: frozenset[str], first: frozenset[str]) -> str | None:
-    """Other mixture-of-experts layouts than Qwen3-MoE's and the hybrids'."""
+    """Other mixture-of-experts layouts than Qwen3-MoE's, Qwen2-MoE's (a shared expert
+    without q_norm, models/families/qwen2_moe.py) and the hybrids'."""
     if any(s.startswith("linear_attn.") for s in suffixes):
         return None  # a hybrid with experts: Qwen3.5-MoE or Qwen3-Next
-    if any(".shared_expert" in s for s in suffixes):
-        return "shared-expert tensors (Qwen2-MoE) are not a supported family"
-    if has_router(suffixes) and "self_attn.q_norm.weight" not in first:
-        return "expert tensors without q_norm: only Qwen3-MoE experts are supported"
+    q_norm = "self_attn.q_norm.weight" in first
+    shared = any(s.startswith("mlp.shared_expert") for s in suffixes)
+    if shared and q_norm:
+        return "shared-expert tensors beside q_norm are not a supported family"
+    if has_router(suffixes) and not q_norm and not shared:
+        return "expert tensors without q_norm or a shared expert: not a supported MoE layout"
     return None
 
 
 def infer(r: ShapeReader) -> None:
     """Qwen3 attention; the experts' count and width, and which layers are sparse."""
     q_norm_attention(r)
+    infer_experts(r)
+
+
+def infer_experts(r: ShapeReader) -> None:
+    """The routed experts' count and width (stored per expert or fused), which layers are
+    sparse, and intermediate_size from a dense layer if there is one (Qwen2-MoE's too)."""
     dense_mlp(r, required=False)  # a dense layer, if any, gives intermediate_size
     sparse = routed_experts(r)
     step, dense = sparse_pattern(len(r.layers), sparse)
