@@ -22,10 +22,12 @@ import transformers
 from _hybrid_moe import (
     SEQ,
     assert_loads_as_stored,
+    fp16_lowered,
+    fp32_decoder,
     greedy_tokens,
     ids,
-    lowered_errors,
     package_checked,
+    stateful_error,
     stock_logits,
 )
 from hypothesis import given, settings
@@ -123,12 +125,30 @@ def test_loads_as_stored(ckpt, caplog) -> None:
         assert skipped == []
 
 
-def test_lowered_graph_equals_transformers(ckpt) -> None:
-    """fp32 at rounding level, fp16 >= 60 dB; every sparse layer's block densified, the
-    compute multiplier (E I + Is) / (k I + Is) stated with the shared expert's width."""
+@pytest.fixture(scope="module")
+def decoder(ckpt):
+    return fp32_decoder(ckpt[1])
+
+
+def test_stateful_fp32_graphs_equal_transformers(ckpt, decoder) -> None:
+    """Prefill (full, then padded) and decode steps carrying the states: every position's
+    logits within 1e-4 of the largest."""
+    _, _, model = ckpt
+    assert stateful_error(decoder, model) < 1e-4
+
+
+def test_greedy_tokens_equal_generate(ckpt, decoder) -> None:
+    _, _, model = ckpt
+    got, want = greedy_tokens(decoder, model)
+    assert got == want
+
+
+def test_fp16_graph_and_the_expert_blocks(ckpt) -> None:
+    """fp16 >= 60 dB, no checker error; every sparse layer's block densified, the compute
+    multiplier (E I + Is) / (k I + Is) stated with the shared expert's width."""
     _, folder, model = ckpt
-    rel, db, moe = lowered_errors(folder, model)
-    assert rel < 1e-4 and db >= 60.0, (rel, db)
+    db, moe = fp16_lowered(folder, model)
+    assert db >= 60.0, db
     cfg = model.config
     assert moe["blocks"] == len(sparse_layers(cfg.to_dict())) and "unmatched" not in moe
     e, k = cfg.num_experts, cfg.num_experts_per_tok
@@ -137,16 +157,16 @@ def test_lowered_graph_equals_transformers(ckpt) -> None:
     assert (moe["shared_expert_width"], moe["shared_expert_gated"]) == (shared, True)
 
 
-def test_greedy_tokens_equal_generate(ckpt) -> None:
-    _, folder, model = ckpt
-    got, want = greedy_tokens(folder, model)
-    assert got == want
-
-
-def test_package_on_the_executor(ckpt, tmp_path: Path) -> None:
-    _, folder, _ = ckpt
+# one package per family in the default run (a conversion and a verify each); both with -m slow
+@pytest.mark.parametrize(
+    "name", ["saved-per-expert-untied", pytest.param("fused-tied", marks=pytest.mark.slow)]
+)
+def test_package_on_the_executor(name: str, tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    CHECKPOINTS[name](folder)
     result = package_checked(folder, tmp_path / "q.mlpackage")
-    assert result.psnr_db >= 55.0 and result.top5_containment == 1.0, result.render()
+    # verify's own thresholds (50 dB, top-1 0.9) and every reference token in the top 5
+    assert result.passed and result.top5_containment == 1.0, result.render()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +192,7 @@ def _one_layer(key_heads: int, per_key: int, key_dim: int, value_dim: int, seed:
     return model
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(
     key_heads=st.integers(1, 3),
     per_key=st.integers(1, 3),

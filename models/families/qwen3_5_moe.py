@@ -5,9 +5,10 @@ sigmoid-gated shared expert in place of every MLP.
 transformers `model_type` `qwen3_5_moe_text` (class `Qwen3_5MoeForCausalLM`); Qwen publishes the
 vision-language layout `qwen3_5_moe` (`Qwen3_5MoeForConditionalGeneration`, a nested
 `text_config`, tensors `model.language_model.*`, `model.visual.*`, `mtp.*`), read as its text
-model as for Qwen3.5. Published checkpoints store the experts fused (`mlp.experts.gate_up_proj`
-(E, 2I, H), `mlp.experts.down_proj` (E, H, I)), as transformers saves them; per-expert tensors
-(`mlp.experts.<e>.gate_proj.weight` ...) load too.
+model as for Qwen3.5. Checkpoints store the experts per expert (`mlp.experts.<e>.gate_proj.weight`
+...), as transformers saves them and reads published ones (its qwen2_moe conversion); the model's
+fused tensors (`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I)) load
+too.
 """
 
 from __future__ import annotations
