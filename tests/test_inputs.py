@@ -14,6 +14,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from anefx.errors import AnefxInputError
 from anefx.models import load as load_mod
+from anefx.models.families import supported
 from anefx.models.load import LoadedModel, build_meta_model, load_model
 from anefx.models.presets import PRESETS, count_parameters, describe_presets, get_preset
 from anefx.models.synthetic import random_init_, random_model, write_random_checkpoint
@@ -391,12 +392,12 @@ def test_config_not_an_object(ckpt: Path) -> None:
 
 def test_model_type_missing(ckpt: Path) -> None:
     edit_config(ckpt, model_type=...)
-    raises_input_error(ckpt, "config.json", "model_type", "qwen2, qwen3")
+    raises_input_error(ckpt, "config.json", "model_type", f"supported: {supported()}")
 
 
 def test_model_type_unsupported(ckpt: Path) -> None:
     edit_config(ckpt, model_type="llama")
-    raises_input_error(ckpt, "config.json", "'llama'", "qwen2, qwen3")
+    raises_input_error(ckpt, "config.json", "'llama'", f"supported: {supported()}")
 
 
 def test_required_field_missing(ckpt: Path) -> None:

@@ -147,10 +147,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         mlp_only_layers=[3],
         norm_topk_prob=True,
     ),
-    # The published arrangement in small, every layer sparse, a tied head, the top-k weights
-    # not renormalised.
+    # The published arrangement in small, every layer sparse (the unused dense width 5/2 x
+    # hidden, as published), a tied head, the top-k weights not renormalised.
     "qwen3-next-tiny-tied": _tiny(
         tie_word_embeddings=True,
+        intermediate_size=160,
         layer_types=every_fourth(4),
         linear_num_key_heads=2,
         linear_num_value_heads=2,
