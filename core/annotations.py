@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch.fx as fx
 
 _UNLOWERED = "anefx_unlowered"
+# Where a node comes from, as capture records it: the module path ("model.layers.3.mlp"), the
+# transformers class of that module ("Qwen3MoeSparseMoeBlock", the report's blocking
+# constructs) and torch.export's stack. A node a pass creates in place of another inherits them.
+MODULE = "anefx_module"
+MODULE_CLASS = "anefx_module_class"
+PROVENANCE = (MODULE, MODULE_CLASS, "nn_module_stack")
 
 
 def mark_unlowered(node: fx.Node, pass_name: str, reason: str) -> None:

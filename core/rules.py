@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RULES_VERSION = "2026.11-4"
+RULES_VERSION = "2026.11-5"
 
 MAX_RANK = 4
 # Rank-4 tensors are read as (N, C, H, W); lower ranks are left-padded with 1s.
@@ -60,6 +60,17 @@ RULES = [
         "data-dependent routing (topk, sort, histc, cumsum, grouped matmul) leaves the ANE",
     ),
     Rule("control_flow", "error", "control flow (cond/while) leaves the ANE"),
+    # ane-facts.md, "Ops that leave the ANE": dilated conv (hollance/neural-engine
+    # unsupported-layers.md)
+    Rule("dilated_conv", "error", "convolution with a dilation above 1 leaves the ANE"),
+    # ane-facts.md, "Precision": the ANE computes in fp16 only; integer arithmetic (hashing
+    # token ids with int64 multiply / xor / remainder, counting) is no fp16 op
+    Rule(
+        "int_arith",
+        "error",
+        "integer arithmetic (int64 multiply, xor, remainder, running max) leaves the ANE, which "
+        "computes in fp16 only",
+    ),
     Rule("dynamic_shape", "error", "dynamic shape leaves the ANE"),
     Rule(
         "in_graph_mask", "error", "causal mask built in the graph (band_part/triu) leaves the ANE"
@@ -113,7 +124,25 @@ OFF_ANE_KINDS = {
     "cumsum": "routing",
     "nonzero": "routing",
     "grouped_mm": "routing",
+    "dilated_conv": "dilated_conv",
+    "int_arith": "int_arith",
 }
+# The ops that are arithmetic when their result is an integer tensor (comparisons and the
+# index computations of a gather are not: their results are booleans or indices the ops read)
+INT_ARITH_OPS = (
+    "mul",
+    "add",
+    "sub",
+    "bitwise_xor",
+    "bitwise_and",
+    "bitwise_or",
+    "remainder",
+    "fmod",
+    "floor_divide",
+    "div",
+    "cummax",
+    "cummin",
+)
 
 
 def lm_head_slices(width: int) -> int:

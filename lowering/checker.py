@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from anefx.core import rules
-from anefx.core.annotations import unlowered
+from anefx.core.annotations import MODULE, MODULE_CLASS, unlowered
 from anefx.core.ops import EMITTABLE, LAYER_NORM
 from anefx.core.signature import has_signature, pack_states, signature_of
 
@@ -37,6 +37,7 @@ class OpInfo:
     dtypes: list[str]
     module: str | None = None
     pass_: str | None = None
+    module_class: str | None = None  # the transformers class of the source module
     const: bool = False
     nbytes: int = 0
     dynamic: bool = False
@@ -56,6 +57,21 @@ class Violation:
     pass_: str | None
     message: str  # what breaks the rule, with the limit: "W=151936 > 16384"
     limit: str | None = None  # the rule table's bound, as text
+    module_class: str | None = None  # the transformers class of the source module
+
+
+def module_pattern(module: str) -> str:
+    """A module path with its indices as *: every decoder layer's copy of a module is one
+    construct ("model.layers.3.self_attn.indexer" -> "model.layers.*.self_attn.indexer")."""
+    return ".".join("*" if part.isdigit() else part for part in module.split("."))
+
+
+def op_name(op: str) -> str:
+    """An op's short name for summaries: "aten.topk.default" -> "topk"."""
+    if op.startswith("<built-in function "):
+        return op.removeprefix("<built-in function ").rstrip(">")
+    parts = op.split(".")
+    return parts[1] if len(parts) == 3 else op
 
 
 @dataclass
@@ -78,6 +94,40 @@ class Report:
         c = Counter(v.rule for v in self.violations)
         return {r.id: c[r.id] for r in rules.RULES if c[r.id]}
 
+    def blocking(self) -> list[dict]:
+        """What blocks the graph, construct by construct: the errors of ops grouped by the
+        transformers class of their source module and its path with indices as * (each
+        decoder layer's copy is one construct), with their ops and rules counted; the most
+        errors first. Package-level errors (no op: size, states) are not constructs."""
+        groups: dict[tuple[str, str], dict] = {}
+        for v in self.errors:
+            if v.node == "-" or v.op in ("state", "package"):
+                continue
+            module = module_pattern(v.module) if v.module else "-"
+            key = (v.module_class or "-", module)
+            group = groups.setdefault(
+                key,
+                {
+                    "class": key[0],
+                    "module": key[1],
+                    "errors": 0,
+                    "ops": Counter(),
+                    "rules": Counter(),
+                    "nodes": set(),
+                },
+            )
+            group["errors"] += 1
+            group["rules"][v.rule] += 1
+            if v.node not in group["nodes"]:  # an op breaking two rules is one op
+                group["nodes"].add(v.node)
+                group["ops"][op_name(v.op)] += 1
+        out = sorted(groups.values(), key=lambda g: (-g["errors"], g["class"], g["module"]))
+        for group in out:
+            del group["nodes"]
+            group["ops"] = dict(group["ops"].most_common())
+            group["rules"] = dict(group["rules"].most_common())
+        return out
+
     def to_dict(self) -> dict:
         return {
             "stage": self.stage,
@@ -85,6 +135,7 @@ class Report:
             "errors": len(self.errors),
             "warnings": len(self.warnings),
             "counts": self.counts(),
+            "blocking": self.blocking(),
             "stats": self.stats,
             "violations": [
                 {("pass" if k == "pass_" else k): v for k, v in asdict(x).items()}
@@ -166,9 +217,28 @@ class Report:
             for rid, n in shown.items():
                 if n > limit_per_rule:
                     lines.append(f"  ... {n - limit_per_rule} more {rid} (see --json)")
+            blocking = self.blocking()
+            if blocking:
+                lines.append("")
+                lines.append(
+                    "  blocked by (the errors by the transformers class and module of their op):"
+                )
+                for group in blocking:
+                    lines.append(f"  {blocking_text(group)}")
         lines.append("")
         lines.append(f"  {len(self.errors)} error(s), {len(self.warnings)} warning(s)")
         return "\n".join(lines)
+
+
+def blocking_text(group: dict, ops: int = 6) -> str:
+    """One construct of Report.blocking as text: "Qwen4ExpTextQSAIndexer
+    (model.layers.*.self_attn.indexer): topk 1, scatter 1 [routing 1, scatter 1]"."""
+    shown = list(group["ops"].items())
+    text = ", ".join(f"{op} {n}" for op, n in shown[:ops])
+    if len(shown) > ops:
+        text += f", {len(shown) - ops} more op kinds"
+    why = ", ".join(f"{rule} {n}" for rule, n in group["rules"].items())
+    return f"{group['class']} ({group['module']}): {text} [{why}]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +265,7 @@ def check_ops(ops: list[OpInfo], stage: str, stats: dict | None = None) -> Repor
                 pass_=op.pass_,
                 message=message,
                 limit=limit,
+                module_class=op.module_class,
             )
         )
 
@@ -362,6 +433,9 @@ _FX_KINDS = {
 }
 
 
+_INTEGER = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
+
+
 def _fx_kind(node: fx.Node) -> str:
     if node.op == "placeholder":
         return "input"
@@ -373,7 +447,19 @@ def _fx_kind(node: fx.Node) -> str:
     name = getattr(packet, "__name__", None) or getattr(node.target, "__name__", str(node.target))
     if "grouped_mm" in name:  # aten._grouped_mm and transformers' fallback custom op
         return "grouped_mm"
-    return _FX_KINDS.get(name, name)
+    if name in rules.INT_ARITH_OPS:
+        v = node.meta.get("val")
+        first = v[0] if isinstance(v, (tuple, list)) and v else v
+        if isinstance(first, torch.Tensor) and first.dtype in _INTEGER:
+            return "int_arith"
+    kind = _FX_KINDS.get(name, name)
+    if kind == "conv" or name == "conv1d":
+        # (input, weight, bias, stride, padding, dilation, ...) as aten spells every conv
+        dilation = node.args[5] if len(node.args) > 5 else node.kwargs.get("dilation", 1)
+        dilation = [dilation] if isinstance(dilation, int) else list(dilation or [1])
+        if any(d != 1 for d in dilation):
+            return "dilated_conv"
+    return kind
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -398,8 +484,9 @@ def fx_ops(gm: fx.GraphModule) -> list[OpInfo]:
             kind=_fx_kind(node),
             shapes=shapes,
             dtypes=dtypes,
-            module=node.meta.get("anefx_module"),
+            module=node.meta.get(MODULE),
             pass_=node.meta.get("anefx_pass"),
+            module_class=node.meta.get(MODULE_CLASS),
             dynamic=dynamic,
         )
         if node.op == "get_attr":
@@ -453,10 +540,11 @@ def _unsupported_ops(gm: fx.GraphModule) -> list[Violation]:
                 node=node.name,
                 shape=None if t is None else [s if isinstance(s, int) else -1 for s in t.shape],
                 dtype=None if t is None else _dtype_name(t.dtype),
-                module=node.meta.get("anefx_module"),
+                module=node.meta.get(MODULE),
                 pass_=node.meta.get("anefx_pass"),
                 message=f"no Core ML translation for {op}",
                 limit="an op of core/ops.py EMITTABLE",
+                module_class=node.meta.get(MODULE_CLASS),
             )
         )
     return out

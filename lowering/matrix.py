@@ -67,6 +67,11 @@ def matrix_row(preset: str, seq_len: int = 64) -> dict:
     left = rep.stats.get("layout_changes_left")
     if left:  # copies the layout sweep could not remove (not errors; the ANE runs them)
         row["layout_changes_left"] = left["count"]
+    blocking = rep.blocking()
+    if blocking:  # the constructs errors remain in, by transformers class
+        row["blocking"] = [
+            {"class": g["class"], "module": g["module"], "errors": g["errors"]} for g in blocking
+        ]
     moe = rep.stats.get("moe")
     if moe:
         row["moe_compute_multiplier"] = moe.get("compute_multiplier")
@@ -102,6 +107,10 @@ def render_matrix(rows: list[dict]) -> str:
             after += f"; MoE dense x{r['moe_compute_multiplier']:g}"
         if r.get("layout_changes_left"):
             after += f"; {r['layout_changes_left']} layout changes left"
+        if r.get("blocking"):
+            after += "; blocked by " + ", ".join(
+                f"{g['class']} ({g['module']}, {g['errors']})" for g in r["blocking"]
+            )
         layers = str(r["layers"])
         if r.get("layer_kinds"):
             layers += " (" + ", ".join(f"{n} {k}" for k, n in r["layer_kinds"].items()) + ")"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from anefx.core.annotations import MODULE, MODULE_CLASS
 from anefx.core.pass_registry import Check, PassFn, Summary
 from anefx.core.recompile import deferred_recompile
 from anefx.errors import AnefxGraphError
@@ -57,11 +58,13 @@ def _tag_new_nodes(gm: fx.GraphModule, before: set[fx.Node], name: str) -> None:
         # a pass that re-emits an existing op keeps that op's origin (None = the capture)
         if "anefx_pass" not in node.meta:
             node.meta["anefx_pass"] = name
-        if "anefx_module" not in node.meta:
+        if MODULE not in node.meta:
             # a pass that forgot to say where a node came from: borrow from its inputs
             for arg in node.all_input_nodes:
-                if "anefx_module" in arg.meta:
-                    node.meta["anefx_module"] = arg.meta["anefx_module"]
+                if MODULE in arg.meta:
+                    for key in (MODULE, MODULE_CLASS):
+                        if key in arg.meta:
+                            node.meta[key] = arg.meta[key]
                     break
 
 

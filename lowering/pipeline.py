@@ -77,6 +77,21 @@ def build_pipeline(
             "RMSNorm: the L2 norms are among them",
         ),
         _step(
+            "mean_to_sum",
+            "after the norm rewrites, which match the mean of squares of an RMSNorm: what "
+            "is left is a plain average (Qwen4-Exp's hyper-connections over their streams)",
+        ),
+        _step(
+            "repeat_to_cat",
+            "beside mean_to_sum, before limit_rank and the layout sweep, which handle cat: "
+            "the copies of a tensor repeated whole (Qwen4-Exp's residual streams)",
+        ),
+        _step(
+            "pad_to_cat",
+            "beside repeat_to_cat and before the dilated conv's taps, whose input it pads: a "
+            "constant padding is a cat with constant blocks (Qwen4-Exp's PLE conv input)",
+        ),
+        _step(
             "cast_to_compute_dtype",
             "after the norm rewrite has consumed its casts: the remaining fp32 islands "
             "(softmax) fold into the compute dtype",
@@ -104,6 +119,11 @@ def build_pipeline(
             "linear_to_conv2d",
             "after the graph is rank <= 4 and norm-free of pow/rsqrt: introduces the (B, C, 1, S) "
             "convs with explicit layout changes around each",
+        ),
+        _step(
+            "dilated_conv_to_taps",
+            "before conv1d_to_conv2d, which leaves a dilated conv: its taps become slices and "
+            "multiply-adds, which the layout sweep carries like any elementwise op",
         ),
         _step(
             "conv1d_to_conv2d",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core.annotations import MODULE, MODULE_CLASS
 from anefx.core.signature import Input, Output, Role, Signature, set_signature
 from anefx.errors import AnefxInputError
 from anefx.models.families import family_of, known_family
@@ -163,6 +164,18 @@ def module_path(node: fx.Node) -> str | None:
     if path.startswith(_WRAPPER_PREFIX):
         path = path[len(_WRAPPER_PREFIX) :]
     return path or None
+
+
+def module_class(node: fx.Node) -> str | None:
+    """The transformers class of a captured node's source module, e.g.
+    ``Qwen4ExpTextQSAIndexer`` (export records it beside the path, as a class or its
+    qualified name)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    kind = list(stack.values())[-1][1]
+    name = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
+    return name.rsplit(".", 1)[-1] or None
 
 
 @contextlib.contextmanager
@@ -416,7 +429,9 @@ def unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str]]
     for node in gm.graph.nodes:
         mod = module_path(node)
         if mod:
-            node.meta["anefx_module"] = mod
+            node.meta[MODULE] = mod
+            if cls := module_class(node):
+                node.meta[MODULE_CLASS] = cls
         elif "anefx_param" in node.meta:
             param = node.meta["anefx_param"]
             # the wrapper's own buffers (cache slots) belong to the KV cache, not the model

@@ -175,6 +175,16 @@ class Family:
     # what the family's config class rewrites in a config dict before reading it (legacy
     # spellings, as Qwen2.5-VL's rope type "mrope" for "default"): (dict) -> the dict read
     legacy_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda raw: raw
+    # every parameter beside the embedding, the head, the token mixers and the MLPs: (config
+    # dict) -> count; by default two RMSNorms per decoder layer and the final norm
+    other_parameters: Callable[[Mapping[str, Any]], int] = lambda config: (
+        (2 * config["num_hidden_layers"] + 1) * config["hidden_size"]
+    )
+    # config fields `other_parameters` reads beyond the shared ones (the loader passes them)
+    parameter_fields: tuple[str, ...] = ()
+    # the transformers module classes of the family that no pass lowers (docs/<family>.md says
+    # why): a lowered report's blocking constructs are these; () for a family that lowers
+    unlowered: tuple[str, ...] = ()
 
     def config_cls(self) -> type:
         """The transformers config class (imported on first use: families load without it)."""

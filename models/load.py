@@ -650,6 +650,8 @@ def count_config_parameters(config: PreTrainedConfig) -> int:
         "linear_key_head_dim",
         "linear_value_head_dim",
         "linear_conv_kernel_dim",
+        # what the family's other_parameters reads
+        *family_of(config).parameter_fields,
     ):
         if getattr(config, key, None) is not None:
             fields[key] = getattr(config, key)
@@ -687,12 +689,20 @@ def materialize_(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def reset_rotary_(model: PreTrainedModel) -> None:
-    """Recompute RoPE buffers (garbage after to_empty) with transformers' own initialisation.
+    """Recompute RoPE buffers (garbage after to_empty) and integer tables derived from the
+    config (no checkpoint's to load: weights.checkpoint_names) with transformers' own
+    initialisation.
 
     This is the same `_init_weights` path `from_pretrained` uses for non-persistent buffers.
     """
     for module in model.modules():
         if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "inv_freq"):
+            model._init_weights(module)
+        elif any(
+            not b.is_floating_point() and not b.is_complex() for b in module.buffers(recurse=False)
+        ):
+            # integer tables derived from the config (Qwen4-Exp's n-gram hashing), no weights:
+            # transformers' own initialisation computes them, as from_pretrained does
             model._init_weights(module)
 
 

@@ -106,9 +106,10 @@ def count_parameters(config: dict[str, Any]) -> int:
 
     # the layers whose mixer is a linear attention hold no attention block
     linear_layers, linear_mixers = family.linear_attention(config)
-    total = (layers - linear_layers) * attn + linear_mixers + layers * 2 * hidden  # + 2 RMSNorms
+    total = (layers - linear_layers) * attn + linear_mixers
+    total += family.other_parameters(config)  # the norms (and what else the family holds)
     total += (layers - sparse) * dense_mlp + sparse * sparse_mlp
-    total += vocab * hidden + hidden  # embedding and the final norm
+    total += vocab * hidden  # embedding
     if not config.get("tie_word_embeddings", False):
         total += vocab * hidden
     return total

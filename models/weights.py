@@ -40,9 +40,16 @@ def tied_targets(model: PreTrainedModel) -> set[str]:
 
 
 def checkpoint_names(model: PreTrainedModel) -> list[str]:
-    """Names of the tensors a checkpoint for `model` holds, in state-dict order."""
+    """Names of the tensors a checkpoint for `model` holds, in state-dict order. Integer
+    buffers are not among them: tables transformers derives from the config (Qwen4-Exp's
+    n-gram hash multipliers and table sizes), which loading recomputes (load.reset_rotary_)
+    and a checkpoint that stores them has ignored."""
     skip = tied_targets(model)
-    return [name for name in model.state_dict() if name not in skip]
+    return [
+        name
+        for name, tensor in model.state_dict().items()
+        if name not in skip and (tensor.is_floating_point() or tensor.is_complex())
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

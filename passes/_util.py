@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from anefx.core.annotations import mark_unlowered, unlowered
+from anefx.core.annotations import PROVENANCE, mark_unlowered, unlowered
 from anefx.core.recompile import deferred_recompile, recompile
 
 __all__ = [
@@ -67,7 +67,7 @@ def emit(
     """Create a call_function node that inherits LIKE's source module (for the report)."""
     node = graph.call_function(target, args, kwargs or {})
     if like is not None:
-        for key in ("anefx_module", "nn_module_stack"):
+        for key in PROVENANCE:
             if key in like.meta:
                 node.meta[key] = like.meta[key]
     return node
@@ -100,7 +100,7 @@ def add_const(
     node = gm.graph.get_attr(name)
     node.meta["val"] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
     if like is not None:
-        for key in ("anefx_module", "nn_module_stack"):
+        for key in PROVENANCE:
             if key in like.meta:
                 node.meta[key] = like.meta[key]
     return node

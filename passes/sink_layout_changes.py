@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from anefx.core.annotations import MODULE, MODULE_CLASS, PROVENANCE
 from anefx.core.ops import LAYER_NORM
 from anefx.core.pass_registry import register_pass
 from anefx.core.signature import AxisMap, has_signature, set_axis_map, signature_of
@@ -22,6 +23,7 @@ from anefx.passes._util import (
     aten,
     const_value,
     is_op,
+    keep_unlowered,
     mark_unlowered,
     recompile,
     shape_of,
@@ -107,11 +109,13 @@ class _Sweep:
         """Emit a node; FRESH marks a layout change this pass adds (not a re-emitted op)."""
         node = self.g.call_function(target, args, kwargs or {})
         if self.like is not None:
-            for key in ("anefx_module", "nn_module_stack"):
+            for key in PROVENANCE:
                 if key in self.like.meta:
                     node.meta[key] = self.like.meta[key]
             if not fresh:
                 node.meta["anefx_pass"] = self.like.meta.get("anefx_pass")
+                # the op re-emitted: a pass's report that it left it stays with it
+                keep_unlowered(self.like, node)
         return node
 
     def const(self, tensor: torch.Tensor, hint: str) -> fx.Node:
@@ -120,8 +124,10 @@ class _Sweep:
             name += "_"
         self.gm.register_buffer(name, tensor.contiguous(), persistent=False)
         node = self.g.get_attr(name)
-        if self.like is not None and "anefx_module" in self.like.meta:
-            node.meta["anefx_module"] = self.like.meta["anefx_module"]
+        if self.like is not None:
+            for key in (MODULE, MODULE_CLASS):
+                if key in self.like.meta:
+                    node.meta[key] = self.like.meta[key]
         self._consts[name] = node
         return node
 

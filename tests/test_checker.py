@@ -122,6 +122,26 @@ PLANTS = {
         aten.index_select.default, (a, 1, add_const(gm, torch.zeros(3, dtype=torch.long), "i"))
     ),
     "routing": lambda gm, g, a: g.call_function(aten.topk.default, (a, 2, 1)),
+    # a 1x3 kernel dilated by 2, padded to keep the width
+    "dilated_conv": lambda gm, g, a: g.call_function(
+        aten.conv2d.default,
+        (
+            a.args[0],
+            add_const(gm, torch.zeros(64, 64, 1, 3, dtype=torch.float16), "w"),
+            None,
+            [1, 1],
+            [0, 2],
+            [1, 2],
+        ),
+    ),
+    # token ids hashed as Qwen4-Exp's n-gram tables do
+    "int_arith": lambda gm, g, a: g.call_function(
+        aten.bitwise_xor.Tensor,
+        (
+            add_const(gm, torch.arange(64, dtype=torch.long), "i"),
+            add_const(gm, torch.arange(64, dtype=torch.long) * 7, "j"),
+        ),
+    ),
     # an op the emitter has no translation for, and that breaks no other rule
     "unsupported_op": lambda gm, g, a: g.call_function(aten.sin.default, (a,)),
 }
@@ -211,7 +231,16 @@ def _summary(rule: str) -> str:
 
 
 # rules on ops that leave the ANE: their message is the rule's own statement of it
-_LEAVE_THE_ANE = ("linear", "rms_pow_rsqrt", "scatter", "routing", "in_graph_mask", "gather")
+_LEAVE_THE_ANE = (
+    "linear",
+    "rms_pow_rsqrt",
+    "scatter",
+    "routing",
+    "in_graph_mask",
+    "gather",
+    "dilated_conv",
+    "int_arith",
+)
 # rule id -> its planted violation; the table must not have a rule without one
 PLANTED: dict[str, Planted] = {
     **{
@@ -338,3 +367,59 @@ def test_state_alignment(context: int, expected: int) -> None:
     assert len(hits) == expected
     assert {v.node for v in hits} <= {s["name"] for s in states}
     assert all(v.severity == "warning" and str(context) in v.message for v in hits)
+
+
+class _Hasher(torch.nn.Module):
+    """Hashes token ids with int64 arithmetic (no ANE op) and scores with a top-k."""
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        hashed = torch.bitwise_xor(ids.long() * 31, ids.long()) % 7
+        top = x.topk(2, dim=-1).values.sum(-1, keepdim=True)
+        return x * hashed.unsqueeze(-1).to(x.dtype) + top
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64)
+        self.hash = _Hasher()
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.hash(ids, self.proj(x))
+
+
+class _Planted(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Block(), _Block(), _Block()])
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(ids, x)
+        return x
+
+
+def test_blocking_constructs_are_grouped_by_class_and_path() -> None:
+    """Ops no rule lets through, planted in a known module class at known paths: the report's
+    blocking summary names that class once, with the path pattern of its three copies, the ops
+    counted once each whatever rules they break, and nothing else (the linears are errors of
+    their own class)."""
+    from anefx.models.capture import unlift
+
+    ids = torch.zeros(1, 64, dtype=torch.int32)
+    x = torch.randn(1, 64, 64, dtype=torch.float16)
+    ep = torch.export.export(_Planted().half(), (ids, x), strict=False).run_decompositions({})
+    gm, _ = unlift(ep)
+    propagate_shapes(gm)
+    rep = check_graph(gm, "lowered")
+    groups = {g["class"]: g for g in rep.blocking()}
+    hasher = groups["_Hasher"]
+    assert hasher["module"] == "layers.*.hash"
+    assert hasher["ops"]["topk"] == 3 and hasher["ops"]["bitwise_xor"] == 3
+    assert hasher["rules"]["routing"] == 3 and hasher["rules"]["int_arith"] >= 6  # mul, xor
+    assert (
+        groups["Linear"]["module"] == "layers.*.proj" and groups["Linear"]["rules"]["linear"] == 3
+    )
+    assert set(groups) == {"_Hasher", "Linear"}
+    assert sum(g["errors"] for g in rep.blocking()) == len(rep.errors)
+    assert "_Hasher (layers.*.hash): " in rep.render()

@@ -31,11 +31,15 @@ from anefx.lowering.checker import check_graph
 from anefx.lowering.shape_prop import propagate_shapes
 from anefx.passes import (
     conv1d_to_conv2d,
+    dilated_conv_to_taps,
     fold_constants,
     l2_norm_to_layer_norm,
+    mean_to_sum,
     merge_concatenated_linears,
+    pad_to_cat,
     remove_noop_nodes,
     repeat_interleave_to_expand,
+    repeat_to_cat,
     rms_norm_to_layer_norm,
     sdpa_to_matmul,
     split_sliced_linears,
@@ -563,6 +567,95 @@ def test_repeat_interleave_to_expand(shape, repeats: int, data, seed: int) -> No
     assert res.modified and count(after, aten.repeat_interleave) == 0
     assert repeat_interleave_to_expand.postcondition(after) == []
     assert max_rank(after) <= MAX_RANK
+    assert torch.equal(run(after, x), run(gm, x))
+
+
+# -- mean_to_sum and repeat_to_cat (Qwen4-Exp's hyper-connections) ----------------------------
+
+
+@FEW
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple),
+    keepdim=st.booleans(),
+    data=st.data(),
+    seed=seeds,
+)
+def test_mean_to_sum(shape, keepdim: bool, data, seed: int) -> None:
+    """A mean over random axes equals the sum over them times 1 / n (fp32, rounding level)."""
+    axes = data.draw(st.lists(st.integers(0, len(shape) - 1), min_size=1, unique=True))
+    x = randn(shape, seed)
+    gm = clean(Fn(lambda x: x.mean(dim=axes, keepdim=keepdim) + 1.0), x)
+    res = apply(mean_to_sum.mean_to_sum, gm)
+    after = res.graph_module
+    assert res.modified and count(after, aten.mean) == 0
+    assert mean_to_sum.postcondition(after) == []
+    torch.testing.assert_close(run(after, x), run(gm, x), rtol=1e-6, atol=1e-6)
+
+
+@FEW
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
+    data=st.data(),
+    seed=seeds,
+)
+def test_repeat_to_cat(shape, data, seed: int) -> None:
+    """Tensor.repeat with random counts per axis equals the concatenations of copies."""
+    counts = data.draw(st.lists(st.integers(1, 4), min_size=len(shape), max_size=len(shape)))
+    x = randn(shape, seed)
+    gm = clean(Fn(lambda x: x.repeat(*counts) * 2.0), x)
+    res = apply(repeat_to_cat.repeat_to_cat, gm)
+    after = res.graph_module
+    assert count(after, aten.repeat) == 0 and repeat_to_cat.postcondition(after) == []
+    assert set(str(n.target) for n in after.graph.nodes if n.op == "call_function") <= EMITTABLE
+    assert torch.equal(run(after, x), run(gm, x))
+
+
+@FEW
+@given(
+    channels=st.integers(1, 6),
+    length=st.integers(1, 12),
+    taps=st.integers(1, 4),
+    dilation=st.integers(2, 4),
+    padding=st.integers(0, 6),
+    seed=seeds,
+)
+def test_dilated_conv_to_taps(channels, length, taps, dilation, padding, seed: int) -> None:
+    """A dilated depthwise conv1d with random shapes equals its weighted shifted slices."""
+    if length + 2 * padding - dilation * (taps - 1) < 1:
+        return  # no output column
+    x = randn((1, channels, length), seed)
+    w = randn((channels, 1, taps), seed + 1)
+
+    def conv(x):
+        return torch.nn.functional.conv1d(
+            x, w, padding=padding, dilation=dilation, groups=channels
+        ).sigmoid()
+
+    gm = clean(Fn(conv), x)
+    res = apply(dilated_conv_to_taps.dilated_conv_to_taps, gm)
+    after = res.graph_module
+    assert res.modified and count(after, aten.conv1d) == 0
+    assert dilated_conv_to_taps.postcondition(after) == []
+    torch.testing.assert_close(run(after, x), run(gm, x), rtol=1e-5, atol=1e-6)
+
+
+@FEW
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
+    data=st.data(),
+    value=st.sampled_from([0.0, -1.5]),
+    seed=seeds,
+)
+def test_pad_to_cat(shape, data, value: float, seed: int) -> None:
+    """A constant pad of random widths on random trailing axes equals the concatenations."""
+    pairs = data.draw(st.integers(1, len(shape)))
+    pads = data.draw(st.lists(st.integers(0, 3), min_size=2 * pairs, max_size=2 * pairs))
+    x = randn(shape, seed)
+    gm = clean(Fn(lambda x: torch.nn.functional.pad(x, pads, value=value) * 2.0), x)
+    res = apply(pad_to_cat.pad_to_cat, gm)
+    after = res.graph_module
+    assert count(after, aten.pad) == count(after, aten.constant_pad_nd) == 0
+    assert pad_to_cat.postcondition(after) == []
     assert torch.equal(run(after, x), run(gm, x))
 
 
