@@ -433,7 +433,10 @@ _FX_KINDS = {
 }
 
 
-_INTEGER = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
+# int64 arithmetic: Core ML has no int64 (its converter narrows to int32, which the products of
+# hashed token ids overflow). The int32 index arithmetic anefx emits itself (the argmax head's
+# slice offsets) is Core ML's own and is not flagged.
+_INTEGER = {torch.int64}
 
 
 def _fx_kind(node: fx.Node) -> str:

@@ -367,6 +367,10 @@ STRUCTURE = {
             "views_to_reshape",
             "unflatten_rows",
             "conv1d_to_conv2d",
+            "mean_to_sum",
+            "repeat_to_cat",
+            "pad_to_cat",
+            "dilated_conv_to_taps",
         )
     },
 }
