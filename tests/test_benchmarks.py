@@ -44,6 +44,7 @@ def test_cost_benchmark_tiny() -> None:
         assert math.isclose(r["est_tok_s_as_converted"], 64.2e9 / r["as_converted"], rel_tol=1e-3)
 
 
+@pytest.mark.slow  # a hybrid's benchmark path (the Qwen3 smoke tests run by default)
 def test_cost_benchmark_hybrid_in_parts_from_a_checkpoint() -> None:
     """A hybrid's carried states are in the bytes of a step and in the ideal; anefx cost's
     estimates of decode and prefill come with their inputs; the published rates with their
@@ -170,6 +171,7 @@ def test_kind_stats_takes_the_medians_of_each_kind_apart() -> None:
     assert full["ops_per_layer"] == 3 and full["layer_op_types"] == dict(Counter(plan[2]))
 
 
+@pytest.mark.slow  # a hybrid's benchmark path (the Qwen3 smoke tests run by default)
 def test_convert_benchmark_hybrid_counts_each_kind_of_layer(tmp_path: Path) -> None:
     """A Qwen3.5 hybrid: the layers are counted per kind as the family labels them, in the
     prefill package and both functions of the stateful one; --no-naive skips the stock path."""
@@ -371,6 +373,7 @@ def test_benchmark_checks_its_arguments_first(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a hybrid's benchmark path (the Qwen3 smoke tests run by default)
 def test_hybrid_drift_benchmark_tiny() -> None:
     """fp16 and fp32 lowered hybrids against transformers fp32, window by window and state by
     state, through decode steps and prefill calls."""

@@ -70,7 +70,9 @@ def test_the_stock_hybrid_lowers_with_nothing_left(hybrid, dtype) -> None:
     _computes_the_model(hybrid, low, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.float16]
+)
 def test_an_unknown_architecture_is_reported_not_aborted(hybrid, dtype, monkeypatch) -> None:
     family = FAMILIES[hybrid.config.model_type]
     # transformers' own delta rule, as a model the passes were not written for would bring it
