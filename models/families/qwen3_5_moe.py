@@ -23,6 +23,7 @@ from anefx.models.families.common import (
     infer_shared_expert,
     routed_experts,
     shared_expert_parameters,
+    vl_layout,
 )
 from anefx.models.families.qwen3_5.hybrid import (
     DENSE_LINEAR,
@@ -44,7 +45,7 @@ from anefx.models.families.qwen3_5.layout import (
     ROPE_DEFAULT,
     hybrid_tiny,
 )
-from anefx.models.family import Default, Nested
+from anefx.models.family import Default
 from anefx.models.tensor_shapes import ShapeReader
 
 MODEL_TYPE = "qwen3_5_moe_text"
@@ -147,14 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The published vision-language layout, read as its text model (as Qwen3.5's: the composite
 # class ties its head by the outer tie_word_embeddings, default false).
-NESTED = Nested(
-    model_type="qwen3_5_moe",
-    config_class="Qwen3_5MoeConfig",
-    text_key="text_config",
-    outer_fields=("tie_word_embeddings",),
-    stored_prefix="model.language_model.",
-    model_prefix="model.",
-)
+NESTED = vl_layout("qwen3_5_moe", "Qwen3_5MoeConfig")
 
 
 def recognise(suffixes: frozenset[str], first: frozenset[str]) -> int:

@@ -49,6 +49,7 @@ from anefx.models.families.common import (
     routed_experts,
     shared_expert_parameters,
     tiny,
+    vl_layout,
 )
 from anefx.models.families.qwen3_5.cache import (
     CONV_AXES,
@@ -67,7 +68,7 @@ from anefx.models.families.qwen3_5.hybrid import (
     separate_projections,
 )
 from anefx.models.families.qwen3_5.layout import HYBRID_DEFAULTS
-from anefx.models.family import Default, Nested, StoredParts
+from anefx.models.family import Default, StoredParts
 from anefx.models.kv_cache import CACHE_AXES
 from anefx.models.messages import shown
 from anefx.models.tensor_shapes import ShapeReader
@@ -667,14 +668,7 @@ DEFAULTS: tuple[Default, ...] = (
 
 # The composite Qwen4ExpForConditionalGeneration (`qwen4_exp`), read as its text model: the
 # head is tied by the outer config's flag, as Qwen3.5's
-NESTED = Nested(
-    model_type="qwen4_exp",
-    config_class="Qwen4ExpConfig",
-    text_key="text_config",
-    outer_fields=("tie_word_embeddings",),
-    stored_prefix="model.language_model.",
-    model_prefix="model.",
-)
+NESTED = vl_layout("qwen4_exp", "Qwen4ExpConfig")
 
 FAMILY = hybrid_family(
     HYBRID,

@@ -17,7 +17,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from anefx.models.families.common import dense_mlp, mrope_sections, tiny
+from anefx.models.families.common import dense_mlp, mrope_sections, tiny, vl_layout
 from anefx.models.families.qwen3_5.hybrid import (
     FULL,
     LINEAR,
@@ -29,7 +29,7 @@ from anefx.models.families.qwen3_5.hybrid import (
     has_linear_attention,
     separate_projections,
 )
-from anefx.models.family import Default, Nested
+from anefx.models.family import Default
 from anefx.models.tensor_shapes import ShapeReader
 
 # Shared by every published Qwen3.5 text model (the `text_config` of the published config.json
@@ -151,14 +151,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # (default false), whatever the nested text_config says, and saves lm_head.weight exactly when
 # that is false (AutoModelForCausalLM instead reads the text_config's flag, and so builds a
 # random head for a checkpoint tied only by the outer flag).
-NESTED = Nested(
-    model_type="qwen3_5",
-    config_class="Qwen3_5Config",
-    text_key="text_config",
-    outer_fields=("tie_word_embeddings",),
-    stored_prefix="model.language_model.",
-    model_prefix="model.",
-)
+NESTED = vl_layout("qwen3_5", "Qwen3_5Config")
 DROPPED: tuple[tuple[str, str], ...] = (
     ("model.visual.", "of the vision tower"),
     ("mtp.", "of multi-token prediction"),
