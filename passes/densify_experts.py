@@ -8,8 +8,10 @@
     shared expert (Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE), before and after alike:
             out + sigmoid(linear(h, Wsg (1,H))) (N,1) * mlp_s(h) (N,H), mlp_s of width Is
             already dense, it is kept as captured and counted: compute x (E I + Is) / (k I + Is)
-The block is found from the graph (a topk whose indices route a pair of grouped matmuls over
-3-D weights), never from a class name; a shared expert is the other addend of the block's
+The block is found from the graph (a topk over router probabilities, a softmax or sigmoid of
+logits, whose indices route a pair of grouped matmuls over 3-D weights), never from a class
+name; a top-k over anything else (Qwen4-Exp's QSA indexer ranks attention scores) is no router:
+the pass leaves it, and the checker's "routing" rule names it with its module; a shared expert is the other addend of the block's
 result when it is computed from the block's hidden states alone (dense linears, optionally
 gated by a one-row linear such as Qwen's sigmoid gate). The router's values-to-weights steps
 (e.g. the top-k renormalisation) and the activation between the two matmuls are copied from
@@ -62,10 +64,21 @@ _ELEMENTWISE = (
 _VALUE_OPS = (aten.sum, aten.div, aten.mul, aten._to_copy, aten.clamp, aten.clamp_min)
 _VIEW_OPS = (aten.reshape, aten.view, aten.transpose, aten.permute, aten.t, aten._to_copy)
 _ROUTING_OPS = (aten.topk, aten.sort, aten.argsort, aten.histc, aten.cumsum, aten.nonzero)
+# what a router's top-k ranks: probabilities over the experts (Qwen: softmax; sigmoid routers
+# as in DeepSeek-style MoE), possibly cast or viewed on the way
+_PROBABILITY_OPS = (aten.softmax, aten._softmax, aten._safe_softmax, aten.sigmoid)
 
 
 class _NoMatch(Exception):
     """The block is not in a form this pass understands (the reason is reported)."""
+
+
+def _is_router(topk: fx.Node) -> bool:
+    """True when TOPK ranks probabilities (a softmax or sigmoid of logits): a router's top-k."""
+    x = topk.args[0]
+    while is_op(x, *_VIEW_OPS):
+        x = x.args[0]
+    return is_op(x, *_PROBABILITY_OPS)
 
 
 def _is_grouped_mm(node: object) -> bool:
@@ -378,7 +391,8 @@ def _rewrite(gm: fx.GraphModule, m: dict, size: int) -> None:
 def densify_experts(gm: fx.GraphModule) -> PassResult:
     """Rewrite every recognised mixture-of-experts block into its dense form."""
     nodes = list(gm.graph.nodes)
-    found = [i for i, n in enumerate(nodes) if is_op(n, aten.topk)]
+    # only a router's top-k starts a block; each block's window ends at the next router's
+    found = [i for i, n in enumerate(nodes) if is_op(n, aten.topk) and _is_router(n)]
     if not found:
         return PassResult(gm, False)
     info = gm.meta.setdefault(MOE_META, {"blocks": [], "unmatched": []})
@@ -456,9 +470,9 @@ def report_summary(gm: fx.GraphModule) -> dict | None:
 
 
 def _routed(gm: fx.GraphModule) -> set[fx.Node]:
-    """The nodes a top-k routes: the topk nodes and everything computed from them."""
+    """The nodes a router's top-k routes: the topk nodes and everything computed from them."""
     seen: set[fx.Node] = set()
-    todo = [n for n in gm.graph.nodes if is_op(n, aten.topk)]
+    todo = [n for n in gm.graph.nodes if is_op(n, aten.topk) and _is_router(n)]
     while todo:
         n = todo.pop()
         if n not in seen:
@@ -470,7 +484,8 @@ def _routed(gm: fx.GraphModule) -> set[fx.Node]:
 def postcondition(gm: fx.GraphModule) -> list[str]:
     """No expert block's routing is left (a top-k and the sorts, histograms, cumulative sums
     and grouped matmuls it routes), except in blocks reported as not understood. A cumulative
-    sum no top-k routes (a linear-attention layer's) is not an expert block's: the checker's
+    sum no router's top-k routes (a linear-attention layer's), or a top-k over anything but
+    probabilities (an attention indexer's), is not an expert block's: the checker's
     "routing" rule reports it with its module, as for any op that leaves the ANE."""
     unmatched = [u["module"] for u in gm.meta.get(MOE_META, {}).get("unmatched", [])]
     routed = _routed(gm)

@@ -21,6 +21,25 @@ from anefx.targets.reader import read_spec
 from anefx.targets.verify import verify
 
 VOCAB = 512
+# what config inference must give back from the tensors alone
+SHAPES = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+    "layer_types",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+    "num_experts",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
 SEQ = 16  # the stateless graph's length
 BATCH, CONTEXT = 8, 64  # the stateful prefill batch and context
 PROMPT, STEPS = 13, 32  # a prompt longer than the batch, greedy steps

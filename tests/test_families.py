@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _headers import header, headers
 from test_end_to_end import psnr, reference_logits
 
 import anefx
@@ -201,7 +202,7 @@ def test_recognition_scores_and_refusals() -> None:
     error naming the checkpoint."""
     moe = FAMILIES["qwen3_moe"]
     model = random_model(get_preset(moe.tiny), torch.float32)
-    shapes = {k: _Header("F32", tuple(v.shape)) for k, v in checkpoint_tensors(model).items()}
+    shapes = headers(checkpoint_tensors(model), "F32")
     family, layers = recognise("ckpt", shapes)
     assert family is moe and sorted(layers) == [0, 1]
     # dense Qwen3 recognises the q_norm of these tensors too, with a lower score
@@ -210,7 +211,7 @@ def test_recognition_scores_and_refusals() -> None:
     equal = {"a": moe, "b": dataclasses.replace(moe, model_type="copy")}
     with pytest.raises(AnefxInputError, match="match the families qwen3_moe and copy equally"):
         recognise("ckpt", shapes, equal)
-    shared = {**shapes, "model.layers.0.mlp.shared_expert.up_proj.weight": _Header("F32", (4, 4))}
+    shared = {**shapes, "model.layers.0.mlp.shared_expert.up_proj.weight": header((4, 4), "F32")}
     with pytest.raises(AnefxInputError, match=r"^ckpt: .*shared-expert tensors beside q_norm"):
         recognise("ckpt", shared)
     nothing = {k: v for k, v in shapes.items() if "q_norm" not in k and "mlp." not in k}
@@ -218,12 +219,6 @@ def test_recognition_scores_and_refusals() -> None:
         AnefxInputError, match=r"neither q_norm \(Qwen3\) nor a q_proj bias \(Qwen2\)"
     ):
         recognise("ckpt", nothing)
-
-
-@dataclasses.dataclass
-class _Header:
-    dtype: str
-    shape: tuple[int, ...]
 
 
 def test_required_fields_come_from_the_family(monkeypatch) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _headers import header, headers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_end_to_end import psnr, reference_logits
@@ -179,23 +180,16 @@ def test_package_verifies_on_the_executor(package) -> None:
 # The family description: recognition, config inference, presets, errors
 
 
-class _Entry:
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.dtype, self.shape = "F32", shape
-
-
 def _headers(model: torch.nn.Module, extra: dict[str, tuple[int, ...]] | None = None) -> dict:
     """What a checkpoint's safetensors headers say of MODEL's tensors (per expert), plus EXTRA."""
-    shapes = {k: _Entry(tuple(v.shape)) for k, v in checkpoint_tensors(model).items()}
-    shapes.update({k: _Entry(v) for k, v in (extra or {}).items()})
-    return shapes
+    entries = headers(checkpoint_tensors(model), "F32")
+    return entries | {k: header(v, "F32") for k, v in (extra or {}).items()}
 
 
 def test_recognised_above_dense_qwen2() -> None:
     """A shared expert beside Qwen2's attention: qwen2_moe, above dense Qwen2 (whose q_proj
     bias these layers carry too); beside q_norm it is refused (not this family), named."""
-    headers = _headers(random_model(TINY, torch.float32))
-    family, layers = recognise("ckpt", headers)
+    family, layers = recognise("ckpt", _headers(random_model(TINY, torch.float32)))
     assert family is FAMILY and sorted(layers) == [0, 1]
     suffixes = frozenset(s for x in layers.values() for s in x)
     first = frozenset(layers[0])

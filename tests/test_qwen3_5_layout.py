@@ -17,11 +17,13 @@ import pytest
 import torch
 import transformers
 from _cli import cli, one_line
+from _headers import MTP, header, headers
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from anefx.errors import AnefxInputError
+from anefx.models.checkpoint_files import TensorEntry
 from anefx.models.families import FAMILIES
 from anefx.models.families.qwen3_5.layout import FULL, LINEAR, every_fourth
 from anefx.models.infer_config import (
@@ -72,17 +74,6 @@ VISION = {
     "patch_size": 4,
     "num_position_embeddings": 16,
 }
-MTP = {"mtp.fc.weight": torch.ones(8, 8), "mtp.norm.weight": torch.ones(8)}
-
-
-@dataclasses.dataclass
-class _Header:
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def _headers(tensors: dict[str, torch.Tensor]) -> dict[str, _Header]:
-    return {k: _Header("BF16", tuple(v.shape)) for k, v in tensors.items()}
 
 
 def _ids(vocab: int = 512) -> torch.Tensor:
@@ -330,9 +321,9 @@ def test_inferred_from_published_names(name: str) -> None:
     mtp tensors beside) give back its shapes and its parameter count."""
     cfg = get_preset(name)
     config = build_config(cfg, name)
-    stored = _headers(checkpoint_tensors(build_meta_model(config, torch.bfloat16)))
+    stored = headers(checkpoint_tensors(build_meta_model(config, torch.bfloat16)))
     nested = {k.replace("model.", "model.language_model.", 1): v for k, v in stored.items()}
-    nested.update(_headers({"model.visual.blocks.0.attn.qkv.weight": torch.empty(6, 2), **MTP}))
+    nested.update(headers({"model.visual.blocks.0.attn.qkv.weight": torch.empty(6, 2), **MTP}))
     for tensors in (stored, nested):
         result = infer_from_tensors(tensors, name)
         assert {k: result.config[k] for k in SHAPES} == {k: getattr(config, k) for k in SHAPES}
@@ -346,7 +337,7 @@ def test_the_key_split_is_a_default_named_in_the_warning() -> None:
     def inferred(**changes):
         cfg = {**get_preset("qwen3.5-tiny-untied"), "hidden_size": 96, **changes}
         model = build_meta_model(build_config(cfg), torch.bfloat16)
-        return infer_from_tensors(_headers(checkpoint_tensors(model)), "ckpt")
+        return infer_from_tensors(headers(checkpoint_tensors(model)), "ckpt")
 
     result = inferred()  # 2 key heads x 16 = dv: the published rule
     assert (result.config["linear_num_key_heads"], result.config["linear_key_head_dim"]) == (2, 16)
@@ -363,9 +354,9 @@ def test_the_key_split_is_a_default_named_in_the_warning() -> None:
 # Recognition beside the other families
 
 
-def _names(preset: str, **changes) -> dict[str, _Header]:
+def _names(preset: str, **changes) -> dict[str, TensorEntry]:
     cfg = {**get_preset(preset), **changes}
-    return _headers(checkpoint_tensors(build_meta_model(build_config(cfg), torch.bfloat16)))
+    return headers(checkpoint_tensors(build_meta_model(build_config(cfg), torch.bfloat16)))
 
 
 def test_recognition() -> None:
@@ -386,18 +377,18 @@ def test_recognition() -> None:
             r"^ckpt: .*tensor 'model.layers.0.linear_attn.in_proj_ba.weight' missing",
         ),
         (
-            lambda t: {**t, "model.layers.0.self_attn.q_proj.weight": _Header("BF16", (8, 64))},
+            lambda t: {**t, "model.layers.0.self_attn.q_proj.weight": header((8, 64))},
             r"^ckpt: .*layer 0 \('model.layers.0.\*'\) has both linear_attn.\* and self_attn",
         ),
         (
-            lambda t: {**t, "model.language_model.norm.weight": _Header("BF16", (64,))},
+            lambda t: {**t, "model.language_model.norm.weight": header((64,))},
             r"^ckpt: tensors 'model.norm.weight' and 'model.language_model.norm.weight' are both "
             r"the text model's 'model.norm.weight'",
         ),
         (
             lambda t: {
                 **t,
-                "model.layers.0.linear_attn.in_proj_z.weight": _Header("BF16", (48, 64)),
+                "model.layers.0.linear_attn.in_proj_z.weight": header((48, 64)),
             },
             r"^ckpt: .*tensor 'model.layers.0.linear_attn.in_proj_z.weight' has shape \[48, 64\], "
             r"expected \[32, 64\]",
@@ -405,7 +396,7 @@ def test_recognition() -> None:
         (
             lambda t: {
                 **t,
-                "model.layers.0.linear_attn.conv1d.weight": _Header("BF16", (96, 2, 4)),
+                "model.layers.0.linear_attn.conv1d.weight": header((96, 2, 4)),
             },
             r"conv1d.weight' has shape \[96, 2, 4\], expected \[96, 1, kernel >= 2\]",
         ),
@@ -416,7 +407,7 @@ def test_recognition() -> None:
         (
             lambda t: {
                 **t,
-                "model.layers.3.self_attn.q_proj.weight": _Header("BF16", (96, 64)),
+                "model.layers.3.self_attn.q_proj.weight": header((96, 64)),
             },
             r"q_proj.weight' has 96 rows, not a multiple of 2 x head_dim: a query and a gate",
         ),

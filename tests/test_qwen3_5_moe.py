@@ -12,14 +12,15 @@ tensors."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from _headers import MTP, header, headers
 from _hybrid_moe import (
+    SHAPES,
     assert_loads_as_stored,
     fp16_lowered,
     fp32_decoder,
@@ -45,7 +46,6 @@ from anefx.models.synthetic import checkpoint_tensors, random_model, write_rando
 FAMILY = FAMILIES["qwen3_5_moe_text"]
 CLASS = "Qwen3_5MoeForCausalLM"
 PUBLISHED = [n for n in FAMILY.presets if "tiny" not in n]
-MTP = {"mtp.fc.weight": torch.ones(8, 8), "mtp.norm.weight": torch.ones(8)}
 VISION = {
     "depth": 1,
     "hidden_size": 32,
@@ -55,34 +55,6 @@ VISION = {
     "patch_size": 4,
     "num_position_embeddings": 16,
 }
-SHAPES = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "tie_word_embeddings",
-    "layer_types",
-    "linear_num_key_heads",
-    "linear_num_value_heads",
-    "linear_key_head_dim",
-    "linear_value_head_dim",
-    "linear_conv_kernel_dim",
-    "num_experts",
-    "moe_intermediate_size",
-    "shared_expert_intermediate_size",
-)
-
-
-@dataclasses.dataclass
-class _Header:
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def _headers(tensors: dict[str, torch.Tensor]) -> dict[str, _Header]:
-    return {k: _Header("BF16", tuple(v.shape)) for k, v in tensors.items()}
 
 
 def _vl_model(preset: str, seed: int) -> torch.nn.Module:
@@ -280,7 +252,7 @@ def test_published_names_give_the_preset_back(name: str) -> None:
     stored = checkpoint_tensors(build_meta_model(config, torch.bfloat16))
     nested = {k.replace("model.", "model.language_model.", 1): v for k, v in stored.items()}
     nested.update({"model.visual.blocks.0.attn.qkv.weight": torch.empty(6, 2), **MTP})
-    result = infer_from_tensors(_headers(nested), name)
+    result = infer_from_tensors(headers(nested), name)
     assert {k: result.config[k] for k in SHAPES} == {k: getattr(config, k) for k in SHAPES}
     assert result.config["num_experts_per_tok"] == cfg["num_experts_per_tok"]
     assert count_parameters(result.config) == count_parameters(cfg)
@@ -292,14 +264,14 @@ def test_published_names_give_the_preset_back(name: str) -> None:
         (  # a dense MLP where every Qwen3.5-MoE layer routes
             lambda t: {
                 **{k: v for k, v in t.items() if not k.startswith("model.layers.1.mlp.")},
-                "model.layers.1.mlp.gate_proj.weight": _Header("BF16", (128, 64)),
+                "model.layers.1.mlp.gate_proj.weight": header((128, 64)),
             },
             r"layer 1 \('model.layers.1.mlp.\*'\) has no experts; every Qwen3.5-MoE layer",
         ),
         (
             lambda t: {
                 **t,
-                "model.layers.2.mlp.experts.down_proj": _Header("BF16", (8, 64, 16)),
+                "model.layers.2.mlp.experts.down_proj": header((8, 64, 16)),
             },
             r"layers disagree on moe_intermediate_size \(layer 0: 32, layer 1: 32, layer 2: 16",
         ),
@@ -311,7 +283,7 @@ def test_published_names_give_the_preset_back(name: str) -> None:
 )
 def test_malformed_tensors_are_named(change, message: str) -> None:
     model = build_meta_model(build_config(get_preset("qwen3.5-moe-tiny")), torch.bfloat16)
-    tensors = change(_headers(checkpoint_tensors(model, expert_layout="fused")))
+    tensors = change(headers(checkpoint_tensors(model, expert_layout="fused")))
     with pytest.raises(AnefxInputError, match=message):
         infer_from_tensors(tensors, "ckpt")
 

@@ -12,15 +12,16 @@ alone; recognition and malformed tensors."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from _headers import MTP, header, headers
 from _hybrid_moe import (
     SEQ,
+    SHAPES,
     assert_loads_as_stored,
     fp16_lowered,
     fp32_decoder,
@@ -50,35 +51,6 @@ from anefx.models.synthetic import checkpoint_tensors, random_model, write_rando
 
 FAMILY = FAMILIES["qwen3_next"]
 CLASS = "Qwen3NextForCausalLM"
-MTP = {"mtp.fc.weight": torch.ones(8, 8), "mtp.norm.weight": torch.ones(8)}
-SHAPES = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "tie_word_embeddings",
-    "layer_types",
-    "linear_num_key_heads",
-    "linear_num_value_heads",
-    "linear_key_head_dim",
-    "linear_value_head_dim",
-    "linear_conv_kernel_dim",
-    "num_experts",
-    "moe_intermediate_size",
-    "shared_expert_intermediate_size",
-)
-
-
-@dataclasses.dataclass
-class _Header:
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def _headers(tensors: dict[str, torch.Tensor]) -> dict[str, _Header]:
-    return {k: _Header("BF16", tuple(v.shape)) for k, v in tensors.items()}
 
 
 def _saved(folder: Path) -> torch.nn.Module:
@@ -265,7 +237,7 @@ def test_config_from_the_tensors_alone(ckpt, tmp_path: Path) -> None:
 def test_published_names_give_the_preset_back() -> None:
     cfg = get_preset("qwen3-next-80b-a3b")
     model = build_meta_model(build_config(cfg), torch.bfloat16)
-    result = infer_from_tensors(_headers(checkpoint_tensors(model)), "ckpt")
+    result = infer_from_tensors(headers(checkpoint_tensors(model)), "ckpt")
     config = build_config(cfg)
     assert {k: result.config[k] for k in SHAPES} == {k: getattr(config, k) for k in SHAPES}
     assert count_parameters(result.config) == count_parameters(cfg)
@@ -281,7 +253,7 @@ def test_recognition_beside_the_other_hybrids() -> None:
         ("qwen3-moe-tiny", "qwen3_moe"),
     ):
         model = build_meta_model(build_config(get_preset(preset)), torch.bfloat16)
-        family, _ = recognise("ckpt", _headers(checkpoint_tensors(model)))
+        family, _ = recognise("ckpt", headers(checkpoint_tensors(model)))
         assert family.model_type == model_type, preset
 
 
@@ -304,8 +276,8 @@ def test_recognition_beside_the_other_hybrids() -> None:
 )
 def test_malformed_tensors_are_named(change: dict, message: str) -> None:
     model = build_meta_model(build_config(get_preset("qwen3-next-tiny")), torch.bfloat16)
-    tensors = _headers(checkpoint_tensors(model))
-    tensors.update({k: _Header("BF16", v) for k, v in change.items()})
+    tensors = headers(checkpoint_tensors(model))
+    tensors.update({k: header(v) for k, v in change.items()})
     with pytest.raises(AnefxInputError, match=message):
         infer_from_tensors(tensors, "ckpt")
 

@@ -18,7 +18,7 @@ from anefx.models.capture import causal_mask
 from anefx.models.families import FAMILIES
 from anefx.models.families.qwen4_exp import qsa_selection
 from anefx.models.load import build_config
-from anefx.models.presets import get_preset
+from anefx.models.presets import get_preset, sparse_layers
 from anefx.models.synthetic import random_model, write_random_checkpoint
 
 SEQ = 12
@@ -72,6 +72,10 @@ def test_without_ple_qsa_blocks_alone() -> None:
     assert "blocked by" in text
     assert "Qwen4ExpTextQSAIndexer (model.layers.*.self_attn.indexer): " in text
     assert rep.to_dict()["blocking"] == blocking
+    # the indexer's top-k ranks attention scores, not router probabilities: no MoE block (the
+    # family's own experts are densified, one block per layer)
+    assert "unmatched" not in rep.stats["moe"] and "not densified" not in text
+    assert rep.stats["moe"]["blocks"] == len(sparse_layers(get_preset("qwen4-exp-tiny-no-ple")))
 
 
 @pytest.fixture(scope="module")
