@@ -145,16 +145,19 @@ def has_router(suffixes: frozenset[str]) -> bool:
 
 def routed_experts(r: ShapeReader) -> set[int]:
     """num_experts and moe_intermediate_size from the routers and the experts, fused (E, 2I, H)
-    / (E, H, I) or per expert (I, H) / (H, I); returns the layers that hold them."""
+    / (E, H, I) (or transposed, as Qwen3-VL-MoE publishes them: the width is the axis of
+    down_proj that is not hidden_size) or per expert (I, H) / (H, I); returns the layers that
+    hold them."""
+    hidden = r.fields["hidden_size"]
     expert_count: dict[int, int] = {}
     expert_width: dict[int, int] = {}
     for i, per_layer in r.layers.items():
         if "mlp.gate.weight" in per_layer:  # the router, (E, H)
             expert_count[i] = r.shape(i, "mlp.gate.weight", 2)[0]
         if "mlp.experts.down_proj" in per_layer:  # fused, (E, H, I)
-            fused = r.shape(i, "mlp.experts.down_proj", 3)
-            expert_count.setdefault(i, fused[0])
-            expert_width[i] = fused[-1]
+            experts, a, b = r.shape(i, "mlp.experts.down_proj", 3)
+            expert_count.setdefault(i, experts)
+            expert_width[i] = b if a == hidden else a
         per_expert = [m for s in per_layer if (m := _EXPERT.match(s))]
         if per_expert:  # (I, H) gate/up, (H, I) down per expert
             expert_count.setdefault(i, max(int(m.group(1)) for m in per_expert) + 1)
@@ -167,6 +170,18 @@ def routed_experts(r: ShapeReader) -> set[int]:
         raise r.fail("a router 'mlp.gate.weight' but no expert weights")
     r.fields["moe_intermediate_size"] = width
     return set(expert_count) | set(expert_width)
+
+
+def infer_experts(r: ShapeReader) -> set[int]:
+    """The routed experts' count and width, which layers are sparse (decoder_sparse_step,
+    mlp_only_layers) and intermediate_size from a dense layer if there is one; returns the
+    sparse layers."""
+    dense_mlp(r, required=False)  # a dense layer, if any, gives intermediate_size
+    sparse = routed_experts(r)
+    r.fields["decoder_sparse_step"], r.fields["mlp_only_layers"] = sparse_pattern(
+        len(r.layers), sparse
+    )
+    return sparse
 
 
 def infer_shared_expert(r: ShapeReader, sparse: set[int]) -> None:

@@ -9,12 +9,16 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from anefx.models.families import qwen2, qwen3_moe
+from anefx.models.families import qwen2
 from anefx.models.families.common import (
     KV_PADDING,
     RMS_EPS_DEFAULT,
     ROPE_DEFAULT,
     attention_rows,
+    expert_parts,
+    experts,
+    infer_experts,
+    infer_shared_expert,
     kv_states,
     never_refused,
     shared_expert_parameters,
@@ -209,13 +213,7 @@ def infer(r: ShapeReader) -> None:
     if q_rows != hidden:
         raise r.fail(f"tensor '{q_name}' has {q_rows} rows; Qwen2-MoE needs hidden_size ({hidden})")
     r.fields["qkv_bias"] = "self_attn.q_proj.bias" in r.layers[0]
-    qwen3_moe.infer_experts(r)
-    shared = "mlp.shared_expert.gate_proj.weight"  # (Is, H)
-    widths = {i: r.shape(i, shared, 2)[0] for i, layer in r.layers.items() if shared in layer}
-    width = r.one_value(widths, "shared_expert_intermediate_size")
-    if width is None:
-        raise r.fail(f"tensor '{r.layer_tensor(0, shared)}' missing (no layer has it)")
-    r.fields["shared_expert_intermediate_size"] = width
+    infer_shared_expert(r, infer_experts(r))
     r.fields["_k_rows"] = k_rows
     r.fields["_head_dim"], why = qwen2.head_dim(r.fields, PRESETS, _SAME_SHAPES)
     r.reasons["num_attention_heads"] = r.reasons["num_key_value_heads"] = why
@@ -248,8 +246,8 @@ FAMILY = Family(
     presets=PRESETS,
     tiny="qwen2-moe-tiny",
     attention_parameters=attention_parameters,
-    experts=qwen3_moe.experts,
-    stored_parts=qwen3_moe.stored_parts,
+    experts=experts,
+    stored_parts=expert_parts,
     states=kv_states,
     cache=RowKVCache,
     padding=KV_PADDING,

@@ -18,18 +18,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from anefx.models.families.common import (
-    expert_parts,
-    experts,
     infer_shared_expert,
     routed_experts,
-    shared_expert_parameters,
     vl_layout,
 )
 from anefx.models.families.qwen3_5.hybrid import (
-    DENSE_LINEAR,
     FULL,
     LINEAR,
-    REQUIRED,
     Hybrid,
     every_fourth,
     has_experts,
@@ -199,29 +194,18 @@ DEFAULTS: tuple[Default, ...] = (
 
 FAMILY = hybrid_family(
     HYBRID,
+    with_experts=True,
     model_type=MODEL_TYPE,
     order=5,
     config_class="Qwen3_5MoeTextConfig",
     model_class=ARCHITECTURE,
     architectures=(ARCHITECTURE,),
-    # the class would default to 256 experts of width 512 and a shared expert of 512
-    required=(
-        *REQUIRED,
-        ("num_experts", "num_local_experts"),
-        ("moe_intermediate_size",),
-        ("shared_expert_intermediate_size",),
-    ),
     recognise=recognise,
     sign=None,
     refuse=refuse,
     defaults=DEFAULTS,
     presets=PRESETS,
     tiny="qwen3.5-moe-tiny",
-    experts=experts,
-    stored_parts=expert_parts,
-    shared_expert=shared_expert_parameters,
     nested=(NESTED,),
     dropped_tensors=DROPPED,
-    # the router and the shared expert's gate: their outputs choose and weigh the experts
-    dense_in_layer=(*DENSE_LINEAR, "mlp.gate", "mlp.shared_expert_gate"),
 )

@@ -10,15 +10,13 @@ from anefx.models.families.common import (
     KV_PADDING,
     RMS_EPS_DEFAULT,
     ROPE_DEFAULT,
-    dense_mlp,
     expert_parts,
     experts,
     has_router,
+    infer_experts,
     kv_states,
     q_norm_attention,
     q_norm_attention_parameters,
-    routed_experts,
-    sparse_pattern,
     tiny,
 )
 from anefx.models.families.qwen3 import MAX_POSITIONS_DEFAULT
@@ -32,8 +30,6 @@ from anefx.models.tensor_shapes import ShapeReader
 # expert, untied head. intermediate_size stays the dense-MLP width, unused while every layer is
 # sparse.
 _MOE_FIELDS: dict[str, Any] = {
-    "model_type": "qwen3_moe",
-    "architectures": ["Qwen3MoeForCausalLM"],
     "num_key_value_heads": 4,
     "num_experts": 128,
     "num_experts_per_tok": 8,
@@ -43,6 +39,43 @@ _MOE_FIELDS: dict[str, Any] = {
     "output_router_logits": False,
     "router_aux_loss_coef": 0.001,
 }
+# the tiny presets' experts (Qwen3-MoE's and Qwen3-VL-MoE's): layer 0 routes each token to 2 of
+# 8 experts, layer 1 (mlp_only_layers) is a dense MLP
+TINY_MOE_FIELDS: dict[str, Any] = {
+    "head_dim": 32,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [1],
+    "norm_topk_prob": True,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+}
+# The published shapes (Qwen/Qwen3-30B-A3B, -235B-A22B config.json); Qwen3-VL-MoE's language
+# models have the same (models/families/qwen3_vl_moe.py)
+SHAPES: dict[str, dict[str, int]] = {
+    "30b-a3b": {
+        "hidden": 2048,
+        "layers": 48,
+        "heads": 32,
+        "intermediate": 6144,
+        "moe_intermediate": 768,
+    },
+    "235b-a22b": {
+        "hidden": 4096,
+        "layers": 94,
+        "heads": 64,
+        "intermediate": 12288,
+        "moe_intermediate": 1536,
+    },
+}
+
+
+def moe_fields(moe_intermediate: int) -> dict[str, Any]:
+    """The fields the published MoE models add to their dense config, experts of this width."""
+    return {**copy.deepcopy(_MOE_FIELDS), "moe_intermediate_size": moe_intermediate}
 
 
 def published(
@@ -51,57 +84,43 @@ def published(
     """A published Qwen3-MoE config with these shapes."""
     return {
         **published_dense(hidden, layers, heads, intermediate, tied=False),
-        **copy.deepcopy(_MOE_FIELDS),
-        "moe_intermediate_size": moe_intermediate,
+        **moe_fields(moe_intermediate),
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
     }
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "qwen3-30b-a3b": published(
-        hidden=2048, layers=48, heads=32, intermediate=6144, moe_intermediate=768
-    ),
-    "qwen3-235b-a22b": published(
-        hidden=4096, layers=94, heads=64, intermediate=12288, moe_intermediate=1536
-    ),
-    # Qwen3-MoE's layout with both kinds of layer: layer 0 routes each token to 2 of 8 experts,
-    # layer 1 (mlp_only_layers) is a dense MLP; untied head as in the published MoE models.
+    **{f"qwen3-{size}": published(**shape) for size, shape in SHAPES.items()},
+    # Qwen3-MoE's layout with both kinds of layer; untied head as in the published MoE models
     "qwen3-moe-tiny": {
-        **tiny(
-            "qwen3_moe",
-            head_dim=32,
-            attention_bias=False,
-            tie_word_embeddings=False,
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            decoder_sparse_step=1,
-            mlp_only_layers=[1],
-            norm_topk_prob=True,
-            output_router_logits=False,
-            router_aux_loss_coef=0.001,
-        ),
+        **tiny("qwen3_moe", **TINY_MOE_FIELDS, moe_intermediate_size=32),
         "architectures": ["Qwen3MoeForCausalLM"],
     },
 }
 
-DEFAULTS = (
-    ROPE_DEFAULT,
-    RMS_EPS_DEFAULT,
-    MAX_POSITIONS_DEFAULT,
+# what a config without them gets, Qwen3-MoE's and Qwen3-VL-MoE's alike
+EXPERT_DEFAULTS: tuple[Default, ...] = (
     Default(
         "num_experts_per_tok",
         lambda f: min(8, f["num_experts"]),
-        "8 as in Qwen3-30B-A3B and 235B-A22B (at most num_experts)",
-    ),
-    Default(
-        "norm_topk_prob",
-        True,
-        "published Qwen3-MoE (the config class would default to false)",
+        "8 as in the published 30B-A3B and 235B-A22B (at most num_experts)",
     ),
     Default(
         "intermediate_size",
         lambda f: 3 * f["hidden_size"],
         "3 x hidden_size as published; only when every layer is sparse, so it is unused",
+    ),
+)
+DEFAULTS = (
+    ROPE_DEFAULT,
+    RMS_EPS_DEFAULT,
+    MAX_POSITIONS_DEFAULT,
+    *EXPERT_DEFAULTS,
+    Default(
+        "norm_topk_prob",
+        True,
+        "published Qwen3-MoE (the config class would default to false)",
     ),
 )
 
@@ -129,16 +148,6 @@ def infer(r: ShapeReader) -> None:
     """Qwen3 attention; the experts' count and width, and which layers are sparse."""
     q_norm_attention(r)
     infer_experts(r)
-
-
-def infer_experts(r: ShapeReader) -> None:
-    """The routed experts' count and width (stored per expert or fused), which layers are
-    sparse, and intermediate_size from a dense layer if there is one (Qwen2-MoE's too)."""
-    dense_mlp(r, required=False)  # a dense layer, if any, gives intermediate_size
-    sparse = routed_experts(r)
-    step, dense = sparse_pattern(len(r.layers), sparse)
-    r.fields["decoder_sparse_step"] = step
-    r.fields["mlp_only_layers"] = dense
 
 
 # what the model holds fused, published checkpoints store per expert

@@ -23,20 +23,14 @@ from typing import Any
 
 from anefx.models.families.common import (
     dense_mlp,
-    expert_parts,
-    experts,
     has_router,
+    infer_experts,
     infer_shared_expert,
-    routed_experts,
-    shared_expert_parameters,
-    sparse_pattern,
     tiny,
 )
 from anefx.models.families.qwen3_5.hybrid import (
-    DENSE_LINEAR,
     FULL,
     LINEAR,
-    REQUIRED,
     Hybrid,
     every_fourth,
     fused_projections,
@@ -175,17 +169,12 @@ def refuse(suffixes: frozenset[str], first: frozenset[str]) -> str | None:
 def mlp(r: ShapeReader) -> None:
     """The experts' count and widths and which layers route (the others a dense MLP of
     intermediate_size); no router anywhere: every MLP dense (num_experts 0)."""
-    dense_mlp(r, required=False)
     has_experts = any(has_router(frozenset(per_layer)) for per_layer in r.layers.values())
     if not has_experts:
         dense_mlp(r, required=True)
         r.fields["num_experts"] = 0
         return
-    sparse = routed_experts(r)
-    infer_shared_expert(r, sparse)
-    step, dense = sparse_pattern(len(r.layers), sparse)
-    r.fields["decoder_sparse_step"] = step
-    r.fields["mlp_only_layers"] = dense
+    infer_shared_expert(r, infer_experts(r))
 
 
 HYBRID = Hybrid("Qwen3NextConfig", PRESETS, fused_projections, mlp)
@@ -216,28 +205,17 @@ DEFAULTS: tuple[Default, ...] = (
 
 FAMILY = hybrid_family(
     HYBRID,
+    with_experts=True,
     model_type=MODEL_TYPE,
     order=6,
     config_class="Qwen3NextConfig",
     model_class=ARCHITECTURE,
     architectures=(ARCHITECTURE,),
-    # the class would default to 512 experts of width 512 and a shared expert of 512
-    required=(
-        *REQUIRED,
-        ("num_experts", "num_local_experts"),
-        ("moe_intermediate_size",),
-        ("shared_expert_intermediate_size",),
-    ),
     recognise=recognise,
     sign="linear_attn.in_proj_qkvz tensors (Qwen3-Next)",
     refuse=refuse,
     defaults=DEFAULTS,
     presets=PRESETS,
     tiny="qwen3-next-tiny",
-    experts=experts,
-    stored_parts=expert_parts,
-    shared_expert=shared_expert_parameters,
     dropped_tensors=(("mtp.", "of multi-token prediction"),),
-    # the router and the shared expert's gate: their outputs choose and weigh the experts
-    dense_in_layer=(*DENSE_LINEAR, "mlp.gate", "mlp.shared_expert_gate"),
 )

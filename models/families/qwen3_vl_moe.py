@@ -22,8 +22,9 @@ from anefx.models.families.common import (
     KV_PADDING,
     MROPE_SUBSTITUTION,
     VISION_TOWER,
-    dense_mlp,
     equal_mrope_streams,
+    experts,
+    infer_experts,
     kv_states,
     never_refused,
     q_norm_attention,
@@ -38,59 +39,32 @@ from anefx.models.tensor_shapes import ShapeReader
 
 MODEL_CLASS = "Qwen3VLMoeTextForCausalLM"
 
-# What the published MoE text_config adds to Qwen3-VL's: 128 experts, 8 routed per token,
-# every layer sparse, 4 KV heads, untied head (Qwen3VLMoeTextConfig has no norm_topk_prob: it
-# always renormalises).
-_MOE_FIELDS: dict[str, Any] = {
-    "model_type": "qwen3_vl_moe_text",
-    "architectures": [MODEL_CLASS],
-    "num_key_value_heads": 4,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-    "output_router_logits": False,
-    "router_aux_loss_coef": 0.001,
-}
-
 
 def published(
     hidden: int, layers: int, heads: int, intermediate: int, moe_intermediate: int
 ) -> dict[str, Any]:
-    """A published Qwen3-VL-MoE text config with these shapes."""
+    """A published Qwen3-VL-MoE text config with these shapes: Qwen3-MoE's fields on
+    Qwen3-VL's (Qwen3VLMoeTextConfig has no norm_topk_prob: it always renormalises)."""
+    moe = qwen3_moe.moe_fields(moe_intermediate)
+    del moe["norm_topk_prob"]
     return {
         **qwen3_vl.published(hidden, layers, heads, intermediate, tied=False),
-        **copy.deepcopy(_MOE_FIELDS),
-        "moe_intermediate_size": moe_intermediate,
+        **moe,
+        "model_type": "qwen3_vl_moe_text",
+        "architectures": [MODEL_CLASS],
     }
 
 
 # Qwen/Qwen3-VL-30B-A3B-Instruct and -235B-A22B-Instruct config.json (text_config): the shapes
 # of Qwen3-30B-A3B and -235B-A22B (equal counts, tests/test_vl_towers.py); the published totals
 # (31.1B, 236B) add the vision tower.
+_TINY = {k: v for k, v in qwen3_moe.TINY_MOE_FIELDS.items() if k != "norm_topk_prob"}
 PRESETS: dict[str, dict[str, Any]] = {
-    "qwen3-vl-30b-a3b": published(
-        hidden=2048, layers=48, heads=32, intermediate=6144, moe_intermediate=768
-    ),
-    "qwen3-vl-235b-a22b": published(
-        hidden=4096, layers=94, heads=64, intermediate=12288, moe_intermediate=1536
-    ),
-    # layer 0 routes each token to 2 of 8 experts, layer 1 is a dense MLP; 2I (32) and I (16)
-    # differ from hidden (64), so either stored orientation of the experts is unambiguous
+    **{f"qwen3-vl-{size}": published(**shape) for size, shape in qwen3_moe.SHAPES.items()},
+    # 2I (32) and I (16) differ from hidden (64), so either stored orientation of the experts
+    # is unambiguous
     "qwen3-vl-moe-tiny": {
-        **tiny(
-            "qwen3_vl_moe_text",
-            head_dim=32,
-            attention_bias=False,
-            tie_word_embeddings=False,
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            decoder_sparse_step=1,
-            mlp_only_layers=[1],
-            output_router_logits=False,
-            router_aux_loss_coef=0.001,
-        ),
+        **tiny("qwen3_vl_moe_text", **_TINY, moe_intermediate_size=16),
         "rope_parameters": qwen3_vl.rope(32),
         "architectures": [MODEL_CLASS],
     },
@@ -128,43 +102,13 @@ def recognise(suffixes: frozenset[str], first: frozenset[str]) -> int:
 
 
 def infer(r: ShapeReader) -> None:
-    """Qwen3 attention; the experts' count (the router's rows) and width (the axis of the
-    fused down_proj that is not hidden_size, in either stored orientation); the sparse layers."""
+    """Qwen3 attention; the experts' count and width (either stored orientation) and the
+    sparse layers, as Qwen3-MoE's."""
     q_norm_attention(r)
-    hidden = r.fields["hidden_size"]
-    count: dict[int, int] = {}
-    width: dict[int, int] = {}
-    for i, per_layer in r.layers.items():
-        if "mlp.gate.weight" in per_layer:
-            count[i] = r.shape(i, "mlp.gate.weight", 2)[0]
-        if "mlp.experts.down_proj" in per_layer:
-            experts, a, b = r.shape(i, "mlp.experts.down_proj", 3)
-            count.setdefault(i, experts)
-            width[i] = b if a == hidden else a
-    dense_mlp(r, required=False)
-    r.fields["num_experts"] = r.one_value(count, "num_experts")
-    found = r.one_value(width, "moe_intermediate_size")
-    if found is None:
-        raise r.fail("a router 'mlp.gate.weight' but no 'mlp.experts.down_proj'")
-    r.fields["moe_intermediate_size"] = found
-    step, dense = qwen3_moe.sparse_pattern(len(r.layers), set(count) | set(width))
-    r.fields["decoder_sparse_step"] = step
-    r.fields["mlp_only_layers"] = dense
+    infer_experts(r)
 
 
-DEFAULTS: tuple[Default, ...] = (
-    *qwen3_vl.DEFAULTS,
-    Default(
-        "num_experts_per_tok",
-        lambda f: min(8, f["num_experts"]),
-        "8 as in Qwen3-VL-30B-A3B and 235B-A22B (at most num_experts)",
-    ),
-    Default(
-        "intermediate_size",
-        lambda f: 3 * f["hidden_size"],
-        "3 x hidden_size as published; only when every layer is sparse, so it is unused",
-    ),
-)
+DEFAULTS: tuple[Default, ...] = (*qwen3_vl.DEFAULTS, *qwen3_moe.EXPERT_DEFAULTS)
 
 
 FAMILY = Family(
@@ -188,7 +132,7 @@ FAMILY = Family(
     presets=PRESETS,
     tiny="qwen3-vl-moe-tiny",
     attention_parameters=q_norm_attention_parameters,
-    experts=qwen3_moe.experts,
+    experts=experts,
     stored_parts=stored_parts,
     states=kv_states,
     cache=RowKVCache,

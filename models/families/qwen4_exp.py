@@ -44,10 +44,8 @@ from anefx.core.signature import State
 from anefx.errors import AnefxInputError
 from anefx.models.families.common import (
     expert_parts,
-    experts,
     infer_shared_expert,
     routed_experts,
-    shared_expert_parameters,
     tiny,
     vl_layout,
 )
@@ -58,10 +56,8 @@ from anefx.models.families.qwen3_5.cache import (
 )
 from anefx.models.families.qwen3_5.delta_rule import SUBSTITUTIONS as DELTA_RULE_SUBSTITUTIONS
 from anefx.models.families.qwen3_5.hybrid import (
-    DENSE_LINEAR,
     FULL,
     LINEAR,
-    REQUIRED,
     Hybrid,
     has_linear_attention,
     hybrid_family,
@@ -672,18 +668,12 @@ NESTED = vl_layout("qwen4_exp", "Qwen4ExpConfig")
 
 FAMILY = hybrid_family(
     HYBRID,
+    with_experts=True,
     model_type=MODEL_TYPE,
     order=10,
     config_class=CONFIG_CLASS,
     model_class=ARCHITECTURE,
     architectures=(ARCHITECTURE,),
-    # the class would default to the 2048-wide model's experts and a shared expert of 512
-    required=(
-        *REQUIRED,
-        ("num_experts", "num_local_experts"),
-        ("moe_intermediate_size",),
-        ("shared_expert_intermediate_size",),
-    ),
     recognise=recognise,
     sign="attn_hyper_connection tensors (Qwen4-Exp)",
     refuse=refuse,
@@ -692,9 +682,7 @@ FAMILY = hybrid_family(
     defaults=DEFAULTS,
     presets=PRESETS,
     tiny="qwen4-exp-tiny",
-    experts=experts,
     stored_parts=stored_parts,
-    shared_expert=shared_expert_parameters,
     other_parameters=other_parameters,
     parameter_fields=(
         "hc_count",
@@ -722,5 +710,4 @@ FAMILY = hybrid_family(
         ("model.visual.", "of the vision tower"),
         ("mtp.", "of multi-token prediction"),
     ),
-    dense_in_layer=(*DENSE_LINEAR, "mlp.gate", "mlp.shared_expert_gate"),
 )

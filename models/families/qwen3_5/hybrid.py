@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from anefx.models.families.common import expert_parts, experts, shared_expert_parameters
 from anefx.models.families.qwen3_5.cache import (
     HYBRID_PADDING,
     HybridCache,
@@ -421,10 +422,30 @@ DENSE_LINEAR = (
 )
 
 
-def hybrid_family(hybrid: Hybrid, **fields: Any) -> Family:
-    """A hybrid's Family: FIELDS (recognition, classes, presets, defaults, experts, layouts)
-    and what every hybrid shares: the rules of HYBRID, the states and cache of ``cache.py``,
-    the loop-free delta rule substituted at capture, the layer labels, a partial rotary."""
+# What a hybrid whose MLPs are routed experts beside a sigmoid-gated shared expert adds
+# (Qwen3.5-MoE, Qwen3-Next, Qwen4-Exp)
+SHARED_EXPERT_MOE: dict[str, Any] = {
+    # each config class would default to one published model's experts; transformers itself
+    # writes num_experts as num_local_experts
+    "required": (
+        *REQUIRED,
+        ("num_experts", "num_local_experts"),
+        ("moe_intermediate_size",),
+        ("shared_expert_intermediate_size",),
+    ),
+    "experts": experts,
+    "stored_parts": expert_parts,
+    "shared_expert": shared_expert_parameters,
+    # the router and the shared expert's gate: their outputs choose and weigh the experts
+    "dense_in_layer": (*DENSE_LINEAR, "mlp.gate", "mlp.shared_expert_gate"),
+}
+
+
+def hybrid_family(hybrid: Hybrid, with_experts: bool = False, **fields: Any) -> Family:
+    """A hybrid's Family: FIELDS (recognition, classes, presets, defaults, layouts) and what
+    every hybrid shares: the rules of HYBRID, the states and cache of ``cache.py``, the
+    loop-free delta rule substituted at capture, the layer labels, a partial rotary; WITH_EXPERTS:
+    and SHARED_EXPERT_MOE."""
     shared: dict[str, Any] = {
         "required": REQUIRED,
         "infer": hybrid.infer,
@@ -442,7 +463,7 @@ def hybrid_family(hybrid: Hybrid, **fields: Any) -> Family:
         "partial_rotary": True,
         "describe": describe,
     }
-    return Family(**{**shared, **fields})
+    return Family(**{**shared, **(SHARED_EXPERT_MOE if with_experts else {}), **fields})
 
 
 __all__ = [
@@ -450,6 +471,7 @@ __all__ = [
     "KINDS",
     "LINEAR",
     "REQUIRED",
+    "SHARED_EXPERT_MOE",
     "Hybrid",
     "attention_parameters",
     "describe",
