@@ -106,6 +106,14 @@ def add_const(
     return node
 
 
+def replace(node: fx.Node, new: fx.Node) -> None:
+    """NEW computes what NODE computed: it takes NODE's example value (a later match in the
+    same sweep reads its shape) and its users, and NODE is erased."""
+    new.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
 def keep_unlowered(old: fx.Node, new: fx.Node) -> None:
     """NEW replaces OLD: if a pass reported OLD as not lowered, NEW carries the report (the
     pass's postcondition keeps skipping it, the checker keeps saying why)."""

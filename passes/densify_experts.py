@@ -10,10 +10,11 @@
             already dense, it is kept as captured and counted: compute x (E I + Is) / (k I + Is)
 The block is found from the graph (a topk over router probabilities, a softmax or sigmoid of
 logits, whose indices route a pair of grouped matmuls over 3-D weights), never from a class
-name; a top-k over anything else (Qwen4-Exp's QSA indexer ranks attention scores) is no router:
-the pass leaves it, and the checker's "routing" rule names it with its module; a shared expert is the other addend of the block's
-result when it is computed from the block's hidden states alone (dense linears, optionally
-gated by a one-row linear such as Qwen's sigmoid gate). The router's values-to-weights steps
+name; a top-k over anything else (Qwen4-Exp's QSA indexer ranks attention scores) is no
+router: the pass leaves it, and the checker's "routing" rule names it with its module. A
+shared expert is the other addend of the block's result when it is computed from the block's
+hidden states alone (dense linears, optionally gated by a one-row linear such as Qwen's
+sigmoid gate). The router's values-to-weights steps
 (e.g. the top-k renormalisation) and the activation between the two matmuls are copied from
 the captured graph, so the dense form computes what the model computes. Experts are grouped so
 every conv fits the width limits in core/rules.py. Ties in the router probabilities select

@@ -25,6 +25,7 @@ from anefx.passes._util import (
     emit,
     is_op,
     recompile,
+    replace,
     shape_of,
     val,
 )
@@ -90,9 +91,7 @@ def dilated_conv_to_taps(gm: fx.GraphModule) -> PassResult:
                 total = (
                     term if total is None else emit(g, aten.add.Tensor, (total, term), like=node)
                 )
-        total.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(total)
-        g.erase_node(node)
+        replace(node, total)
         modified = True
     if modified:
         g.eliminate_dead_code()  # the conv's weight, now read as taps

@@ -24,6 +24,7 @@ from anefx.passes._util import (
     left_unreported,
     mark_unlowered,
     recompile,
+    replace,
     shape_of,
 )
 
@@ -48,9 +49,7 @@ def mean_to_sum(gm: fx.GraphModule) -> PassResult:
             total = emit(g, aten.sum.dim_IntList, (x, list(dims), keep), like=node)
             out = emit(g, aten.mul.Tensor, (total, 1.0 / n), like=node)
         total.meta["val"] = node.meta.get("val")
-        out.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        replace(node, out)
         modified = True
     if modified:
         recompile(gm)

@@ -22,6 +22,7 @@ from anefx.passes._util import (
     left_unreported,
     mark_unlowered,
     recompile,
+    replace,
     shape_of,
     val,
 )
@@ -77,8 +78,7 @@ def pad_to_cat(gm: fx.GraphModule) -> PassResult:
                     out = emit(g, aten.cat.default, (parts, axis), like=node)
                     shape[axis] += before + after
                     out.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        replace(node, out)
         modified = True
     if modified:
         recompile(gm)

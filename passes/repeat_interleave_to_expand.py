@@ -25,6 +25,7 @@ from anefx.passes._util import (
     left_unreported,
     mark_unlowered,
     recompile,
+    replace,
     shape_of,
 )
 
@@ -63,9 +64,7 @@ def repeat_interleave_to_expand(gm: fx.GraphModule) -> PassResult:
             r = emit(g, aten.reshape.default, (x, grouped), like=node)
             e = emit(g, aten.expand.default, (r, wide), like=node)
             out = emit(g, aten.reshape.default, (e, list(shape_of(node))), like=node)
-        out.meta["val"] = node.meta.get("val")  # a later repeat in this sweep reads its shape
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        replace(node, out)
         modified = True
     if modified:
         recompile(gm)

@@ -21,6 +21,7 @@ from anefx.passes._util import (
     left_unreported,
     mark_unlowered,
     recompile,
+    replace,
     shape_of,
 )
 
@@ -50,8 +51,7 @@ def repeat_to_cat(gm: fx.GraphModule) -> PassResult:
             for axis, count in enumerate(counts):
                 if count > 1:
                     out = emit(g, aten.cat.default, ([out] * count, axis), like=node)
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        replace(node, out)
         modified = True
     if modified:
         recompile(gm)

@@ -25,6 +25,7 @@ from anefx.passes._util import (
     left_unreported,
     mark_unlowered,
     recompile,
+    replace,
     shape_of,
     val,
 )
@@ -79,9 +80,7 @@ def sdpa_to_matmul(gm: fx.GraphModule) -> PassResult:
                 w = emit(g, aten.add.Tensor, (w, mask), like=node)
             probs = emit(g, aten._softmax.default, (w, -1, False), like=node)
             out = emit(g, aten.matmul.default, (probs, v), like=node)
-        out.meta["val"] = val(node)
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        replace(node, out)
         modified = True
     if modified:
         recompile(gm)
