@@ -23,8 +23,6 @@ from anefx.models.families.common import (
     vl_layout,
 )
 from anefx.models.families.qwen3_5.hybrid import (
-    FULL,
-    LINEAR,
     Hybrid,
     every_fourth,
     has_experts,
@@ -38,7 +36,9 @@ from anefx.models.families.qwen3_5.layout import (
     DROPPED,
     HYBRID_DEFAULTS,
     ROPE_DEFAULT,
+    TINY_EXPERTS,
     hybrid_tiny,
+    tiny_linear_layers,
 )
 from anefx.models.family import Default
 from anefx.models.tensor_shapes import ShapeReader
@@ -91,17 +91,7 @@ def published(
 def _tiny(**fields: Any) -> dict[str, Any]:
     """Qwen3.5's tiny hybrid with 8 experts of width 32, 2 routed per token, a shared expert of
     width 48 (wider than a routed one, so a swapped width shows) and no dense MLP width."""
-    cfg = hybrid_tiny(
-        MODEL_TYPE,
-        ARCHITECTURE,
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        output_router_logits=False,
-        router_aux_loss_coef=0.001,
-        **fields,
-    )
+    cfg = hybrid_tiny(MODEL_TYPE, ARCHITECTURE, **TINY_EXPERTS, **fields)
     cfg.pop("intermediate_size")
     return cfg
 
@@ -122,23 +112,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3.5-397b-a17b": published(4096, 60, 32, 64, 512, 10, 1024, 1024),
     # More value heads than key heads, dk != dv, full attention at an irregular place, an
     # untied head as published.
-    "qwen3.5-moe-tiny": _tiny(
-        tie_word_embeddings=False,
-        layer_types=[LINEAR, LINEAR, FULL, LINEAR],
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=24,
-    ),
+    "qwen3.5-moe-tiny": _tiny(tie_word_embeddings=False, **tiny_linear_layers(irregular=True)),
     # The published arrangement in small, with a tied head.
-    "qwen3.5-moe-tiny-tied": _tiny(
-        tie_word_embeddings=True,
-        layer_types=every_fourth(4),
-        linear_num_key_heads=2,
-        linear_num_value_heads=2,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-    ),
+    "qwen3.5-moe-tiny-tied": _tiny(tie_word_embeddings=True, **tiny_linear_layers(irregular=False)),
 }
 
 # The published vision-language layout, read as its text model (as Qwen3.5's: the composite

@@ -26,11 +26,8 @@ from anefx.models.families.common import (
     has_router,
     infer_experts,
     infer_shared_expert,
-    tiny,
 )
 from anefx.models.families.qwen3_5.hybrid import (
-    FULL,
-    LINEAR,
     Hybrid,
     every_fourth,
     fused_projections,
@@ -38,7 +35,12 @@ from anefx.models.families.qwen3_5.hybrid import (
     has_linear_attention,
     hybrid_family,
 )
-from anefx.models.families.qwen3_5.layout import HYBRID_DEFAULTS
+from anefx.models.families.qwen3_5.layout import (
+    HYBRID_DEFAULTS,
+    TINY_EXPERTS,
+    hybrid_tiny,
+    tiny_linear_layers,
+)
 from anefx.models.family import Default
 from anefx.models.tensor_shapes import ShapeReader
 
@@ -99,31 +101,14 @@ _PUBLISHED: dict[str, Any] = {
 def _tiny(**fields: Any) -> dict[str, Any]:
     """The shared tiny shapes with Qwen3-Next's fields: 8 experts of 32, 2 routed, a shared
     expert of 48, a quarter of each 32-wide head rotating."""
-    cfg = {
-        **tiny(
-            MODEL_TYPE,
-            num_hidden_layers=4,
-            head_dim=32,
-            linear_conv_kernel_dim=4,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000000.0,
-                "partial_rotary_factor": 0.25,
-            },
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=48,
-            decoder_sparse_step=1,
-            output_router_logits=False,
-            router_aux_loss_coef=0.001,
-            **fields,
-        ),
-        "architectures": [ARCHITECTURE],
-    }
-    for key in ("max_window_layers", "use_sliding_window", "sliding_window"):
-        cfg.pop(key)
-    return cfg
+    return hybrid_tiny(
+        MODEL_TYPE,
+        ARCHITECTURE,
+        rope_parameters=copy.deepcopy(_PUBLISHED["rope_parameters"]),
+        **TINY_EXPERTS,
+        decoder_sparse_step=1,
+        **fields,
+    )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -133,11 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # MLP (mlp_only_layers), renormalised top-k, an untied head as published.
     "qwen3-next-tiny": _tiny(
         tie_word_embeddings=False,
-        layer_types=[LINEAR, LINEAR, FULL, LINEAR],
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=24,
+        **tiny_linear_layers(irregular=True),
         mlp_only_layers=[3],
         norm_topk_prob=True,
     ),
@@ -146,11 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-next-tiny-tied": _tiny(
         tie_word_embeddings=True,
         intermediate_size=160,
-        layer_types=every_fourth(4),
-        linear_num_key_heads=2,
-        linear_num_value_heads=2,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
+        **tiny_linear_layers(irregular=False),
         mlp_only_layers=[],
         norm_topk_prob=False,
     ),

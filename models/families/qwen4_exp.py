@@ -46,7 +46,6 @@ from anefx.models.families.common import (
     expert_parts,
     infer_shared_expert,
     routed_experts,
-    tiny,
     vl_layout,
 )
 from anefx.models.families.qwen3_5.cache import (
@@ -63,7 +62,7 @@ from anefx.models.families.qwen3_5.hybrid import (
     hybrid_family,
     separate_projections,
 )
-from anefx.models.families.qwen3_5.layout import HYBRID_DEFAULTS
+from anefx.models.families.qwen3_5.layout import HYBRID_DEFAULTS, TINY_EXPERTS, hybrid_tiny
 from anefx.models.family import Default, StoredParts
 from anefx.models.kv_cache import CACHE_AXES
 from anefx.models.messages import shown
@@ -157,44 +156,33 @@ _PUBLISHED: dict[str, Any] = {
 def _tiny(**fields: Any) -> dict[str, Any]:
     """The shared tiny shapes with Qwen4-Exp's: 4 layers [L, L, L, indexed], 8 experts of 32,
     top 2, a shared expert of 48, 4 streams mixed at rank 16, a quarter of each head rotating."""
-    cfg = {
-        **tiny(
-            MODEL_TYPE,
-            num_hidden_layers=4,
-            head_dim=32,
-            linear_conv_kernel_dim=4,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            linear_key_head_dim=16,
-            linear_value_head_dim=16,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000000.0,
-                "partial_rotary_factor": 0.25,
-                "mrope_section": [2, 1, 1],
-            },
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=48,
-            norm_topk_prob=True,
-            output_router_logits=False,
-            router_aux_loss_coef=0.001,
-            hc_count=4,
-            hc_lowrank=16,
-            layer_types=[LINEAR, LINEAR, LINEAR, INDEXED],
-            indexer_n_heads=2,
-            indexer_kv_heads=1,
-            indexer_head_dim=16,
-            indexer_budget=8,
-            indexer_compress_ratio=4,
-            eos_token_id=1,
-            **fields,
-        ),
-        "architectures": [ARCHITECTURE],
-    }
-    for key in ("max_window_layers", "use_sliding_window", "sliding_window", "intermediate_size"):
-        cfg.pop(key)
+    cfg = hybrid_tiny(
+        MODEL_TYPE,
+        ARCHITECTURE,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1],
+        },
+        **TINY_EXPERTS,
+        norm_topk_prob=True,
+        hc_count=4,
+        hc_lowrank=16,
+        layer_types=[LINEAR, LINEAR, LINEAR, INDEXED],
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=8,
+        indexer_compress_ratio=4,
+        eos_token_id=1,
+        **fields,
+    )
+    cfg.pop("intermediate_size")  # no dense MLP
     return cfg
 
 

@@ -95,27 +95,55 @@ def hybrid_tiny(
     model_type: str = "qwen3_5_text", architecture: str = "Qwen3_5ForCausalLM", **fields: Any
 ) -> dict[str, Any]:
     """The shared tiny shapes with a hybrid's fields (no sliding-window fields: the classes have
-    none)."""
+    none); Qwen3.5's rotary unless FIELDS give one."""
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [1, 1, 2],
+        "mrope_interleaved": True,
+    }
+    fields = {"rope_parameters": rope, **fields}
     cfg = {
-        **tiny(
-            model_type,
-            num_hidden_layers=4,
-            head_dim=32,
-            linear_conv_kernel_dim=4,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000000.0,
-                "partial_rotary_factor": 0.25,
-                "mrope_section": [1, 1, 2],
-                "mrope_interleaved": True,
-            },
-            **fields,
-        ),
+        **tiny(model_type, num_hidden_layers=4, head_dim=32, linear_conv_kernel_dim=4, **fields),
         "architectures": [architecture],
     }
     for key in ("max_window_layers", "use_sliding_window", "sliding_window"):
         cfg.pop(key)
     return cfg
+
+
+def tiny_linear_layers(irregular: bool) -> dict[str, Any]:
+    """The tiny hybrids' layer arrangement and linear-attention shapes. IRREGULAR: more value
+    heads than key heads, dk != dv, full attention at an irregular place ([L, L, F, L]); else
+    the published arrangement in small ([L, L, L, F], Hv == Hk, dk == dv)."""
+    if irregular:
+        return {
+            "layer_types": [LINEAR, LINEAR, FULL, LINEAR],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 24,
+        }
+    return {
+        "layer_types": every_fourth(4),
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+    }
+
+
+# the tiny hybrids' experts: 8 of width 32, 2 routed per token, a shared expert of width 48
+# (wider than a routed one, so a swapped width shows)
+TINY_EXPERTS: dict[str, Any] = {
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -127,22 +155,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3.5-27b": published(5120, 64, 24, 4, 48, intermediate=17408, tied=False),
     # More value heads than key heads, dk != dv, full attention at an irregular place, a
     # partial rotary of 0.25 with text-mode mrope sections (summing to rotary_dim / 2).
-    "qwen3.5-tiny": hybrid_tiny(
-        tie_word_embeddings=True,
-        layer_types=[LINEAR, LINEAR, FULL, LINEAR],
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=24,
-    ),
+    "qwen3.5-tiny": hybrid_tiny(tie_word_embeddings=True, **tiny_linear_layers(irregular=True)),
     # The published arrangement in small: [L, L, L, F], Hv == Hk, dk == dv, an untied head.
     "qwen3.5-tiny-untied": hybrid_tiny(
-        tie_word_embeddings=False,
-        layer_types=every_fourth(4),
-        linear_num_key_heads=2,
-        linear_num_value_heads=2,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
+        tie_word_embeddings=False, **tiny_linear_layers(irregular=False)
     ),
 }
 
