@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from anefx.core.signature import State
-from anefx.models.family import Default, Nested, PadRule, StoredParts
-from anefx.models.kv_cache import CACHE_AXES, cache_name, kv_cache_shape
+from anefx.models.family import Default, Family, Nested, PadRule, StoredParts
+from anefx.models.kv_cache import CACHE_AXES, RowKVCache, cache_name, kv_cache_shape
 from anefx.models.tensor_shapes import ShapeReader
 
 ROPE_DEFAULT = Default(
@@ -388,3 +388,27 @@ def text_decoder_class(name: str, text_model: str, pretrained: str) -> type:
             "_tied_weights_keys": {"lm_head.weight": "model.embed_tokens.weight"},
         },
     )
+
+
+def vl_text_family(text_model: str, pretrained: str, **fields: Any) -> Family:
+    """The Family of a vision-language model's language tower: FIELDS and what every tower
+    shares: the KV-cache states, mrope collapsed to 1-D rotary at capture (its three text
+    streams are equal), the vision tower's tensors left out and said, and a causal LM
+    generated over transformers' text model TEXT_MODEL (pretrained base PRETRAINED)."""
+    model_class = fields["model_class"]
+    shared: dict[str, Any] = {
+        "architectures": (model_class,),
+        "required": (),
+        "sign": None,
+        "refuse": never_refused,
+        "experts": no_experts,
+        "stored_parts": whole,
+        "states": kv_states,
+        "cache": RowKVCache,
+        "padding": KV_PADDING,
+        "capture_context": equal_mrope_streams,
+        "substitutions": (MROPE_SUBSTITUTION,),
+        "dropped_tensors": (("model.visual.", VISION_TOWER),),
+        "model_factory": lambda: text_decoder_class(model_class, text_model, pretrained),
+    }
+    return Family(**{**shared, **fields})

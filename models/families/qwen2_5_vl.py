@@ -19,22 +19,14 @@ from typing import Any
 
 from anefx.models.families import qwen2
 from anefx.models.families.common import (
-    KV_PADDING,
-    MROPE_SUBSTITUTION,
     RMS_EPS_DEFAULT,
     VISION_TOWER,
-    equal_mrope_streams,
-    kv_states,
     mrope_sections,
-    never_refused,
-    no_experts,
-    text_decoder_class,
     tiny,
     vl_layout,
-    whole,
+    vl_text_family,
 )
-from anefx.models.family import Default, Family
-from anefx.models.kv_cache import RowKVCache
+from anefx.models.family import Default
 
 MODEL_CLASS = "Qwen2_5_VLTextForCausalLM"
 SECTIONS = [16, 24, 24]  # of the 64 frequencies of a 128-wide head: every published size
@@ -147,37 +139,25 @@ DEFAULTS: tuple[Default, ...] = (
 )
 
 
-FAMILY = Family(
+FAMILY = vl_text_family(
+    "Qwen2_5_VLTextModel",
+    "Qwen2_5_VLPreTrainedModel",
     model_type="qwen2_5_vl_text",
     order=7,
     config_class="Qwen2_5_VLTextConfig",
     model_class=MODEL_CLASS,
-    architectures=(MODEL_CLASS,),
-    required=(),
     recognise=recognise,
-    sign=None,
-    refuse=never_refused,
     infer=functools.partial(qwen2.infer, presets=PRESETS),
     defaults=DEFAULTS,
     presets=PRESETS,
     tiny="qwen2.5-vl-tiny",
     attention_parameters=qwen2.attention_parameters,
-    experts=no_experts,
-    stored_parts=whole,
-    states=kv_states,
-    cache=RowKVCache,
-    padding=KV_PADDING,
-    capture_context=equal_mrope_streams,
-    substitutions=(MROPE_SUBSTITUTION,),
     # the published layouts: config.json flat (or text_config, as transformers 5 saves it),
     # whose tie_word_embeddings Qwen2_5_VLConfig also takes from a pre-v5 text_config
     nested=(
         vl_layout("qwen2_5_vl", "Qwen2_5_VLConfig", flat=True, either=("tie_word_embeddings",)),
     ),
     dropped_tensors=(("model.visual.", VISION_TOWER), ("visual.", VISION_TOWER)),
-    model_factory=lambda: text_decoder_class(
-        MODEL_CLASS, "Qwen2_5_VLTextModel", "Qwen2_5_VLPreTrainedModel"
-    ),
     text_twin="qwen2",
     legacy_config=legacy_config,
 )

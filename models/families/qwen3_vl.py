@@ -18,23 +18,14 @@ from typing import Any
 
 from anefx.models.families import qwen3
 from anefx.models.families.common import (
-    KV_PADDING,
-    MROPE_SUBSTITUTION,
     RMS_EPS_DEFAULT,
-    VISION_TOWER,
-    equal_mrope_streams,
-    kv_states,
     mrope_sections,
-    never_refused,
-    no_experts,
     q_norm_attention_parameters,
-    text_decoder_class,
     tiny,
     vl_layout,
-    whole,
+    vl_text_family,
 )
-from anefx.models.family import Default, Family
-from anefx.models.kv_cache import RowKVCache
+from anefx.models.family import Default
 
 MODEL_CLASS = "Qwen3VLTextForCausalLM"
 # every published Qwen3-VL: 24 + 20 + 20 of the 64 frequencies of a 128-wide head, interleaved
@@ -130,32 +121,19 @@ DEFAULTS: tuple[Default, ...] = (
 )
 
 
-FAMILY = Family(
+FAMILY = vl_text_family(
+    "Qwen3VLTextModel",
+    "Qwen3VLPreTrainedModel",
     model_type="qwen3_vl_text",
     order=8,
     config_class="Qwen3VLTextConfig",
     model_class=MODEL_CLASS,
-    architectures=(MODEL_CLASS,),
-    required=(),
     recognise=recognise,
-    sign=None,
-    refuse=never_refused,
     infer=qwen3.infer,
     defaults=DEFAULTS,
     presets=PRESETS,
     tiny="qwen3-vl-tiny",
     attention_parameters=q_norm_attention_parameters,
-    experts=no_experts,
-    stored_parts=whole,
-    states=kv_states,
-    cache=RowKVCache,
-    padding=KV_PADDING,
-    capture_context=equal_mrope_streams,
-    substitutions=(MROPE_SUBSTITUTION,),
     nested=(vl_layout("qwen3_vl", "Qwen3VLConfig"),),
-    dropped_tensors=(("model.visual.", VISION_TOWER),),
-    model_factory=lambda: text_decoder_class(
-        MODEL_CLASS, "Qwen3VLTextModel", "Qwen3VLPreTrainedModel"
-    ),
     text_twin="qwen3",
 )

@@ -19,22 +19,15 @@ from typing import Any
 
 from anefx.models.families import qwen3_moe, qwen3_vl
 from anefx.models.families.common import (
-    KV_PADDING,
-    MROPE_SUBSTITUTION,
-    VISION_TOWER,
-    equal_mrope_streams,
     experts,
     infer_experts,
-    kv_states,
-    never_refused,
     q_norm_attention,
     q_norm_attention_parameters,
-    text_decoder_class,
     tiny,
     vl_layout,
+    vl_text_family,
 )
-from anefx.models.family import Default, Family, StoredParts, Transposed
-from anefx.models.kv_cache import RowKVCache
+from anefx.models.family import Default, StoredParts, Transposed
 from anefx.models.tensor_shapes import ShapeReader
 
 MODEL_CLASS = "Qwen3VLMoeTextForCausalLM"
@@ -111,12 +104,13 @@ def infer(r: ShapeReader) -> None:
 DEFAULTS: tuple[Default, ...] = (*qwen3_vl.DEFAULTS, *qwen3_moe.EXPERT_DEFAULTS)
 
 
-FAMILY = Family(
+FAMILY = vl_text_family(
+    "Qwen3VLMoeTextModel",
+    "Qwen3VLMoePreTrainedModel",
     model_type="qwen3_vl_moe_text",
     order=9,
     config_class="Qwen3VLMoeTextConfig",
     model_class=MODEL_CLASS,
-    architectures=(MODEL_CLASS,),
     # the config class would default to 60 experts of width 1408, 4 per token: no published
     # model's; transformers itself writes num_experts as num_local_experts
     required=(
@@ -125,8 +119,6 @@ FAMILY = Family(
         ("num_experts_per_tok",),
     ),
     recognise=recognise,
-    sign=None,
-    refuse=never_refused,
     infer=infer,
     defaults=DEFAULTS,
     presets=PRESETS,
@@ -134,17 +126,8 @@ FAMILY = Family(
     attention_parameters=q_norm_attention_parameters,
     experts=experts,
     stored_parts=stored_parts,
-    states=kv_states,
-    cache=RowKVCache,
-    padding=KV_PADDING,
     # the router: its scores pick the experts, where a small error changes which run
     dense_in_layer=("mlp.gate",),
-    capture_context=equal_mrope_streams,
-    substitutions=(MROPE_SUBSTITUTION,),
     nested=(vl_layout("qwen3_vl_moe", "Qwen3VLMoeConfig"),),
-    dropped_tensors=(("model.visual.", VISION_TOWER),),
-    model_factory=lambda: text_decoder_class(
-        MODEL_CLASS, "Qwen3VLMoeTextModel", "Qwen3VLMoePreTrainedModel"
-    ),
     text_twin="qwen3_moe",
 )
