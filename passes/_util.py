@@ -35,10 +35,9 @@ def is_op(node: object, *targets) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
     t = node.target
-    for target in targets:
-        if t is target or getattr(t, "overloadpacket", None) is target:
-            return True
-    return False
+    # one attribute read and two C-level scans: the checker and every postcondition ask this
+    # of every node (16 M calls for a 4-layer Qwen3.5-397B-A17B)
+    return t in targets or getattr(t, "overloadpacket", t) in targets
 
 
 def left_unreported(gm: fx.GraphModule, *targets) -> list[str]:
