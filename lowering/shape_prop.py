@@ -36,45 +36,63 @@ def _key(x):
     raise TypeError  # unhashable argument kind: do not memoise
 
 
-class _MetaProp(fx.Interpreter):
-    def placeholder(self, target, args, kwargs):
-        node = self._current
-        return _to_meta(node.meta["val"])
+def _call(target, args, kwargs):
+    """TARGET on meta arguments, memoised by the arguments' shapes, dtypes and scalars."""
+    if "device" in kwargs:  # a copy "to cpu" stays on meta here
+        kwargs = {**kwargs, "device": torch.device("meta")}
+    try:
+        key = (target, _key(args), _key(kwargs))
+    except TypeError:
+        return target(*args, **kwargs)
+    hit = _MEMO.get(key)
+    if hit is None:
+        hit = target(*args, **kwargs)
+        if len(_MEMO) > _MEMO_LIMIT:
+            _MEMO.clear()
+        _MEMO[key] = hit
+    return hit
 
-    def call_function(self, target, args, kwargs):
-        if "device" in kwargs:  # a copy "to cpu" stays on meta here
-            kwargs = {**kwargs, "device": torch.device("meta")}
-        try:
-            key = (target, _key(args), _key(kwargs))
-        except TypeError:
-            return super().call_function(target, args, kwargs)
-        hit = _MEMO.get(key)
-        if hit is None:
-            hit = super().call_function(target, args, kwargs)
-            if len(_MEMO) > _MEMO_LIMIT:
-                _MEMO.clear()
-            _MEMO[key] = hit
-        return hit
 
-    def get_attr(self, target, args, kwargs):
-        return _to_meta(super().get_attr(target, args, kwargs))
-
-    def run_node(self, n: fx.Node):
-        self._current = n
-        try:
-            result = super().run_node(n)
-        except Exception as exc:  # name the node: this is what the user debugs from
-            raise RuntimeError(
-                f"shape propagation failed at node {n.name} ({n.target}): {exc}"
-            ) from exc
-        if isinstance(result, torch.Tensor) or (
-            isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result)
-        ):
-            n.meta["val"] = result
-        return result
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def propagate_shapes(gm: fx.GraphModule) -> None:
-    """Recompute ``meta["val"]`` for every node of GM from its placeholders' values."""
+    """Recompute ``meta["val"]`` for every node of GM from its placeholders' values.
+
+    A plain loop over the nodes rather than an fx.Interpreter: the pass manager runs this after
+    every pass, and the interpreter's per-node bookkeeping (progress bar, logging, freeing
+    values after their last use) cost more than the memoised meta calls themselves."""
+    env: dict[fx.Node, object] = {}
+    load = env.__getitem__
     with torch.no_grad():
-        _MetaProp(gm).run(*[None for n in gm.graph.nodes if n.op == "placeholder"])
+        for n in gm.graph.nodes:
+            try:
+                if n.op == "placeholder":
+                    result = _to_meta(n.meta["val"])
+                elif n.op == "get_attr":
+                    result = _to_meta(_attr(gm, n.target))
+                elif n.op == "output":
+                    continue
+                else:
+                    args = fx.node.map_arg(n.args, load)
+                    kwargs = fx.node.map_arg(n.kwargs, load)
+                    if n.op == "call_function":
+                        result = _call(n.target, args, kwargs)
+                    elif n.op == "call_method":
+                        result = getattr(args[0], n.target)(*args[1:], **kwargs)
+                    else:  # call_module
+                        result = gm.get_submodule(n.target)(*args, **kwargs)
+            except Exception as exc:  # name the node: this is what the user debugs from
+                raise RuntimeError(
+                    f"shape propagation failed at node {n.name} ({n.target}): {exc}"
+                ) from exc
+            env[n] = result
+            if isinstance(result, torch.Tensor) or (
+                isinstance(result, (tuple, list))
+                and all(isinstance(r, torch.Tensor) for r in result)
+            ):
+                n.meta["val"] = result
