@@ -2,7 +2,7 @@
 
     before: p = softmax(router(h)) (N,E); w, i = topk(p, k); sort/histc/index by i;
             grouped_mm(h[i], Wgu (E,H,2I)) -> act -> grouped_mm(., Wd (E,I,H)) * w -> index_put/sum
-    after:  sel = sum(p[:,None,:] > p[:,:,None], -1) < k ; d = norm(p * sel) (N,E)
+    after:  sel = sum(z[:,None,:] > z[:,:,None], -1) < k (z the logits) ; d = norm(p * sel) (N,E)
             per expert group G: act(linear(h, Wg_G), linear(h, Wu_G)) * linear(d_G, R_G) (N,|G|I)
             out = sum_G linear(., Wd_G) (N,H)      every expert runs: compute x E/k
     shared expert (Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE), before and after alike:
@@ -17,8 +17,11 @@ hidden states alone (dense linears, optionally gated by a one-row linear such as
 sigmoid gate). The router's values-to-weights steps
 (e.g. the top-k renormalisation) and the activation between the two matmuls are copied from
 the captured graph, so the dense form computes what the model computes. Experts are grouped so
-every conv fits the width limits in core/rules.py. Ties in the router probabilities select
-every tied expert.
+every conv fits the width limits in core/rules.py. The experts are ranked by the router's
+logits when the probabilities are their softmax or sigmoid (the same order; in fp16 near-equal
+probabilities round to ties where the logits still differ, and transformers' own fp16 model
+ranks fp32 probabilities of fp16 logits: the logits' order); exact ties select every tied
+expert.
 """
 
 from __future__ import annotations
@@ -80,6 +83,24 @@ def _is_router(topk: fx.Node) -> bool:
     while is_op(x, *_VIEW_OPS):
         x = x.args[0]
     return is_op(x, *_PROBABILITY_OPS)
+
+
+def _ranked(probs: fx.Node) -> fx.Node:
+    """What the experts are ranked by: the router's logits when PROBS is a softmax over the
+    experts' axis or a sigmoid of them, reached through casts only (both keep the order);
+    else PROBS. In fp16, near-equal probabilities round to ties (each tie would select one
+    expert more) where their logits still differ: transformers' fp16 model ranks the fp32
+    softmax of fp16 logits, the same order as the logits'."""
+    x = probs
+    while is_op(x, aten._to_copy):
+        x = x.args[0]
+    logits = x.args[0] if is_op(x, *_PROBABILITY_OPS) else None
+    if logits is None or shape_of(logits) != shape_of(probs):
+        return probs
+    if is_op(x, aten.sigmoid):
+        return logits
+    dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim")
+    return logits if dim in (-1, len(shape_of(probs)) - 1) else probs
 
 
 def _is_grouped_mm(node: object) -> bool:
@@ -326,8 +347,9 @@ def _rewrite(gm: fx.GraphModule, m: dict, size: int) -> None:
     like = m["mm1"]
     with g.inserting_before(result):
         # top-k as comparisons: expert e is kept when fewer than k experts beat it
-        rows = emit(g, aten.unsqueeze.default, (probs, 1), like=m["topk"])  # (N, 1, E)
-        cols = emit(g, aten.unsqueeze.default, (probs, 2), like=m["topk"])  # (N, E, 1)
+        ranked = _ranked(probs)
+        rows = emit(g, aten.unsqueeze.default, (ranked, 1), like=m["topk"])  # (N, 1, E)
+        cols = emit(g, aten.unsqueeze.default, (ranked, 2), like=m["topk"])  # (N, E, 1)
         beats = emit(g, aten.gt.Tensor, (rows, cols), like=m["topk"])
         beats = emit(g, aten._to_copy.default, (beats,), {"dtype": probs.meta["val"].dtype})
         rank = emit(g, aten.sum.dim_IntList, (beats, [-1]), like=m["topk"])
