@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core.annotations import MODULE
 from anefx.core.signature import to_logical
 from anefx.errors import AnefxGraphError, AnefxInputError
 from anefx.models.families import family_of
@@ -149,7 +150,7 @@ def _stage_nodes(gm: fx.GraphModule, names: list[str]) -> dict[str, fx.Node]:
     """The last node of each stage module in the lowered graph (logits: the outputs)."""
     last: dict[str, fx.Node] = {}
     for node in gm.graph.nodes:
-        module = node.meta.get("anefx_module")
+        module = node.meta.get(MODULE)
         if module in names and node.op == "call_function":
             last[module] = node
     missing = [n for n in names[:-1] if n not in last]

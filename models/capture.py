@@ -435,7 +435,7 @@ def unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str]]
         elif "anefx_param" in node.meta:
             param = node.meta["anefx_param"]
             # the wrapper's own buffers (cache slots) belong to the KV cache, not the model
-            node.meta["anefx_module"] = param.rsplit(".", 1)[0] if "." in param else "kv_cache"
+            node.meta[MODULE] = param.rsplit(".", 1)[0] if "." in param else "kv_cache"
     # The wrapper returns a single tensor; keep the output flat and un-tupled.
     out = gm.graph.output_node()
     if isinstance(out.args[0], (tuple, list)) and len(out.args[0]) == 1:

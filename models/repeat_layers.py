@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 import torch.fx as fx
 
+from anefx.core.annotations import MODULE
 from anefx.models.families import FAMILIES
 
 
@@ -93,7 +94,7 @@ def truncated(model: torch.nn.Module, k: int) -> Iterator[None]:
 
 
 def _block_of(node: fx.Node, prefix: str) -> int | None:
-    module = node.meta.get("anefx_module") or ""
+    module = node.meta.get(MODULE) or ""
     if not module.startswith(prefix + "."):
         return None
     head = module[len(prefix) + 1 :].split(".", 1)[0]
@@ -223,8 +224,8 @@ def repeat_layers(
                     new = g.node_copy(n, arg)
                 new.meta = dict(n.meta)
             new.meta.pop("nn_module_stack", None)
-            module = n.meta.get("anefx_module") or ""
-            new.meta["anefx_module"] = new_prefix + module[len(old_prefix) :]
+            module = n.meta.get(MODULE) or ""
+            new.meta[MODULE] = new_prefix + module[len(old_prefix) :]
             env[n] = new
         current = env[residual[t]]
         for old, new_name in zip(layer_states_of(t), layer_states_of(j), strict=True):

@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from anefx.core import rules
+from anefx.core.annotations import MODULE
 from anefx.core.pass_registry import register_pass
 from anefx.passes._util import (
     PassResult,
@@ -242,7 +243,7 @@ def _match(gm: fx.GraphModule, topk: fx.Node, window: list[fx.Node]) -> dict:
 
     # the block's result: the first (N, H) tensor after the scaling that leaves the experts'
     # module (the sums over the k slots and the un-sorting happen inside it)
-    block = mm1.meta.get("anefx_module") or ""
+    block = mm1.meta.get(MODULE) or ""
     after = _descendants(scale, within)
     result = next(
         (
@@ -250,7 +251,7 @@ def _match(gm: fx.GraphModule, topk: fx.Node, window: list[fx.Node]) -> dict:
             for n in window
             if n in after
             and shape_of(n) == hshape
-            and any(not (u.meta.get("anefx_module") or "").startswith(block) for u in n.users)
+            and any(not (u.meta.get(MODULE) or "").startswith(block) for u in n.users)
         ),
         None,
     )
@@ -425,7 +426,7 @@ def densify_experts(gm: fx.GraphModule) -> PassResult:
     for j, i in enumerate(found):
         topk = nodes[i]
         window = nodes[i : found[j + 1] if j + 1 < len(found) else len(nodes)]
-        module = (topk.meta.get("anefx_module") or "").rsplit(".", 1)[0]
+        module = (topk.meta.get(MODULE) or "").rsplit(".", 1)[0]
         try:
             m = _match(gm, topk, window)
         except _NoMatch as exc:
@@ -516,7 +517,7 @@ def postcondition(gm: fx.GraphModule) -> list[str]:
         f"{n.name}: {n.target} left"
         for n in gm.graph.nodes
         if ((is_op(n, *_ROUTING_OPS) and n in routed) or _is_grouped_mm(n))
-        and not any((n.meta.get("anefx_module") or "").startswith(u) for u in unmatched)
+        and not any((n.meta.get(MODULE) or "").startswith(u) for u in unmatched)
     ]
 
 

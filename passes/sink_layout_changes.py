@@ -584,7 +584,7 @@ def report_summary(gm: fx.GraphModule) -> dict | None:
     left = [n for n in _permuted_convs(gm) if unlowered(n)]
     if not left:
         return None
-    modules = sorted({n.meta.get("anefx_module") or "?" for n in left})
+    modules = sorted({n.meta.get(MODULE) or "?" for n in left})
     return {"layout_changes_left": {"count": len(left), "modules": modules[:8]}}
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from anefx.core import rules
+from anefx.core.annotations import MODULE
 from anefx.core.ops import KV_WRITE
 from anefx.core.signature import Role, carried_output, pack_states, signature_of
 from anefx.errors import AnefxGraphError
@@ -70,7 +71,7 @@ def _ct():
 
 
 def _name(node: fx.Node) -> str:
-    module = encode_module(node.meta.get("anefx_module"))
+    module = encode_module(node.meta.get(MODULE))
     pass_ = node.meta.get("anefx_pass") or "capture"
     return f"{module}{NAME_SEP}{pass_}{NAME_SEP}{node.name}"
 
@@ -281,7 +282,7 @@ def _modules(lowered_by_name: dict) -> dict[str, str]:
         encode_module(m): m
         for low in lowered_by_name.values()
         for n in low.graph_module.graph.nodes
-        if (m := n.meta.get("anefx_module"))
+        if (m := n.meta.get(MODULE))
     }
 
 

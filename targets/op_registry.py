@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from anefx.core.annotations import MODULE
 from anefx.core.ops import KV_WRITE, LAYER_NORM
 from anefx.errors import AnefxGraphError
 
@@ -60,7 +61,7 @@ _INT32 = np.iinfo(np.int32)
 
 def refusal(node: fx.Node, why: str) -> AnefxGraphError:
     """The error for a node the emitter cannot translate: its name, op and source module."""
-    module = node.meta.get("anefx_module") or "?"
+    module = node.meta.get(MODULE) or "?"
     return AnefxGraphError(f"cannot emit node {node.name} ({node.target}) from {module}: {why}")
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from anefx.core.annotations import MODULE
 from anefx.core.signature import (
     Input,
     Output,
@@ -93,19 +94,17 @@ def _roles(gm: fx.GraphModule) -> _Roles:
         if n is tokens or any(a in dependent for a in n.all_input_nodes):
             dependent.add(n)
     embed_modules = {
-        n.meta.get("anefx_module") for n in nodes if n.target is torch.ops.aten.embedding.default
+        n.meta.get(MODULE) for n in nodes if n.target is torch.ops.aten.embedding.default
     }
     # the head: the modules of the nodes producing the user outputs
-    head_modules = {o.meta.get("anefx_module") for o in outs[:n_user] if isinstance(o, fx.Node)} - {
-        None
-    }
+    head_modules = {o.meta.get(MODULE) for o in outs[:n_user] if isinstance(o, fx.Node)} - {None}
     # which user outputs each node reaches (walk backwards from each output)
     reaches: dict[fx.Node, int] = {}
     for i, o in enumerate(outs[:n_user]):
         stack = [o] if isinstance(o, fx.Node) else []
         while stack:
             n = stack.pop()
-            if n in reaches or n.meta.get("anefx_module") not in head_modules:
+            if n in reaches or n.meta.get(MODULE) not in head_modules:
                 continue
             reaches[n] = i  # lowest output index: outputs are visited in order
             stack.extend(n.all_input_nodes)
@@ -113,7 +112,7 @@ def _roles(gm: fx.GraphModule) -> _Roles:
         if n.op in ("output", "placeholder") or n not in dependent:
             r.role[n] = None
             continue
-        module = n.meta.get("anefx_module")
+        module = n.meta.get(MODULE)
         layer = layer_of(module)
         if layer is not None:
             r.role[n] = ("layer", layer)
@@ -384,7 +383,7 @@ def _extract(
     sub = fx.GraphModule(gm, g)
     sub.meta = dict(gm.meta)
     # the modules outside the decoder layers this part computes (the final norm shows here)
-    modules = sorted({m for n in own if (m := n.meta.get("anefx_module")) and layer_of(m) is None})
+    modules = sorted({m for n in own if (m := n.meta.get(MODULE)) and layer_of(m) is None})
     set_signature(
         sub,
         Signature(
